@@ -1,0 +1,174 @@
+"""SourceModel + recipe -> PackedModel: every linear weight to bipolar bit planes, the rest float32.
+
+Exact import (SPEC.md section 1): GGUF Q4_0 / Q4_1 / Q8_0 blocks of 32 map onto bipolar codes with a
+per-group offset, losslessly, when the requested precision is 4 (Q4_x) or 8 (Q8_0) and the group is 32:
+
+    Q4_1  w = d*q + m      c = q         s = d/2   o = 7.5*d + m
+    Q4_0  w = d*(q - 8)    c = q         s = d/2   o = -d/2
+    Q8_0  w = d*q          c = q + 128   s = d/2   o = -d/2
+
+since v = 2c - (2^p - 1) gives s*v + o = w in each case.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
+from loader.errors import FormatError
+from loader.source import ModelConfig, SourceModel
+
+LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
+EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+def is_linear(name: str, arch: str) -> bool:
+    """Linear weights get packed; embeddings (other than a tied output), norms and biases stay float."""
+    if arch == "llama" and name == "output":
+        return True
+    leaf = name.rsplit(".", 1)[-1]
+    return name.startswith("layers.") and leaf in (LLAMA_LINEARS if arch == "llama" else BERT_LINEARS)
+
+
+@dataclass
+class Recipe:
+    """How to quantize. group=None: the source block size where it maps exactly (32), else 128.
+    head_bits=None: the output projection keeps 8 bits when its source is Q8_0 (exact), else wbits."""
+    wbits: int = 4
+    group: int | None = None
+    asymmetric: bool = True
+    clip: bool = True
+    head_bits: int | None = None
+    abits: int = 16
+    agroup: int | str | None = None     # None -> = weight group; "token" -> one scale per token
+    smooth: bool = False
+
+    def __post_init__(self):
+        if self.wbits != 16 and not 1 <= self.wbits <= 8:
+            raise ValueError(f"wbits must be 1..8 or 16, got {self.wbits}")
+        if self.abits != 16 and not 1 <= self.abits <= 8:
+            raise ValueError(f"abits must be 1..8 or 16, got {self.abits}")
+        if self.group is not None and (self.group <= 0 or self.group % 32):
+            raise ValueError(f"group must be a positive multiple of 32, got {self.group}")
+        if isinstance(self.agroup, str) and self.agroup != "token":
+            raise ValueError(f"agroup must be a multiple of 32, 'token' or None, got {self.agroup!r}")
+        if isinstance(self.agroup, int) and (self.agroup <= 0 or self.agroup % 32):
+            raise ValueError(f"agroup must be a positive multiple of 32, got {self.agroup}")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PackedModel:
+    config: ModelConfig
+    tensors: dict[str, np.ndarray | PackedLinear]
+    tokenizer_json: str
+    recipe: dict
+    info: dict[str, dict] = field(default_factory=dict)   # per linear: bits, group, exact, rel_err
+
+    def linear(self, name: str) -> np.ndarray | PackedLinear:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"packed model has no tensor {name!r}") from None
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def exact_import(blocks: tuple, ggml_type: str) -> QuantTensor:
+    """Raw GGUF block fields -> QuantTensor with p = 4 or 8, G = 32 (see the module docstring)."""
+    if ggml_type == "Q4_1":
+        d, m, q = blocks
+        codes, off = q, 7.5 * d.astype(np.float64) + m
+    elif ggml_type == "Q4_0":
+        d, q = blocks
+        codes, off = q, -0.5 * d.astype(np.float64)
+    elif ggml_type == "Q8_0":
+        d, q = blocks
+        codes, off = q.astype(np.int16) + 128, -0.5 * d.astype(np.float64)
+    else:
+        raise FormatError(f"no exact import for ggml type {ggml_type}")
+    codes = np.asarray(codes)
+    N, K = codes.shape
+    if K % 32:
+        raise FormatError(f"{ggml_type} tensor with K={K} not a multiple of 32")
+    return QuantTensor(codes.astype(np.uint8), (d.astype(np.float64) / 2).astype(np.float32),
+                       off.astype(np.float32), EXACT_BITS[ggml_type], 32, K)
+
+
+def _resolve_group(recipe_group: int | None, bits: int, ggml_type: str | None) -> tuple[int, bool]:
+    """(group, exact) for one tensor."""
+    exact_possible = ggml_type in EXACT_BITS and EXACT_BITS[ggml_type] == bits
+    group = recipe_group if recipe_group is not None else (32 if exact_possible else 128)
+    return group, exact_possible and group == 32
+
+
+def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
+                   smooth: dict[str, np.ndarray] | None = None,
+                   progress: Callable[[int, int, str], None] | None = None) -> PackedModel:
+    """Quantize every linear of `src` by `recipe` (wbits 16: keep float32).
+
+    smooth: per linear name, factors s (K,) from calibration; the weight is multiplied by s along K
+    before quantization and the backend divides activations by s (SPEC.md section 1). Smoothing
+    rewrites weights, so those tensors are never exact imports.
+    """
+    recipe = recipe or Recipe()
+    smooth = smooth or {}
+    cfg = src.config
+    names = list(src.tensors)
+    out: dict[str, np.ndarray | PackedLinear] = {}
+    info: dict[str, dict] = {}
+    for i, name in enumerate(names):
+        t = src.tensors[name]
+        if progress:
+            progress(i, len(names), name)
+        if not is_linear(name, cfg.arch) or recipe.wbits == 16:
+            out[name] = np.ascontiguousarray(t.load(), dtype=np.float32)
+            continue
+        bits = recipe.wbits
+        if name == "output":
+            bits = recipe.head_bits or (8 if t.ggml_type == "Q8_0" and bits < 8 else bits)
+        group, exact = _resolve_group(recipe.group, bits, t.ggml_type)
+        s = smooth.get(name)
+        if exact and s is None and t.blocks is not None:
+            q = exact_import(t.blocks(), t.ggml_type)
+            w_ref = None
+        else:
+            exact = False
+            w_ref = t.load().astype(np.float64)
+            w_in = w_ref * s[None, :] if s is not None else w_ref
+            q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
+        lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32))
+        err = 0.0
+        if w_ref is not None:
+            deq = q.dequantize() / (s[None, :] if s is not None else 1.0)
+            err = float(np.linalg.norm(deq - w_ref) / max(np.linalg.norm(w_ref), 1e-30))
+        out[name] = lin
+        info[name] = {"bits": bits, "group": group, "exact": exact, "rel_err": err,
+                      "source_type": t.ggml_type or "float"}
+    if progress:
+        progress(len(names), len(names), "done")
+    return PackedModel(cfg, out, src.tokenizer_json, recipe.to_dict(), info)
+
+
+def progress_bar(label: str) -> Callable[[int, int, str], None]:
+    """A one-line progress bar on stderr (silent when stderr is not a terminal except at the end)."""
+    tty = sys.stderr.isatty()
+
+    def show(i: int, n: int, what: str) -> None:
+        if not tty and i < n:
+            return
+        width = 30
+        fill = width * i // max(n, 1)
+        sys.stderr.write(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {i}/{n} {what[:40]:<40}")
+        if i >= n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show

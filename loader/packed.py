@@ -1,0 +1,165 @@
+"""The packed-model directory (SPEC.md section 2, docs/DESIGN.md): write atomically, read by mmap.
+
+    DIR/model.safetensors   bit planes (uint32), scales, offsets, smoothing factors, float tensors
+    DIR/config.json         format, version, architecture, model config, recipe, per-tensor info, sha256
+    DIR/tokenizer.json
+
+Writing goes to a temporary sibling directory that is renamed into place, so a crash never leaves a
+half-written model under the final name. Reading checks the version and the checksum first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from loader.bipolar import PackedLinear
+from loader.errors import FormatError
+from loader.pack import PackedModel
+from loader.source import ModelConfig
+
+FORMAT = "anybit-packed"
+VERSION = 1
+_DTYPES = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
+
+
+def is_packed_dir(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
+    """Write `model` to `out_dir` atomically. An existing directory is replaced only on success."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    tensors: dict[str, dict] = {}
+    for name, t in model.tensors.items():
+        if isinstance(t, PackedLinear):
+            arrays[f"{name}.planes"] = np.ascontiguousarray(t.planes)
+            arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
+            if t.offsets is not None:
+                arrays[f"{name}.offsets"] = np.ascontiguousarray(t.offsets, np.float32)
+            if t.smooth is not None:
+                arrays[f"{name}.smooth"] = np.ascontiguousarray(t.smooth, np.float32)
+            meta = model.info.get(name, {})
+            tensors[name] = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
+                             "offsets": t.offsets is not None, "smooth": t.smooth is not None,
+                             "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
+                             "source_type": meta.get("source_type")}
+        else:
+            arrays[name] = np.ascontiguousarray(t, np.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(arrays, str(tmp / "model.safetensors"))
+        (tmp / "tokenizer.json").write_text(model.tokenizer_json)
+        config = {"format": FORMAT, "version": VERSION, "architecture": model.config.arch,
+                  "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
+                  "sha256": sha256_file(tmp / "model.safetensors")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file, checking the header against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: truncated (no safetensors header)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise FormatError(f"{path}: header is not valid JSON ({e})") from None
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise FormatError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        begin, end = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != want or begin < 0 or base + end > size:
+            raise FormatError(f"{path}: tensor {name} offsets [{begin}, {end}) do not fit its shape "
+                              f"{shape} or the file ({size} bytes)")
+        if want == 0:
+            out[name] = np.zeros(shape, dtype)
+            continue
+        out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + begin, shape=shape)
+    return out
+
+
+def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
+    """Load a packed directory. Raises FormatError on a wrong format, version or checksum."""
+    d = Path(path)
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{d}: no config.json (not a packed model directory)") from None
+    except ValueError as e:
+        raise FormatError(f"{d}/config.json: not valid JSON ({e})") from None
+    if config.get("format") != FORMAT:
+        raise FormatError(f"{d}: not an anybit packed model (format {config.get('format')!r})")
+    if config.get("version") != VERSION:
+        raise FormatError(f"{d}: packed format version {config.get('version')!r}; this anybit reads "
+                          f"version {VERSION}: re-pack the model with `python -m tools.pack`")
+    st = d / "model.safetensors"
+    if not st.is_file():
+        raise FormatError(f"{d}: model.safetensors is missing")
+    if verify and sha256_file(st) != config.get("sha256"):
+        raise FormatError(f"{st}: checksum mismatch (file corrupted or modified); re-pack the model")
+    try:
+        tokenizer_json = (d / "tokenizer.json").read_text()
+    except FileNotFoundError:
+        raise FormatError(f"{d}: tokenizer.json is missing") from None
+    arrays = _map_safetensors(st)
+    cfg = ModelConfig.from_dict(config["model"])
+    tensors: dict[str, np.ndarray | PackedLinear] = {}
+    info = {}
+    for name, meta in config.get("tensors", {}).items():
+        try:
+            tensors[name] = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
+                                         arrays.pop(f"{name}.offsets", None), int(meta["bits"]),
+                                         int(meta["group"]), int(meta["K"]), int(meta["N"]),
+                                         arrays.pop(f"{name}.smooth", None))
+        except KeyError as e:
+            raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
+        info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}
+    tensors.update(arrays)
+    return PackedModel(cfg, tensors, tokenizer_json, config.get("recipe", {}), info)

@@ -1,0 +1,91 @@
+"""What a reader hands to the packer and the engine: a config, named tensors, a tokenizer.
+
+Tensors are lazy (`SourceTensor.load()`), because a 7B model does not fit in memory as float32.
+Names follow docs/DESIGN.md ("internal tensor names").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from loader.errors import FormatError
+
+ARCHITECTURES = ("llama", "bert")
+ROPE_STYLES = ("adjacent", "half")
+
+
+@dataclass
+class ModelConfig:
+    arch: str                      # "llama" | "bert"
+    dim: int                       # d
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int                   # F
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    rope_style: str = "half"       # "adjacent" (GGUF) | "half" (HF)
+    tied_embeddings: bool = False
+    head_dim: int = 0              # 0 -> dim // n_heads
+    type_vocab_size: int = 0       # BERT
+    pooling: str = "mean"          # BERT: "mean" | "cls"
+    normalize: bool = True         # BERT: L2-normalise embeddings
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    chat_template: str | None = None
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise FormatError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        if self.rope_style not in ROPE_STYLES:
+            raise FormatError(f"unknown rope_style {self.rope_style!r}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise FormatError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise FormatError(f"model config: dim {self.dim} not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise FormatError(f"model config: n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class SourceTensor:
+    """One tensor of a source file. `load()` returns float32 in the internal (N, K) orientation.
+
+    `ggml_type` is set for GGUF tensors; `blocks()` then returns the raw block fields for exact import:
+    for Q4_0 / Q8_0 `(d, q)`, for Q4_1 `(d, m, q)`, with d, m float32 (N, K//32) and q int (N, K)
+    (Q4_x: 0..15 unsigned; Q8_0: -128..127 signed).
+    """
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+    ggml_type: str | None = None
+    blocks: Callable[[], tuple] | None = None
+
+
+@dataclass
+class SourceModel:
+    config: ModelConfig
+    tensors: dict[str, SourceTensor]
+    tokenizer_json: str            # serialized tokenizers.Tokenizer (JSON text)
+    source: str = ""               # path, for messages
+
+    def __getitem__(self, name: str) -> SourceTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.source}: missing tensor {name!r}") from None
