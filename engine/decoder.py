@@ -1,0 +1,190 @@
+"""The Llama-family decoder on any backend: prefill a prompt, then one token per step.
+
+Read top to bottom like llama2.c's run.c: weights (with shapes), the KV cache, then forward().
+Linear weights are PackedLinear (bit planes) or float32 (N, K) arrays for the unquantized path; the
+backend decides how to run each. q/k/v and gate/up are fused into one product each where their
+recipes agree, because one call with a wider N costs less than three in decode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from loader.bipolar import PackedLinear, unpack_planes, values_of
+from loader.errors import FormatError
+from loader.pack import PackedModel
+
+
+def _concat(lins: list[PackedLinear]) -> PackedLinear | None:
+    """Stack linears along N when they share K, bits, group, offset presence and smoothing."""
+    a = lins[0]
+    for x in lins:
+        if (x.K, x.bits, x.group, x.offsets is None, x.smooth is None) != \
+                (a.K, a.bits, a.group, a.offsets is None, a.smooth is None):
+            return None
+        if x.smooth is not None and not np.array_equal(x.smooth, a.smooth):
+            return None
+    return PackedLinear(np.concatenate([x.planes for x in lins], axis=1),
+                        np.concatenate([x.scales for x in lins], axis=0),
+                        None if a.offsets is None else np.concatenate([x.offsets for x in lins], axis=0),
+                        a.bits, a.group, a.K, sum(x.N for x in lins), a.smooth)
+
+
+class Linear:
+    """One product y = x W^T on a backend, whatever the weight's form."""
+
+    def __init__(self, backend, w, abits: int, agroup):
+        self.backend, self.abits = backend, abits
+        if isinstance(w, PackedLinear):
+            self.h, self.float_w = backend.prepare_linear(w), None
+            self.N = w.N
+            self.agroup = w.Kp if agroup == "token" else agroup
+        else:
+            self.h, self.float_w = None, np.ascontiguousarray(w, np.float32)
+            self.N = w.shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.float_w is not None:
+            return self.backend.linear_float(self.float_w, x)
+        return self.backend.linear(self.h, x, abits=self.abits, agroup=self.agroup)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray   # (d,)
+    qkv: list               # [Linear (H*hd + 2*Hkv*hd, d)] fused, or [wq, wk, wv]
+    wo: Linear              # (d, H*hd)
+    ffn_norm: np.ndarray    # (d,)
+    gate_up: list           # [Linear (2F, d)] fused, or [w_gate, w_up]
+    w_down: Linear          # (d, F)
+
+
+class KVCache:
+    """Preallocated keys and values: per layer (T, Hkv, hd) float32. Build/free as a pair."""
+
+    def __init__(self, n_layers: int, T: int, n_kv_heads: int, head_dim: int):
+        self.T = T
+        self.k = np.zeros((n_layers, T, n_kv_heads, head_dim), np.float32)
+        self.v = np.zeros((n_layers, T, n_kv_heads, head_dim), np.float32)
+        self.n = 0      # positions filled
+
+    def close(self) -> None:
+        self.k = self.v = None
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+class Decoder:
+    def __init__(self, pm: PackedModel, backend, *, wbits_run: int | None = None, abits: int = 16,
+                 agroup=None, context: int | None = None):
+        cfg = pm.config
+        if cfg.arch != "llama":
+            raise FormatError(f"the decoder runs Llama-family models, not {cfg.arch!r}")
+        self.cfg, self.backend = cfg, backend
+        self.context = min(cfg.max_seq_len, context or 4096)
+        self.abits = abits
+
+        def get(name):
+            w = pm.linear(name)
+            if isinstance(w, PackedLinear) and wbits_run is not None and wbits_run < w.bits:
+                w = w.nested(wbits_run)
+            return w
+
+        def lin(w):
+            return Linear(backend, w, abits, agroup)
+
+        def fused(names):
+            ws = [get(n) for n in names]
+            if all(isinstance(w, PackedLinear) for w in ws):
+                cat = _concat(ws)
+                if cat is not None:
+                    return [lin(cat)]
+            elif all(not isinstance(w, PackedLinear) for w in ws):
+                return [lin(np.concatenate([np.asarray(w, np.float32) for w in ws], axis=0))]
+            return [lin(w) for w in ws]
+
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            self.layers.append(Layer(
+                attn_norm=np.asarray(pm.linear(p + "attn_norm"), np.float32),
+                qkv=fused([p + "wq", p + "wk", p + "wv"]),
+                wo=lin(get(p + "wo")),
+                ffn_norm=np.asarray(pm.linear(p + "ffn_norm"), np.float32),
+                gate_up=fused([p + "w_gate", p + "w_up"]),
+                w_down=lin(get(p + "w_down")),
+            ))
+        self.norm = np.asarray(pm.linear("norm"), np.float32)          # (d,)
+        self.output = lin(pm.linear("output"))                          # (V, d), kept at its packed bits
+        self._embed_src = pm.tensors.get("tok_embeddings", pm.linear("output"))  # (V, d)
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Gather rows (M, d). A packed table is dequantized one row per token, never as a whole."""
+        e = self._embed_src
+        if not isinstance(e, PackedLinear):
+            return np.asarray(e[ids], np.float32)
+        codes = unpack_planes(np.ascontiguousarray(e.planes[:, ids, :]))          # (M, Kp)
+        v = values_of(codes, e.bits).astype(np.float32)
+        s = np.repeat(e.scales[ids], e.group, axis=1)
+        w = s * v
+        if e.offsets is not None:
+            w += np.repeat(e.offsets[ids], e.group, axis=1)
+        return np.ascontiguousarray(w[:, :e.K], np.float32)
+
+    def new_cache(self) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, self.context, c.n_kv_heads, c.head_dim)
+
+    def _qkv(self, layer: Layer, h: np.ndarray):
+        c = self.cfg
+        qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        if len(layer.qkv) == 1:
+            y = layer.qkv[0](h)
+            return y[:, :qd], y[:, qd:qd + kd], y[:, qd + kd:]
+        return tuple(f(h) for f in layer.qkv)
+
+    def _gate_up(self, layer: Layer, h: np.ndarray):
+        if len(layer.gate_up) == 1:
+            y = layer.gate_up[0](h)
+            F = y.shape[1] // 2
+            return y[:, :F], y[:, F:]
+        return tuple(f(h) for f in layer.gate_up)
+
+    # ---- the forward pass -----------------------------------------------------------------------
+    def forward(self, ids, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run tokens `ids` at positions cache.n .. cache.n+M-1; returns logits of the last token
+        (V,) or of every token (M, V)."""
+        c, be = self.cfg, self.backend
+        ids = np.asarray(ids, np.int64)
+        M = len(ids)
+        start = cache.n
+        if start + M > cache.T:
+            raise ContextOverflow(f"{start + M} tokens exceed the context of {cache.T}")
+        if np.any(ids < 0) or np.any(ids >= c.vocab_size):
+            raise ValueError(f"token id out of range 0..{c.vocab_size - 1}")
+        pos = np.arange(start, start + M, dtype=np.int32)
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        x = self.embed(ids)                                                  # (M, d)
+        for li, L in enumerate(self.layers):
+            h = be.rmsnorm(x, L.attn_norm, c.norm_eps)
+            q, k, v = self._qkv(L, h)
+            q = np.ascontiguousarray(q).reshape(M, H, hd)
+            k = np.ascontiguousarray(k).reshape(M, Hkv, hd)
+            be.rope(q, pos, c.rope_theta, c.rope_style)
+            be.rope(k, pos, c.rope_theta, c.rope_style)
+            cache.k[li, start:start + M] = k
+            cache.v[li, start:start + M] = v.reshape(M, Hkv, hd)
+            a = be.attention(q, cache.k[li], cache.v[li], start + M, pos)   # (M, H, hd)
+            x = be.add(x, L.wo(np.ascontiguousarray(a).reshape(M, H * hd)))
+            h = be.rmsnorm(x, L.ffn_norm, c.norm_eps)
+            g, u = self._gate_up(L, h)
+            x = be.add(x, L.w_down(be.swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u))))
+        cache.n = start + M
+        if not all_logits:
+            x = x[-1:]
+        logits = self.output(be.rmsnorm(x, self.norm, c.norm_eps))
+        return logits if all_logits else logits[0]

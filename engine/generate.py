@@ -1,0 +1,107 @@
+"""`python -m engine.generate PROMPT ...`: stream text from a quantized model (SPEC.md section 7).
+
+Text goes to stdout as it is produced; statistics go to stderr; `--json` prints one JSON object on
+stdout at the end instead. Bad input exits with status 2 and one clear line, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bits(s: str) -> int:
+    v = int(s)
+    if v != 16 and not 1 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"must be 1..8 or 16, got {v}")
+    return v
+
+
+def _group(s: str) -> int:
+    v = int(s)
+    if v <= 0 or v % 32:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 32, got {v}")
+    return v
+
+
+def _agroup(s: str):
+    return "token" if s == "token" else _group(s)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.generate",
+                                description="Generate text with a 1-8 bit quantized language model.")
+    p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
+                                                 "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--wbits", type=_bits, default=4, help="weight bits 1..8, or 16 for unquantized (default 4)")
+    p.add_argument("--abits", type=_bits, default=16, help="activation bits 1..8, or 16 (default 16)")
+    p.add_argument("--group", type=_group, default=None,
+                   help="weight group size (default: the source's block where exact, else 128)")
+    p.add_argument("--agroup", type=_agroup, default=None,
+                   help="activation group size, or 'token' for one scale per token (default: = group)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="KV-cache length (default min(model, 4096))")
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from loader.errors import FetchError, FormatError
+    from runtime.errors import CudaError, NoGpuError, OutOfMemoryError
+
+    prompt = args.prompt
+    try:
+        if prompt == "-":
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        import engine
+        model = engine.load(args.model, wbits=args.wbits, abits=args.abits, group=args.group,
+                            agroup=args.agroup, device=args.device, threads=args.threads,
+                            context=args.context)
+    except UnicodeDecodeError as e:
+        print(f"error: the prompt on stdin is not valid UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
+    except (FormatError, FetchError, NoGpuError, ValueError, OSError, CudaError, OutOfMemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    with model:
+        try:
+            for piece in model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, repeat_penalty=args.repeat_penalty,
+                                      seed=args.seed, chat=args.chat, truncate=args.truncate):
+                if not args.json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except (ValueError, FormatError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        r = model.last
+        if args.json:
+            print(json.dumps({"text": r.text, "ids": r.ids, "prompt_tokens": r.prompt_tokens,
+                              "generated_tokens": r.generated_tokens, "prompt_tok_s": r.prompt_tok_s,
+                              "decode_tok_s": r.decode_tok_s, "ttft_s": r.ttft_s, "stop_reason": r.stop_reason,
+                              **r.stats}))
+        else:
+            sys.stdout.write("\n")
+        print(f"[{r.prompt_tokens} prompt tokens at {r.prompt_tok_s:.1f} tok/s, {r.generated_tokens} generated "
+              f"at {r.decode_tok_s:.1f} tok/s, first token after {r.ttft_s * 1000:.0f} ms; device "
+              f"{r.stats['device']}, W{r.stats['wbits']}A{r.stats['abits']}, "
+              f"{r.stats['weight_bytes'] / 2**20:.1f} MiB weights, stop: {r.stop_reason}]", file=sys.stderr)
+        return 130 if r.stop_reason == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

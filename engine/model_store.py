@@ -1,0 +1,79 @@
+"""Where models come from: the default wheel, a GGUF file, an HF directory or a packed directory.
+
+Sources are packed once per recipe and cached (ANYBIT_CACHE, default ~/.cache/anybit/packed), so
+the first run shows progress and later runs load the packed directory by mmap in well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from loader.errors import FormatError
+from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
+from loader.packed import VERSION, is_packed_dir, read_packed, write_packed
+
+QUANT_REVISION = 1          # bump when quantize_model's output changes for the same recipe
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ANYBIT_CACHE") or Path.home() / ".cache" / "anybit")
+
+
+def resolve_source(path, kind: str = "decoder") -> Path:
+    if path is None:
+        from loader.fetch import default_model_path
+        return Path(default_model_path(kind))
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FormatError(f"model path {str(path)!r} does not exist")
+    return p
+
+
+def _cache_key(src: Path, recipe: Recipe) -> str:
+    files = [src] if src.is_file() else sorted(src.glob("*"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    blob = json.dumps([str(src.resolve()), stamp, recipe.to_dict(), VERSION, QUANT_REVISION], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _read_source(src: Path):
+    from loader.sources import read_source
+    return read_source(src)
+
+
+def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None, agroup=None,
+                      kind: str = "decoder", progress: bool = True) -> tuple[PackedModel, int]:
+    """-> (packed model, the weight bits it runs at). wbits 16 keeps float weights (never cached)."""
+    src = resolve_source(path, kind)
+    if src.is_dir() and is_packed_dir(src):
+        pm = read_packed(src)
+        bits = [m["bits"] for m in pm.info.values()] or [16]
+        stored = max(bits)
+        if wbits == 16 and stored != 16:
+            raise FormatError(f"{src} holds {stored}-bit weights; it cannot run unquantized (--wbits 16)")
+        if wbits != 16 and wbits > stored:
+            print(f"anybit: {src} holds {stored}-bit weights; running at {stored} bits", file=sys.stderr)
+            wbits = stored
+        return pm, wbits
+    smooth = abits != 16 and agroup == "token"
+    recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, smooth=smooth)
+    if wbits == 16:
+        return quantize_model(_read_source(src), recipe), 16
+    out = cache_root() / "packed" / f"{src.stem}-w{wbits}-{_cache_key(src, recipe)}"
+    if is_packed_dir(out):
+        try:
+            return read_packed(out), wbits
+        except FormatError as e:
+            print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
+    source = _read_source(src)
+    factors = None
+    if smooth:
+        from engine.calibrate import smoothing_factors
+        factors = smoothing_factors(source)
+    show = progress_bar(f"packing {src.name} at W{wbits}") if progress else None
+    pm = quantize_model(source, recipe, smooth=factors, progress=show)
+    write_packed(pm, out)
+    return read_packed(out, verify=False), wbits

@@ -1,0 +1,364 @@
+"""GGUF (llama.cpp) file -> `SourceModel`, for the Llama architecture.
+
+The header (metadata and tensor table) is parsed here with bounds checks on every read, because a
+malformed file must give a `FormatError` that names the problem, never an IndexError from deep inside a
+library. (The `gguf` package's GGUFReader trusts the header and also takes ~2 s on a 49k-token vocab;
+tests/test_gguf_reader.py checks that this parser reads the same fields and tensors as GGUFReader.)
+Tensor data is mapped, not read: each `SourceTensor.load()` dequantizes one tensor with
+`gguf.quants.dequantize`, and `blocks()` hands out the raw Q4_0 / Q4_1 / Q8_0 fields for exact import.
+
+GGUF stores a matrix with ne[0] = K (inner, contiguous) first; NumPy shape is the reverse, (N, K),
+which is already the internal orientation. Q/K rows stay as llama.cpp permuted them ("adjacent" RoPE).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from loader.errors import FormatError
+from loader.source import ModelConfig, SourceModel, SourceTensor
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+# value type id -> (struct format, size); 8 = string, 9 = array are handled apart
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+               10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Sequential reads over the mapped header; every read checks that the bytes exist."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise FormatError(f"{self.path}: truncated GGUF file: {what} at byte {self.pos} needs {n} bytes, "
+                              f"file has {self.size}")
+
+    def scalar(self, vtype: int, what: str):
+        fmt, n = _SCALARS[vtype]
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.scalar(10, what)
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{self.path}: {what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str):
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            etype = self.scalar(4, what)
+            count = self.scalar(10, what)
+            if etype in _SCALARS:
+                # numeric arrays in one slice (token types, scores)
+                n = count * _SCALARS[etype][1]
+                self.need(n, what)
+                arr = np.frombuffer(self.buf, dtype=_NP_SCALARS[etype], count=count, offset=self.pos).copy()
+                self.pos += n
+                return arr.tolist()
+            if etype not in (_STRING, _ARRAY):
+                raise FormatError(f"{self.path}: {what}: unknown array element type {etype}")
+            # each element takes at least 8 bytes: reject absurd counts before looping
+            self.need(min(count, self.size) * 8, what)
+            return [self.value(etype, what) for _ in range(count)]
+        raise FormatError(f"{self.path}: {what}: unknown metadata value type {vtype}")
+
+
+def _type_name(raw: int) -> str:
+    try:
+        return GGMLQuantizationType(raw).name
+    except ValueError:
+        return f"unknown type id {raw}"
+
+
+_DEQUANT_OK: set[int] | None = None
+
+
+def dequantizable_types() -> set[int]:
+    """ggml types this installation can turn into float32 (probed once on a zero block)."""
+    global _DEQUANT_OK
+    if _DEQUANT_OK is None:
+        ok = {int(GGMLQuantizationType.F64)}            # handled here, not by gguf
+        for t, (_block, tsize) in GGML_QUANT_SIZES.items():
+            if t.name.startswith("I") and not t.name.startswith("IQ"):
+                continue                                 # I8..I64 are integers, not weights
+            try:
+                gguf_quants.dequantize(np.zeros((1, tsize), np.uint8), t)
+                ok.add(int(t))
+            except Exception:                            # NotImplementedError and friends
+                pass
+        _DEQUANT_OK = ok
+    return _DEQUANT_OK
+
+
+class GGUFFile:
+    """The parsed header of a GGUF file plus a read-only map of its bytes."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                if size < 24:
+                    raise FormatError(f"{self.path}: not a GGUF file (only {size} bytes)")
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        self.size = size
+        c = _Cursor(self.mm, self.path)
+        if bytes(self.mm[:4]) != MAGIC:
+            raise FormatError(f"{self.path}: not a GGUF file (magic {bytes(self.mm[:4])!r}, expected b'GGUF')")
+        c.pos = 4
+        version = c.scalar(4, "version")
+        if version not in (2, 3):
+            if version & 0xFFFF == 0:
+                raise FormatError(f"{self.path}: big-endian GGUF is not supported")
+            raise FormatError(f"{self.path}: GGUF version {version} not supported (2 and 3 are)")
+        n_tensors = c.scalar(10, "tensor count")
+        n_kv = c.scalar(10, "metadata count")
+        # every entry takes > 8 bytes, so counts beyond the file size are lies
+        if n_tensors > size // 8 or n_kv > size // 8:
+            raise FormatError(f"{self.path}: header claims {n_tensors} tensors and {n_kv} metadata entries, "
+                              f"impossible in {size} bytes")
+        self.meta: dict = {}
+        for i in range(n_kv):
+            key = c.string(f"metadata key #{i}")
+            vtype = c.scalar(4, f"type of {key!r}")
+            if key in self.meta:
+                raise FormatError(f"{self.path}: duplicate metadata key {key!r}")
+            self.meta[key] = c.value(vtype, f"metadata {key!r}")
+        infos = []
+        for i in range(n_tensors):
+            name = c.string(f"tensor name #{i}")
+            n_dims = c.scalar(4, f"tensor {name!r} dims")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise FormatError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+            dims = [c.scalar(10, f"tensor {name!r} shape") for _ in range(n_dims)]
+            raw_type = c.scalar(4, f"tensor {name!r} type")
+            offset = c.scalar(10, f"tensor {name!r} offset")
+            infos.append((name, dims, raw_type, offset))
+        align = self.meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise FormatError(f"{self.path}: general.alignment {align!r} is not a power of two")
+        self.data_start = -(-c.pos // align) * align
+        self.tensors: dict[str, tuple[tuple[int, ...], int, int, int]] = {}
+        spans = []
+        for name, dims, raw_type, offset in infos:
+            if name in self.tensors:
+                raise FormatError(f"{self.path}: duplicate tensor {name!r}")
+            try:
+                qtype = GGMLQuantizationType(raw_type)
+                block, tsize = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise FormatError(f"{self.path}: tensor {name!r} has {_type_name(raw_type)}") from None
+            if any(d <= 0 for d in dims) or dims[0] % block:
+                raise FormatError(f"{self.path}: tensor {name!r} shape {dims} invalid for {qtype.name} "
+                                  f"(blocks of {block})")
+            nbytes = int(np.prod(dims, dtype=object)) // block * tsize
+            start = self.data_start + offset
+            if offset % align or start + nbytes > size:
+                raise FormatError(f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) lies outside "
+                                  f"the file ({size} bytes) or is misaligned")
+            spans.append((start, start + nbytes, name))
+            self.tensors[name] = (tuple(int(d) for d in reversed(dims)), raw_type, start, nbytes)
+        spans.sort()
+        for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise FormatError(f"{self.path}: tensors {n0!r} and {n1!r} overlap")
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as uint8, (rows, bytes per row) for matrices."""
+        shape, raw_type, start, nbytes = self.tensors[name]
+        data = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=start)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return data.reshape(rows, nbytes // rows) if len(shape) > 1 else data
+
+    def load(self, name: str) -> np.ndarray:
+        """float32 copy in NumPy (internal) shape."""
+        shape, raw_type, _start, _n = self.tensors[name]
+        if raw_type not in dequantizable_types():
+            raise FormatError(f"{self.path}: tensor {name!r} has ggml type {_type_name(raw_type)}, "
+                              f"which cannot be dequantized")
+        raw = self.raw(name)
+        if raw_type == GGMLQuantizationType.F64:
+            out = raw.view("<f8").astype(np.float32)
+        else:
+            out = gguf_quants.dequantize(raw, GGMLQuantizationType(raw_type))
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(shape).copy()
+
+    def blocks(self, name: str) -> tuple:
+        """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py."""
+        shape, raw_type, _s, _n = self.tensors[name]
+        qtype = GGMLQuantizationType(raw_type)
+        n, k = (shape if len(shape) == 2 else (1, shape[0]))
+        nb = k // 32
+        b = self.raw(name).reshape(n, nb, -1)
+
+        def f16(lo):
+            return np.ascontiguousarray(b[:, :, lo:lo + 2]).view("<f2")[:, :, 0].astype(np.float32)
+
+        def nibbles(lo):
+            qs = b[:, :, lo:lo + 16]
+            # element j of a block is the low nibble of byte j, element j + 16 its high nibble
+            return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, k)
+
+        if qtype == GGMLQuantizationType.Q4_0:
+            return f16(0), nibbles(2)
+        if qtype == GGMLQuantizationType.Q4_1:
+            return f16(0), f16(2), nibbles(4)
+        if qtype == GGMLQuantizationType.Q8_0:
+            return f16(0), np.ascontiguousarray(b[:, :, 2:34]).view(np.int8).reshape(n, k)
+        raise FormatError(f"{self.path}: tensor {name!r} is {qtype.name}; blocks() exists for Q4_0, Q4_1, Q8_0")
+
+
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+_LAYER_MAP = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
+              "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+
+
+def _meta(g: GGUFFile, key: str, kind, default=None, required=True):
+    v = g.meta.get(key)
+    if v is None:
+        if required and default is None:
+            raise FormatError(f"{g.path}: missing metadata {key!r}")
+        return default
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise FormatError(f"{g.path}: metadata {key!r} should be an integer, got {v!r}")
+    if kind is float and not isinstance(v, (int, float)):
+        raise FormatError(f"{g.path}: metadata {key!r} should be a number, got {v!r}")
+    return kind(v)
+
+
+def _config(g: GGUFFile, tied: bool, vocab_size: int) -> ModelConfig:
+    a = "llama"
+    if g.meta.get(f"{a}.expert_count", 0):
+        raise FormatError(f"{g.path}: mixture-of-experts llama models are not supported")
+    scaling = g.meta.get(f"{a}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise FormatError(f"{g.path}: RoPE scaling {scaling!r} is not supported")
+    n_heads = _meta(g, f"{a}.attention.head_count", int)
+    dim = _meta(g, f"{a}.embedding_length", int)
+    head_dim = _meta(g, f"{a}.attention.key_length", int, required=False) or 0
+    rot = _meta(g, f"{a}.rope.dimension_count", int, required=False)
+    hd = head_dim or (dim // n_heads if n_heads else 0)
+    if rot is not None and rot != hd:
+        raise FormatError(f"{g.path}: partial RoPE ({rot} of {hd} head dims) is not supported")
+    tokens = g.meta.get("tokenizer.ggml.tokens") or []
+    bos = g.meta.get("tokenizer.ggml.bos_token_id")
+    # gpt2-style BPE vocabularies add no BOS unless the file says so; SentencePiece ones do
+    add_bos = g.meta.get("tokenizer.ggml.add_bos_token", g.meta.get("tokenizer.ggml.model") == "llama")
+    eos_ids = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        if isinstance(g.meta.get(key), int) and g.meta[key] not in eos_ids:
+            eos_ids.append(g.meta[key])
+    if "<|im_end|>" in tokens and tokens.index("<|im_end|>") not in eos_ids:
+        eos_ids.append(tokens.index("<|im_end|>"))
+    try:
+        return ModelConfig(
+            arch="llama", dim=dim, n_layers=_meta(g, f"{a}.block_count", int), n_heads=n_heads,
+            n_kv_heads=_meta(g, f"{a}.attention.head_count_kv", int, default=n_heads),
+            ffn_dim=_meta(g, f"{a}.feed_forward_length", int), vocab_size=vocab_size,
+            max_seq_len=_meta(g, f"{a}.context_length", int),
+            norm_eps=_meta(g, f"{a}.attention.layer_norm_rms_epsilon", float),
+            rope_theta=_meta(g, f"{a}.rope.freq_base", float, default=10000.0),
+            rope_style="adjacent", tied_embeddings=tied, head_dim=head_dim,
+            bos_id=int(bos) if (add_bos and isinstance(bos, int)) else None, eos_ids=eos_ids,
+            chat_template=g.meta.get("tokenizer.chat_template"))
+    except FormatError as e:
+        raise FormatError(f"{g.path}: {e}") from None
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, hd, F = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    shapes = {"output": (cfg.vocab_size, d), "norm": (d,)}
+    if not cfg.tied_embeddings:
+        shapes["tok_embeddings"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm": (d,), p + "wq": (cfg.n_heads * hd, d), p + "wk": (cfg.n_kv_heads * hd, d),
+                       p + "wv": (cfg.n_kv_heads * hd, d), p + "wo": (d, cfg.n_heads * hd), p + "ffn_norm": (d,),
+                       p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
+    return shapes
+
+
+def _internal_name(name: str, tied: bool, path: str) -> str:
+    if name == "token_embd.weight":
+        return "output" if tied else "tok_embeddings"
+    if name == "output.weight":
+        return "output"
+    if name == "output_norm.weight":
+        return "norm"
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    if name == "rope_freqs.weight":
+        raise FormatError(f"{path}: per-frequency RoPE scaling (rope_freqs.weight) is not supported")
+    raise FormatError(f"{path}: unexpected tensor {name!r} for a llama model")
+
+
+def read_gguf(path) -> SourceModel:
+    """Parse and validate a llama GGUF file; tensors stay lazy."""
+    from loader.tokenizer import tokenizer_json_from_gguf
+
+    g = GGUFFile(path)
+    arch = g.meta.get("general.architecture")
+    if arch != "llama":
+        raise FormatError(f"{g.path}: architecture {arch!r} is not supported (only 'llama' GGUF files are)")
+    if "token_embd.weight" not in g.tensors:
+        raise FormatError(f"{g.path}: missing tensor 'token_embd.weight'")
+    tied = "output.weight" not in g.tensors
+    vocab_size = g.tensors["token_embd.weight"][0][0]
+    cfg = _config(g, tied, vocab_size)
+    expected = _expected_shapes(cfg)
+    tensors: dict[str, SourceTensor] = {}
+    ok_types = dequantizable_types()
+    for name, (shape, raw_type, _s, _n) in g.tensors.items():
+        internal = _internal_name(name, tied, g.path)
+        if internal not in expected:
+            raise FormatError(f"{g.path}: tensor {name!r} does not belong to a {cfg.n_layers}-layer model")
+        if shape != expected[internal]:
+            raise FormatError(f"{g.path}: tensor {name!r} has shape {shape}, expected {expected[internal]}")
+        if raw_type not in ok_types:
+            raise FormatError(f"{g.path}: tensor {name!r} has ggml type {_type_name(raw_type)}, which cannot be "
+                              f"dequantized by the installed gguf package")
+        tname = GGMLQuantizationType(raw_type).name
+        tensors[internal] = SourceTensor(
+            name=internal, shape=shape, ggml_type=tname,
+            load=(lambda n=name: g.load(n)),
+            blocks=(lambda n=name: g.blocks(n)) if tname in EXACT_TYPES and len(shape) == 2 else None)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{g.path}: missing tensors {', '.join(missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    tok_json = tokenizer_json_from_gguf(g.meta, source=g.path)
+    return SourceModel(config=cfg, tensors=tensors, tokenizer_json=tok_json, source=g.path)
+
+
+def read_gguf_metadata(path) -> dict:
+    """Metadata only (for tools and tests)."""
+    return GGUFFile(Path(path)).meta

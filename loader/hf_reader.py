@@ -1,0 +1,306 @@
+"""Hugging Face model directory (config.json + *.safetensors + tokenizer.json) -> `SourceModel`.
+
+Llama-family decoders (HF rotate-half RoPE, so rope_style "half") and BERT encoders. Every safetensors
+header is checked here first (length, dtypes, offsets inside the file, no overlaps), so a truncated or
+lying file gives a `FormatError` naming it rather than an error from the Rust reader. BF16 has no NumPy
+dtype: those tensors are read as uint16 and shifted into the top half of a float32.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from loader.errors import FormatError
+from loader.source import ModelConfig, SourceModel, SourceTensor
+
+LLAMA_TYPES = ("llama", "mistral")
+BERT_TYPES = ("bert",)
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+           "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT = ("F64", "F32", "F16", "BF16")
+MAX_HEADER = 100 << 20
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's header against the file size; returns {name: (dtype, shape, begin)}."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        n = struct.unpack("<Q", head)[0]
+        if n > MAX_HEADER or 8 + n > size:
+            raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes): truncated?")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise FormatError(f"{path}: safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    data_size = size - 8 - n
+    out, spans = {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise FormatError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from None
+        if dtype not in _DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(b, int) and isinstance(e, int)):
+            raise FormatError(f"{path}: tensor {name!r}: bad shape {shape} or offsets {[b, e]}")
+        want = int(np.prod(shape, dtype=object)) * _DTYPES[dtype]
+        if not 0 <= b <= e or e > data_size:
+            raise FormatError(f"{path}: tensor {name!r} data [{b}, {e}) lies outside the file's data section "
+                              f"({data_size} bytes): truncated or corrupt header")
+        if e - b != want:
+            raise FormatError(f"{path}: tensor {name!r} occupies {e - b} bytes, but {dtype} {shape} needs {want}")
+        spans.append((b, e, name))
+        out[name] = (dtype, tuple(shape), 8 + n + b)
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    return out
+
+
+def _loader(path: Path, name: str, dtype: str, shape: tuple, offset: int):
+    def load() -> np.ndarray:
+        if dtype == "BF16":
+            # bf16 is the top 16 bits of a float32
+            raw = np.fromfile(path, dtype="<u2", count=int(np.prod(shape)), offset=offset)
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                arr = f.get_tensor(name)
+        except Exception as e:
+            raise FormatError(f"{path}: cannot read tensor {name!r}: {e}") from None
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    return load
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+            files = sorted({d / f for f in wm.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{index}: malformed shard index ({e})") from None
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FormatError(f"{index}: shard files missing: {', '.join(missing)}")
+        return files
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FormatError(f"{d}: no *.safetensors file")
+    return files
+
+
+def _read_json(path: Path, required: bool = True) -> dict | None:
+    if not path.is_file():
+        if required:
+            raise FormatError(f"{path.parent}: missing {path.name}")
+        return None
+    try:
+        v = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return v
+
+
+def _get(cfg: dict, key: str, path: Path, default=None):
+    v = cfg.get(key, default)
+    if v is None:
+        raise FormatError(f"{path}: config.json lacks {key!r}")
+    return v
+
+
+_LLAMA_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "wq", "self_attn.k_proj": "wk",
+                "self_attn.v_proj": "wv", "self_attn.o_proj": "wo", "post_attention_layernorm": "ffn_norm",
+                "mlp.gate_proj": "w_gate", "mlp.up_proj": "w_up", "mlp.down_proj": "w_down"}
+_BERT_LAYER = {"attention.self.query": ("wq", "bq"), "attention.self.key": ("wk", "bk"),
+               "attention.self.value": ("wv", "bv"), "attention.output.dense": ("wo", "bo"),
+               "attention.output.LayerNorm": ("attn_norm.weight", "attn_norm.bias"),
+               "intermediate.dense": ("w_in", "b_in"), "output.dense": ("w_out", "b_out"),
+               "output.LayerNorm": ("ffn_norm.weight", "ffn_norm.bias")}
+_BERT_EMB = {"word_embeddings.weight": "tok_embeddings", "position_embeddings.weight": "pos_embeddings",
+             "token_type_embeddings.weight": "type_embeddings", "LayerNorm.weight": "emb_norm.weight",
+             "LayerNorm.bias": "emb_norm.bias", "LayerNorm.gamma": "emb_norm.weight",
+             "LayerNorm.beta": "emb_norm.bias"}
+_SKIP = re.compile(r"(.*rotary_emb\.inv_freq|.*position_ids|pooler\..*|cls\..*)$")
+
+
+def _llama_name(name: str, tied: bool) -> str | None:
+    if name == "model.embed_tokens.weight":
+        return "output" if tied else "tok_embeddings"
+    if name == "lm_head.weight":
+        return None if tied else "output"       # tied: the embedding is the output projection
+    if name == "model.norm.weight":
+        return "norm"
+    m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", name)
+    if m and m.group(2) in _LLAMA_LAYER:
+        return f"layers.{m.group(1)}.{_LLAMA_LAYER[m.group(2)]}"
+    return ""
+
+
+def _bert_name(name: str) -> str | None:
+    name = name[5:] if name.startswith("bert.") else name
+    if name.startswith("embeddings.") and name[11:] in _BERT_EMB:
+        return _BERT_EMB[name[11:]]
+    m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|gamma|beta)$", name)
+    if m and m.group(2) in _BERT_LAYER:
+        w, b = _BERT_LAYER[m.group(2)]
+        return f"layers.{m.group(1)}.{w if m.group(3) in ('weight', 'gamma') else b}"
+    return ""
+
+
+def _llama_config(cfg: dict, p: Path, names: set, tok) -> ModelConfig:
+    if cfg.get("rope_scaling"):
+        raise FormatError(f"{p}: rope_scaling {cfg['rope_scaling']!r} is not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise FormatError(f"{p}: hidden_act {cfg['hidden_act']!r} is not supported (llama uses silu)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise FormatError(f"{p}: attention/MLP biases are not supported")
+    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+    n_heads = _get(cfg, "num_attention_heads", p)
+    eos = cfg.get("eos_token_id")
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])]
+    im_end = tok.token_to_id("<|im_end|>")
+    if im_end is not None and im_end not in eos_ids:
+        eos_ids.append(im_end)
+    bos = cfg.get("bos_token_id")
+    # record BOS only if the tokenizer's post-processor adds it (i.e. the model wants it)
+    wants_bos = isinstance(bos, int) and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    return ModelConfig(
+        arch="llama", dim=_get(cfg, "hidden_size", p), n_layers=_get(cfg, "num_hidden_layers", p),
+        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        ffn_dim=_get(cfg, "intermediate_size", p), vocab_size=_get(cfg, "vocab_size", p),
+        max_seq_len=_get(cfg, "max_position_embeddings", p), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_style="half", tied_embeddings=tied,
+        head_dim=cfg.get("head_dim") or 0, bos_id=bos if wants_bos else None, eos_ids=eos_ids)
+
+
+def _bert_config(cfg: dict, p: Path, d: Path) -> ModelConfig:
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise FormatError(f"{p}: hidden_act {cfg['hidden_act']!r} is not supported (BERT uses gelu)")
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise FormatError(f"{p}: position_embedding_type {cfg['position_embedding_type']!r} is not supported")
+    pooling = "mean"
+    pool = _read_json(d / "1_Pooling" / "config.json", required=False)
+    if pool is not None:
+        if pool.get("pooling_mode_cls_token"):
+            pooling = "cls"
+        elif not pool.get("pooling_mode_mean_tokens"):
+            raise FormatError(f"{d / '1_Pooling' / 'config.json'}: only CLS or mean pooling is supported")
+    modules = d / "modules.json"
+    normalize = False
+    if modules.is_file():
+        try:
+            normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
+        except (ValueError, AttributeError, TypeError) as e:
+            raise FormatError(f"{modules}: malformed ({e})") from None
+    n_heads = _get(cfg, "num_attention_heads", p)
+    return ModelConfig(
+        arch="bert", dim=_get(cfg, "hidden_size", p), n_layers=_get(cfg, "num_hidden_layers", p),
+        n_heads=n_heads, n_kv_heads=n_heads, ffn_dim=_get(cfg, "intermediate_size", p),
+        vocab_size=_get(cfg, "vocab_size", p), max_seq_len=_get(cfg, "max_position_embeddings", p),
+        norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), type_vocab_size=int(cfg.get("type_vocab_size", 2)),
+        pooling=pooling, normalize=normalize)
+
+
+def _expected(c: ModelConfig) -> dict:
+    d, F, hd = c.dim, c.ffn_dim, c.head_dim
+    if c.arch == "bert":
+        e = {"tok_embeddings": (c.vocab_size, d), "pos_embeddings": (c.max_seq_len, d),
+             "type_embeddings": (c.type_vocab_size, d), "emb_norm.weight": (d,), "emb_norm.bias": (d,)}
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo")):
+                e[p + w], e[p + b] = (d, d), (d,)
+            e.update({p + "attn_norm.weight": (d,), p + "attn_norm.bias": (d,), p + "w_in": (F, d),
+                      p + "b_in": (F,), p + "w_out": (d, F), p + "b_out": (d,), p + "ffn_norm.weight": (d,),
+                      p + "ffn_norm.bias": (d,)})
+        return e
+    e = {"output": (c.vocab_size, d), "norm": (d,)}
+    if not c.tied_embeddings:
+        e["tok_embeddings"] = (c.vocab_size, d)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        e.update({p + "attn_norm": (d,), p + "wq": (c.n_heads * hd, d), p + "wk": (c.n_kv_heads * hd, d),
+                  p + "wv": (c.n_kv_heads * hd, d), p + "wo": (d, c.n_heads * hd), p + "ffn_norm": (d,),
+                  p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
+    return e
+
+
+def read_hf(directory) -> SourceModel:
+    """Read and validate a Hugging Face model directory; tensors stay lazy."""
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise FormatError(f"{d}: not a directory")
+    p = d / "config.json"
+    cfg = _read_json(p)
+    if cfg.get("format") == "anybit-packed":
+        raise FormatError(f"{d}: is a packed anybit directory; read it with loader.packed")
+    mtype = cfg.get("model_type")
+    if mtype not in LLAMA_TYPES + BERT_TYPES:
+        raise FormatError(f"{p}: model_type {mtype!r} is not supported "
+                          f"(supported: {', '.join(LLAMA_TYPES + BERT_TYPES)})")
+    tok_path = d / "tokenizer.json"
+    if not tok_path.is_file():
+        raise FormatError(f"{d}: missing tokenizer.json")
+    tok_json = tok_path.read_text(encoding="utf-8")
+    try:
+        tok = _HFTokenizer.from_str(tok_json)
+    except Exception as e:
+        raise FormatError(f"{tok_path}: invalid tokenizer: {e}") from None
+
+    entries = {}
+    for f in _safetensors_files(d):
+        for name, (dtype, shape, off) in check_safetensors(f).items():
+            if name in entries:
+                raise FormatError(f"{f}: tensor {name!r} also appears in {entries[name][0]}")
+            entries[name] = (f, dtype, shape, off)
+    try:
+        if mtype in BERT_TYPES:
+            config = _bert_config(cfg, p, d)
+        else:
+            config = _llama_config(cfg, p, set(entries), tok)
+            tc = _read_json(d / "tokenizer_config.json", required=False) or {}
+            if isinstance(tc.get("chat_template"), str):
+                config.chat_template = tc["chat_template"]
+    except FormatError as e:
+        raise FormatError(str(e) if str(e).startswith(str(p)) else f"{p}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{p}: bad value in config ({e})") from None
+
+    expected = _expected(config)
+    tensors: dict[str, SourceTensor] = {}
+    for name, (f, dtype, shape, off) in entries.items():
+        internal = _bert_name(name) if config.arch == "bert" else _llama_name(name, config.tied_embeddings)
+        if internal is None or (internal == "" and _SKIP.match(name)):
+            continue
+        if internal == "" or internal not in expected:
+            raise FormatError(f"{f}: unexpected tensor {name!r} for a {mtype} model with {config.n_layers} layers")
+        if internal in tensors:
+            raise FormatError(f"{f}: two tensors map to {internal!r} (one is {name!r})")
+        if shape != expected[internal]:
+            raise FormatError(f"{f}: tensor {name!r} has shape {list(shape)}, expected {list(expected[internal])}")
+        if dtype not in _FLOAT:
+            raise FormatError(f"{f}: tensor {name!r} has dtype {dtype}; expected a float type")
+        tensors[internal] = SourceTensor(name=internal, shape=shape, load=_loader(f, name, dtype, shape, off))
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{d}: missing tensors {', '.join(missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return SourceModel(config=config, tensors=tensors, tokenizer_json=tok_json, source=str(d))

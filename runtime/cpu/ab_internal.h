@@ -1,0 +1,20 @@
+/* Declarations shared by the C files of the CPU backend (not seen by cffi). */
+#ifndef AB_INTERNAL_H
+#define AB_INTERNAL_H
+#include <stdint.h>
+#include <stddef.h>
+#include "anybit_cpu.h"
+
+#define AB_ISA_PORTABLE 0
+#define AB_ISA_AVX2 1
+#define AB_ISA_AVX512 2
+
+/* Run fn(ctx, i) for i in [0, ntasks) on the pool's threads (the caller takes part); returns when all
+ * tasks are done. Calls from several host threads are serialised. */
+typedef void (*ab_task_fn)(void *ctx, int task);
+void ab_pool_run(ab_pool *pool, ab_task_fn fn, void *ctx, int ntasks);
+
+#define AB_INLINE static inline __attribute__((always_inline))
+#define AB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi,popcnt")))
+#define AB_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#endif

@@ -1,0 +1,42 @@
+/* anybit CPU backend: the C entry points called through cffi (runtime/cpu/build.py feeds this file to
+ * ffi.cdef, so it holds plain declarations only: no macros, no attributes, no includes).
+ *
+ * Layouts (docs/DESIGN.md): canonical planes uint32 (p, N, Kp/32), MSB plane first, lane k = bit k%32 of
+ * word k/32. The A16 table-lookup kernels read a preprocessed copy (runtime/cpu/layout.py):
+ * wl uint8 [Nt][p][Kp/8][64] (Nt = ceil(N/64) tiles of 64 rows, one byte = 8 lanes of one row, byte
+ * position -> row permuted so that the byte shuffles produce rows in natural order), and scales /
+ * offsets float32 [Nt][Kp/G][64]. isa: 0 portable, 1 avx2, 2 avx512. Functions returning int give 0 on
+ * success, -1 on allocation failure, -2 on an unavailable isa, -3 on bad arguments.
+ */
+typedef struct ab_pool ab_pool;
+
+ab_pool *ab_pool_create(int nthreads);
+void ab_pool_destroy(ab_pool *pool);
+int ab_pool_threads(ab_pool *pool);
+int ab_isa_available(void);
+int ab_a16_block(int G);
+
+int ab_linear_a16(ab_pool *pool, int isa, const uint8_t *wl, const float *wsc, const float *woff,
+                  int p, int N, int Kp, int G, const float *x, int M, int K, float *y);
+int ab_linear_a16_f32(ab_pool *pool, const uint32_t *planes, const float *scales, const float *offsets,
+                      int p, int N, int Kp, int G, const float *x, int M, int K, float *y);
+int ab_build_lut(const float *x, int K, int Kp, int G, int8_t *lut, float *lscale, float *gsum);
+
+void ab_code_sums(const uint32_t *planes, int p, int rows, int W, uint16_t *out);
+int ab_quantize_acts(ab_pool *pool, const float *x, int M, int K, int Kp, int q, int Ga,
+                     const float *smooth, uint32_t *aplanes, float *ascales, uint16_t *acsum);
+int ab_linear_quant(ab_pool *pool, int isa, const uint32_t *planes, const uint16_t *wcsum,
+                    const float *scales, const float *offsets, int p, int N, int Kp, int G,
+                    const uint32_t *aplanes, const uint16_t *acsum, const float *ascales, int q, int Ga,
+                    int L, int M, int K, float *y, int64_t *dbg_I, int64_t *dbg_U);
+
+void ab_rmsnorm(ab_pool *pool, const float *x, const float *w, int M, int d, float eps, float *out);
+void ab_layernorm(ab_pool *pool, const float *x, const float *w, const float *b, int M, int d, float eps,
+                  float *out);
+void ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style);
+int ab_attention(ab_pool *pool, const float *q, const float *k, const float *v, int M, int H, int Hkv,
+                 int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out);
+void ab_swiglu(ab_pool *pool, const float *g, const float *u, int64_t n, float *out);
+void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out);
+void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out);
+int64_t ab_argmax(const float *x, int64_t n);
