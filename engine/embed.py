@@ -103,29 +103,20 @@ def _wbits_of(tensors) -> int:
     return max(bits) if bits else 16
 
 
-def load_model(path, *, wbits: int = 16, group=None, abits: int = 16, agroup=None):
-    """A PackedModel from an HF directory, GGUF file or packed directory (loader.pack.load_model_any)."""
-    from loader import pack
-    if hasattr(pack, "load_model_any"):
-        return pack.load_model_any(path, wbits=wbits, group=group, abits=abits, agroup=agroup)
-    # TEMPORARY until load_model_any lands: sources only, packed on the fly
-    from loader.sources import read_source
-    return pack.quantize_model(read_source(path), pack.Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup))
-
-
 def load_embedder(path=None, *, wbits: int = 16, abits: int = 16, group: int | None = None, agroup=None,
-                  device: str = "auto", threads: int | None = None, batch_size: int = 32) -> Embedder:
+                  device: str = "auto", threads: int | None = None, batch_size: int = 32,
+                  progress: bool = False) -> Embedder:
     """An `Embedder` for a BERT model: HF directory, packed directory, or None for all-MiniLM-L6-v2.
 
     wbits 1..8 packs the linears (group None -> 128, see SPEC.md section 7); 16 keeps them float.
     abits 1..8 quantizes activations per token and per group of `agroup` lanes (None -> the weight group).
     """
-    if path is None:
-        from loader.fetch import default_model_path
-        path = default_model_path("embedder")
-    model = load_model(path, wbits=wbits, group=group, abits=abits, agroup=agroup)
+    from engine.model_store import load_packed_model
+    # packs once per recipe and caches the packed directory (wbits 16 keeps float weights, not cached)
+    model, _ = load_packed_model(path, wbits=wbits, abits=abits, group=group, agroup=agroup, kind="embedder",
+                                 progress=progress)
     if model.config.arch != "bert":
-        raise FormatError(f"{path}: an embedder needs a BERT-family model, this is {model.config.arch!r}")
+        raise FormatError(f"{path or 'default model'}: an embedder needs a BERT-family model, this is {model.config.arch!r}")
     backend = select_backend(device, threads)
     try:
         return Embedder(model, backend, abits=abits, agroup=agroup, batch_size=batch_size, own_backend=True)
@@ -239,7 +230,8 @@ def main(argv=None) -> int:
         texts = _collect_texts(args.texts, sys.stdin)
         t0 = time.perf_counter()
         emb = load_embedder(args.model, wbits=args.wbits, abits=args.abits, group=args.group,
-                            agroup=args.agroup, device=args.device, threads=args.threads, batch_size=args.batch)
+                            agroup=args.agroup, device=args.device, threads=args.threads, batch_size=args.batch,
+                            progress=True)
         t1 = time.perf_counter()
         try:
             vecs = emb.embed(texts)

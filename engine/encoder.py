@@ -16,7 +16,6 @@ per-token/per-group rule as the backends), so that "A8 only" can be measured too
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ _LINEARS = (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo"), ("w_in", "b_
 class _Linear:
     """One linear layer prepared for the backend: a handle (packed) or a float weight, plus its bias."""
     handle: object | None
+    agroup: int | None              # activation group handed to the backend ("token" -> Kp)
     weight: np.ndarray | None       # float32 (N, K) when unquantized
     bias: np.ndarray | None
     N: int
@@ -48,6 +48,8 @@ class Encoder:
             raise FormatError(f"the encoder runs BERT models; this model's architecture is {config.arch!r}")
         if config.pooling not in ("mean", "cls"):
             raise FormatError(f"unknown pooling {config.pooling!r}; supported: mean, cls")
+        if not (agroup is None or agroup == "token" or (isinstance(agroup, int) and agroup > 0 and agroup % 32 == 0)):
+            raise ValueError(f"agroup must be a positive multiple of 32, 'token' or None, got {agroup!r}")
         if not (abits == 16 or (isinstance(abits, int) and 1 <= abits <= 8)):
             raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
         self.config = config
@@ -93,17 +95,18 @@ class Encoder:
 
     def _prepare(self, w, bias, name: str) -> _Linear:
         if isinstance(w, PackedLinear):
-            return _Linear(self.backend.prepare_linear(w), None, bias, w.N, w.K)
+            agroup = w.Kp if self.agroup == "token" else self.agroup
+            return _Linear(self.backend.prepare_linear(w), agroup, None, bias, w.N, w.K)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise FormatError(f"linear {name!r} must be 2-D, got shape {w.shape}")
-        return _Linear(None, w, bias, w.shape[0], w.shape[1])
+        return _Linear(None, None, w, bias, w.shape[0], w.shape[1])
 
     # ---- ops ---------------------------------------------------------------------------------------
 
     def _linear(self, lin: _Linear, x: np.ndarray) -> np.ndarray:
         if lin.handle is not None:
-            y = self.backend.linear(lin.handle, x, abits=self.abits, agroup=self.agroup)
+            y = self.backend.linear(lin.handle, x, abits=self.abits, agroup=lin.agroup)
         else:
             if self.abits != 16:
                 x = self._fake_quant(x)
@@ -184,7 +187,3 @@ class Encoder:
             return np.zeros((0, self.dim), np.float32)
         return self.pool(*self.hidden_states(seqs))
 
-
-def attention_scale(head_dim: int) -> float:
-    """BERT scales scores by 1/sqrt(head_dim); exposed for backends and references."""
-    return 1.0 / math.sqrt(head_dim)

@@ -35,6 +35,7 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
                10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")      # types with raw block access (exact import)
 
 
 class _Cursor:
@@ -214,6 +215,9 @@ class GGUFFile:
         """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py."""
         shape, raw_type, _s, _n = self.tensors[name]
         qtype = GGMLQuantizationType(raw_type)
+        if qtype.name not in EXACT_TYPES:
+            raise FormatError(f"{self.path}: tensor {name!r} is {qtype.name}; blocks() exists for "
+                              f"{', '.join(EXACT_TYPES)} only")
         n, k = (shape if len(shape) == 2 else (1, shape[0]))
         nb = k // 32
         b = self.raw(name).reshape(n, nb, -1)
@@ -230,12 +234,9 @@ class GGUFFile:
             return f16(0), nibbles(2)
         if qtype == GGMLQuantizationType.Q4_1:
             return f16(0), f16(2), nibbles(4)
-        if qtype == GGMLQuantizationType.Q8_0:
-            return f16(0), np.ascontiguousarray(b[:, :, 2:34]).view(np.int8).reshape(n, k)
-        raise FormatError(f"{self.path}: tensor {name!r} is {qtype.name}; blocks() exists for Q4_0, Q4_1, Q8_0")
+        return f16(0), np.ascontiguousarray(b[:, :, 2:34]).view(np.int8).reshape(n, k)   # Q8_0
 
 
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _LAYER_MAP = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
               "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
@@ -334,6 +335,8 @@ def read_gguf(path) -> SourceModel:
     tied = "output.weight" not in g.tensors
     vocab_size = g.tensors["token_embd.weight"][0][0]
     cfg = _config(g, tied, vocab_size)
+    if cfg.n_layers * 9 > len(g.tensors):        # before building per-layer tables from a lying count
+        raise FormatError(f"{g.path}: block_count {cfg.n_layers} but only {len(g.tensors)} tensors")
     expected = _expected_shapes(cfg)
     tensors: dict[str, SourceTensor] = {}
     ok_types = dequantizable_types()

@@ -284,6 +284,8 @@ def read_hf(directory) -> SourceModel:
     except (TypeError, ValueError) as e:
         raise FormatError(f"{p}: bad value in config ({e})") from None
 
+    if config.n_layers * 9 > len(entries):       # before building per-layer tables from a lying count
+        raise FormatError(f"{p}: num_hidden_layers {config.n_layers} but only {len(entries)} tensors")
     expected = _expected(config)
     tensors: dict[str, SourceTensor] = {}
     for name, (f, dtype, shape, off) in entries.items():

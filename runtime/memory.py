@@ -79,6 +79,7 @@ class PoolAllocator:
         self._segments: dict[int, int] = {}           # base -> size
         self.used = self.reserved = self.peak = 0
         self._n_alloc = 0
+        self._ev_refs: dict[int, list] = {}            # id(event) -> [event, blocks referencing it]
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _index(self, b: _Block) -> None:
@@ -131,6 +132,8 @@ class PoolAllocator:
         self._unindex(b)
         if b.size - size >= ALIGN:    # split: the tail stays free, keeps the same pending events
             tail = _Block(b.addr + size, b.size - size, b.segment, True, b, b.next, list(b.pending))
+            for _, ev in tail.pending:   # both halves now reference the same events
+                self._ev_refs[id(ev)][1] += 1
             if b.next is not None:
                 b.next.prev = tail
             b.next, b.size = tail, size
@@ -147,8 +150,15 @@ class PoolAllocator:
         for s, ev in b.pending:
             if s is not stream and s != stream:
                 self.events.wait(stream, ev)
-            self.events.destroy(ev)   # the driver defers destruction until the wait is resolved
+            self._drop(ev)            # the driver defers destruction until the wait is resolved
         b.pending = []
+
+    def _drop(self, ev) -> None:
+        ref = self._ev_refs[id(ev)]
+        ref[1] -= 1
+        if ref[1] == 0:
+            del self._ev_refs[id(ev)]
+            self.events.destroy(ev)
 
     def free(self, addr: int, stream=None) -> None:
         """Return a block. With `stream`, later users on other streams wait for the work queued on
@@ -161,7 +171,9 @@ class PoolAllocator:
         if stream is not None:
             if self.events is None:
                 raise ValueError("free(ptr, stream) needs a pool built with an `events` interface")
-            b.pending.append((stream, self.events.record(stream)))
+            ev = self.events.record(stream)
+            self._ev_refs[id(ev)] = [ev, 1]
+            b.pending.append((stream, ev))
         b.free = True
         self.used -= b.size
         self._n_alloc -= 1
@@ -186,7 +198,7 @@ class PoolAllocator:
             if b.free and b.size == size:
                 for _, ev in b.pending:        # work still queued on that memory must finish first
                     self.events.synchronize(ev)
-                    self.events.destroy(ev)
+                    self._drop(ev)
                 self._unindex(b)
                 del self._blocks[base], self._segments[base]
                 self.upstream.free(base)
@@ -199,7 +211,7 @@ class PoolAllocator:
         for b in self._blocks.values():
             for _, ev in b.pending:
                 self.events.synchronize(ev)
-                self.events.destroy(ev)
+                self._drop(ev)
         for base in list(self._segments):
             self.upstream.free(base)
         self._blocks.clear(), self._free.clear(), self._segments.clear()

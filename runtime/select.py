@@ -5,7 +5,7 @@ import sys
 
 from runtime.errors import NoGpuError
 
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = ("cpu", "cuda", "auto", "numpy")   # "numpy": the reference backend, for checks
 
 
 def _cpu(threads):
@@ -35,6 +35,9 @@ def select_backend(device: str = "auto", threads: int | None = None):
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
         return _cpu(threads)
+    if device == "numpy":
+        from runtime.numpy_backend import NumpyBackend
+        return NumpyBackend(threads)
     if device == "cuda":
         return _cuda(threads)
     try:

@@ -362,8 +362,9 @@ static void qa_task(void *ctx, int m) {
             if (fabs(v) > mx) mx = fabs(v);
         }
         double s = mx / top;
-        if (!(s > 0.0)) s = 1.0;
+        /* an all-zero group stores scale 0 (exact) but codes it with scale 1, as the reference does */
         c->ascales[(size_t)m * c->nga + ga] = (float)s;
+        if (!(s > 0.0)) s = 1.0;
         for (int k = k0; k < k1; k++) {
             double v = c->smooth ? (double)x[k] / (double)c->smooth[k] : (double)x[k];
             double cd = rint((v / s + top) / 2.0);

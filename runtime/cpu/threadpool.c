@@ -4,9 +4,18 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include "ab_internal.h"
 
-#define AB_SPIN 4000
+/* How long an idle worker (or the waiting caller) spins before sleeping. Spinning uses a compiler
+ * barrier, not the pause instruction: under a hypervisor, pause loops make the vCPU yield. */
+#define AB_SPIN_NS 50000L
+
+static inline long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
 
 struct ab_pool {
     int n;                      /* threads including the caller */
@@ -24,7 +33,7 @@ struct ab_pool {
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
+    __asm__ __volatile__("" ::: "memory");
 #endif
 }
 
@@ -40,8 +49,11 @@ static void *worker(void *arg) {
     ab_pool *p = arg;
     unsigned seen = 0;
     for (;;) {
-        for (int i = 0; i < AB_SPIN && atomic_load(&p->gen) == seen && !atomic_load(&p->stop); i++)
+        long t0 = now_ns();
+        for (int i = 1; atomic_load(&p->gen) == seen && !atomic_load(&p->stop); i++) {
             cpu_relax();
+            if ((i & 255) == 0 && now_ns() - t0 > AB_SPIN_NS) break;
+        }
         if (atomic_load(&p->gen) == seen) {
             pthread_mutex_lock(&p->mu);
             while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop))
@@ -111,7 +123,11 @@ void ab_pool_run(ab_pool *p, ab_task_fn fn, void *ctx, int ntasks) {
     pthread_cond_broadcast(&p->cv_work);
     pthread_mutex_unlock(&p->mu);
     run_tasks(p);
-    for (int i = 0; i < AB_SPIN * 4 && atomic_load(&p->pending) > 0; i++) cpu_relax();
+    long t0 = now_ns();
+    for (int i = 1; atomic_load(&p->pending) > 0; i++) {
+        cpu_relax();
+        if ((i & 255) == 0 && now_ns() - t0 > AB_SPIN_NS) break;
+    }
     if (atomic_load(&p->pending) > 0) {
         pthread_mutex_lock(&p->mu);
         while (atomic_load(&p->pending) > 0) pthread_cond_wait(&p->cv_done, &p->mu);

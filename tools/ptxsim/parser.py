@@ -277,6 +277,28 @@ def parse(text: str, filename: str = "<ptx>") -> ParsedModule:
             pos += 1
         if pos >= n:
             break
+        if t.startswith((".version", ".target", ".address_size"), pos):
+            eol = t.find("\n", pos)
+            eol = n if eol < 0 else eol
+            stmt = " ".join(t[pos:eol].split()).rstrip(";").strip()
+            key, _, val = stmt.partition(" ")
+            val = val.strip()
+            if key == ".version":
+                version = val
+                try:
+                    major, minor = (int(x) for x in val.split("."))
+                except ValueError:
+                    raise src.err(pos, f"bad .version {val!r}") from None
+                if (major, minor) > (9, 0):
+                    raise src.err(pos, f".version {val} is above 9.0")
+            elif key == ".target":
+                target = val
+                if not re.match(r"sm_(8\d|9\d|1\d\d)a?$", val.split(",")[0].strip()):
+                    raise src.err(pos, f"unsupported .target {val}")
+            elif val != "64":
+                raise src.err(pos, "only .address_size 64 is supported")
+            pos = eol
+            continue
         semi, brace = t.find(";", pos), t.find("{", pos)
         if semi < 0 and brace < 0:
             raise src.err(pos, f"unexpected text {t[pos:pos + 40].strip()!r}")
@@ -312,19 +334,7 @@ def parse(text: str, filename: str = "<ptx>") -> ParsedModule:
             pos = q
             continue
         stmt = " ".join(t[pos:semi].split())
-        if stmt.startswith(".version"):
-            version = stmt.split()[1]
-            major, minor = (int(x) for x in version.split("."))
-            if (major, minor) > (9, 0):
-                raise src.err(pos, f".version {version} is above 9.0")
-        elif stmt.startswith(".target"):
-            target = stmt.split(None, 1)[1]
-            if not re.match(r"sm_(8\d|9\d|1\d\d)a?$", target.split(",")[0].strip()):
-                raise src.err(pos, f"unsupported .target {target}")
-        elif stmt.startswith(".address_size"):
-            if stmt.split()[1] != "64":
-                raise src.err(pos, "only .address_size 64 is supported")
-        elif stmt.startswith(".shared") or stmt.startswith(".extern"):
+        if stmt.startswith(".shared") or stmt.startswith(".extern"):
             shared.append(_parse_shared(src, stmt, pos))
         else:
             raise src.err(pos, f"unsupported module-level statement {stmt[:60]!r}")

@@ -1,0 +1,318 @@
+"""CpuBackend: the backend interface of docs/DESIGN.md over the C kernels (runtime/cpu/*.c via cffi).
+
+Linears run on the packed bit planes directly: A16 by int8 table lookup (byte shuffles, one pass per
+plane), quantized activations by AND + popcount with exact integer block sums. Every call releases the
+GIL (cffi API mode) and runs on a persistent pthread pool created once per backend.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from loader.bipolar import LANES, PackedLinear, round_up
+from runtime.cpu import build, layout
+
+ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
+_ERRORS = {-1: "out of memory", -2: "instruction set not available on this CPU", -3: "bad arguments"}
+
+
+def available_isas() -> list[str]:
+    """The kernel paths this machine can run, portable first."""
+    _, lib = build.load()
+    mask = lib.ab_isa_available()
+    return [name for i, name in enumerate(ISAS) if mask >> i & 1]
+
+
+def a16_block(group: int) -> int:
+    """Lanes per int8 table scale of the A16 kernels for weight group `group`."""
+    _, lib = build.load()
+    return lib.ab_a16_block(group)
+
+
+@dataclass
+class LinearHandle:
+    """A weight prepared for this backend: the kernel tiles plus the canonical planes (popcount path)."""
+    lin: PackedLinear
+    wl: np.ndarray            # uint8 (Nt, p, Kp/8, 64)   layout.preprocess(planes)
+    wsc: np.ndarray           # float32 (Nt, Kp/G, 64)    layout.tile_rows(scales)
+    woff: np.ndarray | None
+    planes: np.ndarray        # uint32 (p, N, Kp/32) canonical, C-contiguous
+    wcsum: np.ndarray         # uint16 (N, Kp/32) code sum per word (weighted row popcounts)
+
+    @property
+    def N(self) -> int:
+        return self.lin.N
+
+    @property
+    def K(self) -> int:
+        return self.lin.K
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"CPU kernel {what} failed: {_ERRORS.get(rc, rc)}")
+
+
+class CpuBackend:
+    """threads: pool size (default os.cpu_count()). isa: "avx512" | "avx2" | "portable" | None (best
+    available; env ANYBIT_CPU_ISA overrides None). a16: "lut" (int8 tables, fast) or "f32" (exact float
+    path for validation)."""
+
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut"):
+        self._ffi, self._lib = build.load()
+        have = available_isas()
+        isa = isa or os.environ.get("ANYBIT_CPU_ISA") or None
+        if isa in (None, "auto"):
+            isa = have[-1]
+        if isa not in ISAS:
+            raise ValueError(f"unknown CPU isa {isa!r}; choose one of {', '.join(ISAS)}")
+        if isa not in have:
+            raise RuntimeError(f"CPU isa {isa!r} is not supported by this machine (available: {', '.join(have)})")
+        if a16 not in ("lut", "f32"):
+            raise ValueError(f"a16 must be 'lut' or 'f32', got {a16!r}")
+        self.isa, self._isa_code, self.a16 = isa, ISAS.index(isa), a16
+        self.threads = int(threads or os.cpu_count() or 1)
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self._pool = self._lib.ab_pool_create(self.threads)
+        if self._pool == self._ffi.NULL:
+            raise RuntimeError("could not create the CPU thread pool")
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None and pool != self._ffi.NULL:
+            self._lib.ab_pool_destroy(pool)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _p(self, ctype: str, a: np.ndarray | None):
+        return self._ffi.NULL if a is None else self._ffi.cast(ctype, a.ctypes.data)
+
+    @property
+    def _live_pool(self):
+        if self._pool is None:
+            raise RuntimeError("this CpuBackend is closed")
+        return self._pool
+
+    # ---- linears --------------------------------------------------------------------------------
+    def prepare_linear(self, lin: PackedLinear) -> LinearHandle:
+        planes = np.ascontiguousarray(lin.planes, dtype=np.uint32)
+        p, N, W = planes.shape
+        wcsum = np.empty((N, W), np.uint16)
+        self._lib.ab_code_sums(self._p("uint32_t *", planes), p, N, W, self._p("uint16_t *", wcsum))
+        return LinearHandle(lin, layout.preprocess(planes), layout.tile_rows(np.asarray(lin.scales, np.float32)),
+                            None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32)),
+                            planes, wcsum)
+
+    def _input(self, h: LinearHandle, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != h.lin.K:
+            raise ValueError(f"linear input must be (M, {h.lin.K}), got {x.shape}")
+        return x
+
+    def _output(self, out, M: int, N: int) -> np.ndarray:
+        if out is None:
+            return np.empty((M, N), np.float32)
+        if out.shape != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {(M, N)}")
+        return out
+
+    def linear(self, h: LinearHandle, x: np.ndarray, *, abits: int = 16, agroup: int | str | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+        x = self._input(h, x)
+        lin = h.lin
+        y = self._output(out, x.shape[0], lin.N)
+        if abits == 16:
+            if lin.smooth is not None:
+                x = np.ascontiguousarray(x / lin.smooth.astype(np.float32))
+            if self.a16 == "f32":
+                rc = self._lib.ab_linear_a16_f32(
+                    self._live_pool, self._p("uint32_t *", h.planes), self._p("float *", np.asarray(lin.scales, np.float32)),
+                    self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
+                    lin.bits, lin.N, lin.Kp, lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
+            else:
+                rc = self._lib.ab_linear_a16(
+                    self._live_pool, self._isa_code, self._p("uint8_t *", h.wl), self._p("float *", h.wsc),
+                    self._p("float *", h.woff), lin.bits, lin.N, lin.Kp, lin.group, self._p("float *", x),
+                    x.shape[0], lin.K, self._p("float *", y))
+            _check(rc, "linear_a16")
+            return y
+        self._linear_quant(h, x, abits, agroup, y)
+        return y
+
+    def _agroups(self, lin: PackedLinear, agroup) -> tuple[int, int]:
+        """(Ga as the kernel sees it, block lanes L). Per token -> Ga = Kp (one group over all lanes)."""
+        k32 = round_up(lin.K, LANES)
+        ga = lin.group if agroup is None else (k32 if agroup == "token" else int(agroup))
+        if ga <= 0 or ga % LANES:
+            raise ValueError(f"agroup must be a positive multiple of {LANES} or 'token', got {agroup!r}")
+        ga = min(ga, k32)
+        if ga >= k32:
+            return lin.Kp, lin.group
+        small, big = sorted((ga, lin.group))
+        if big % small:
+            raise ValueError(f"activation group {ga} and weight group {lin.group}: the smaller must divide the larger")
+        return ga, small
+
+    def quantize_activations(self, x: np.ndarray, abits: int, ga: int, Kp: int, smooth=None):
+        """C quantizer: (planes uint32 (q, M, Kp/32), scales f32 (M, ceil(Kp/ga)), code sums uint16 (M, Kp/32))."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not 1 <= int(abits) <= 8:
+            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        M, K = x.shape
+        W = Kp // LANES
+        planes = np.empty((abits, M, W), np.uint32)
+        scales = np.empty((M, -(-Kp // ga)), np.float32)
+        csum = np.empty((M, W), np.uint16)
+        sm = None if smooth is None else np.ascontiguousarray(smooth, dtype=np.float32)
+        _check(self._lib.ab_quantize_acts(self._live_pool, self._p("float *", x), M, K, Kp, int(abits), ga,
+                                          self._p("float *", sm), self._p("uint32_t *", planes),
+                                          self._p("float *", scales), self._p("uint16_t *", csum)),
+               "quantize_activations")
+        return planes, scales, csum
+
+    def _linear_quant(self, h, x, abits, agroup, y, debug=False):
+        lin = h.lin
+        ga, L = self._agroups(lin, agroup)
+        aplanes, ascales, acsum = self.quantize_activations(x, abits, ga, lin.Kp, lin.smooth)
+        M = x.shape[0]
+        nb = lin.Kp // L
+        dI = np.empty((M, lin.N, nb), np.int64) if debug else None
+        dU = np.empty((M, lin.N, nb), np.int64) if debug else None
+        rc = self._lib.ab_linear_quant(
+            self._live_pool, self._isa_code, self._p("uint32_t *", h.planes), self._p("uint16_t *", h.wcsum),
+            self._p("float *", np.asarray(lin.scales, np.float32)),
+            self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
+            lin.bits, lin.N, lin.Kp, lin.group, self._p("uint32_t *", aplanes), self._p("uint16_t *", acsum),
+            self._p("float *", ascales), int(abits), ga, L, M, lin.K, self._p("float *", y),
+            self._p("int64_t *", dI), self._p("int64_t *", dU))
+        _check(rc, "linear_quant")
+        return dI, dU, L
+
+    def linear_quant_debug(self, h: LinearHandle, x: np.ndarray, abits: int, agroup=None):
+        """(y, I, U, L): the output plus the exact integer block sums I[m, n, b], U[m, n, b] (DESIGN.md)."""
+        x = self._input(h, x)
+        y = np.empty((x.shape[0], h.lin.N), np.float32)
+        dI, dU, L = self._linear_quant(h, x, abits, agroup, y, debug=True)
+        return y, dI, dU, L
+
+    def linear_float(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Unquantized x @ w.T in float32 (NumPy's BLAS is already cache-blocked and threaded)."""
+        return np.matmul(np.asarray(x, np.float32), np.asarray(w, np.float32).T)
+
+    # ---- ops ------------------------------------------------------------------------------------
+    def rmsnorm(self, x, w, eps: float) -> np.ndarray:
+        x, w = self._f32(x), self._f32(w)
+        M, d = self._rows(x, w)
+        out = np.empty_like(x)
+        self._lib.ab_rmsnorm(self._live_pool, self._p("float *", x), self._p("float *", w), M, d, float(eps),
+                             self._p("float *", out))
+        return out
+
+    def layernorm(self, x, w, b, eps: float) -> np.ndarray:
+        x, w, b = self._f32(x), self._f32(w), self._f32(b)
+        M, d = self._rows(x, w)
+        if b.shape != (d,):
+            raise ValueError(f"layernorm bias must be ({d},), got {b.shape}")
+        out = np.empty_like(x)
+        self._lib.ab_layernorm(self._live_pool, self._p("float *", x), self._p("float *", w), self._p("float *", b),
+                               M, d, float(eps), self._p("float *", out))
+        return out
+
+    def rope(self, x: np.ndarray, pos, theta: float, style: str) -> None:
+        """In place on x (M, H, hd), which must be C-contiguous float32."""
+        if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 3:
+            raise ValueError("rope works in place on a C-contiguous float32 (M, H, hd) array")
+        if style not in ("adjacent", "half"):
+            raise ValueError(f"rope style must be 'adjacent' or 'half', got {style!r}")
+        M, H, hd = x.shape
+        if hd % 2 or hd > 1024:
+            raise ValueError(f"rope head size must be even and <= 1024, got {hd}")
+        pos = np.ascontiguousarray(pos, dtype=np.int32)
+        if pos.shape != (M,):
+            raise ValueError(f"rope positions must be ({M},), got {pos.shape}")
+        self._lib.ab_rope(self._live_pool, self._p("float *", x), self._p("int32_t *", pos), M, H, hd,
+                          float(theta), 0 if style == "adjacent" else 1)
+
+    def attention(self, q, k_cache, v_cache, n_ctx: int, q_pos, mask=None) -> np.ndarray:
+        """Causal (query i sees keys 0..q_pos[i]) or, with mask (T,) bool (True = real token), bidirectional
+        over the unmasked keys among the first n_ctx. Grouped heads: head h reads kv head h // (H/Hkv)."""
+        q, k_cache, v_cache = self._f32(q), self._f32(k_cache), self._f32(v_cache)
+        M, H, hd = q.shape
+        T, Hkv, hd2 = k_cache.shape
+        if v_cache.shape != k_cache.shape or hd2 != hd or H % Hkv or not 0 <= n_ctx <= T:
+            raise ValueError(f"attention shapes q {q.shape}, k {k_cache.shape}, v {v_cache.shape}, n_ctx {n_ctx}")
+        qp = np.ascontiguousarray(q_pos if q_pos is not None else np.zeros(M), dtype=np.int32)
+        if qp.shape != (M,):
+            raise ValueError(f"q_pos must be ({M},), got {qp.shape}")
+        mk = None
+        if mask is not None:
+            mk = np.ascontiguousarray(mask, dtype=np.uint8)
+            if mk.shape != (T,) and mk.shape != (n_ctx,):
+                raise ValueError(f"mask must be ({T},), got {mk.shape}")
+        out = np.empty_like(q)
+        _check(self._lib.ab_attention(self._live_pool, self._p("float *", q), self._p("float *", k_cache),
+                                      self._p("float *", v_cache), M, H, Hkv, hd, int(n_ctx),
+                                      self._p("int32_t *", qp), self._p("uint8_t *", mk), self._p("float *", out)),
+               "attention")
+        return out
+
+    def swiglu(self, gate, up) -> np.ndarray:
+        gate, up = self._f32(gate), self._f32(up)
+        if gate.shape != up.shape:
+            raise ValueError(f"swiglu shapes differ: {gate.shape} vs {up.shape}")
+        out = np.empty_like(gate)
+        self._lib.ab_swiglu(self._live_pool, self._p("float *", gate), self._p("float *", up), gate.size,
+                            self._p("float *", out))
+        return out
+
+    def gelu(self, x) -> np.ndarray:
+        """erf GELU, in place when x is a C-contiguous float32 array (returned), else on a copy."""
+        x = self._f32(x)
+        self._lib.ab_gelu(self._live_pool, self._p("float *", x), x.size, self._p("float *", x))
+        return x
+
+    def add(self, a, b, out=None) -> np.ndarray:
+        a, b = self._f32(a), self._f32(b)
+        if a.shape != b.shape:
+            raise ValueError(f"add shapes differ: {a.shape} vs {b.shape}")
+        if out is None:
+            out = np.empty_like(a)
+        elif out.shape != a.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {a.shape}")
+        self._lib.ab_add(self._live_pool, self._p("float *", a), self._p("float *", b), a.size, self._p("float *", out))
+        return out
+
+    def argmax(self, x) -> int:
+        x = self._f32(x).reshape(-1)
+        if x.size == 0:
+            raise ValueError("argmax of an empty array")
+        return int(self._lib.ab_argmax(self._p("float *", x), x.size))
+
+    @staticmethod
+    def _f32(a) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    @staticmethod
+    def _rows(x, w):
+        if x.ndim != 2 or w.shape != (x.shape[1],):
+            raise ValueError(f"norm input must be (M, d) with weight (d,), got {x.shape} and {w.shape}")
+        return x.shape
+
+
+__all__ = ["CpuBackend", "LinearHandle", "available_isas", "a16_block"]

@@ -1,0 +1,175 @@
+/* Transformer ops of the CPU backend interface (docs/DESIGN.md), fp32 in and out with float/double
+ * accumulation. Plain C: -O3 vectorizes the inner loops for the baseline ISA, and these ops move far
+ * fewer bytes than the linears. Row-parallel work goes through the pool. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ab_internal.h"
+
+typedef struct {
+    const float *x, *w, *b;
+    float *out;
+    int M, d;
+    float eps;
+} norm_ctx;
+
+static void rms_task(void *ctx, int m) {
+    norm_ctx *c = ctx;
+    const float *x = c->x + (size_t)m * c->d;
+    float *o = c->out + (size_t)m * c->d;
+    double ss = 0.0;
+    for (int i = 0; i < c->d; i++) ss += (double)x[i] * x[i];
+    float inv = (float)(1.0 / sqrt(ss / c->d + c->eps));
+    for (int i = 0; i < c->d; i++) o[i] = x[i] * inv * c->w[i];
+}
+
+void ab_rmsnorm(ab_pool *pool, const float *x, const float *w, int M, int d, float eps, float *out) {
+    norm_ctx c = {x, w, NULL, out, M, d, eps};
+    ab_pool_run(pool, rms_task, &c, M);
+}
+
+static void ln_task(void *ctx, int m) {
+    norm_ctx *c = ctx;
+    const float *x = c->x + (size_t)m * c->d;
+    float *o = c->out + (size_t)m * c->d;
+    double s = 0.0;
+    for (int i = 0; i < c->d; i++) s += x[i];
+    double mean = s / c->d, v = 0.0;
+    for (int i = 0; i < c->d; i++) v += ((double)x[i] - mean) * ((double)x[i] - mean);
+    float inv = (float)(1.0 / sqrt(v / c->d + c->eps)), mu = (float)mean;
+    for (int i = 0; i < c->d; i++) o[i] = (x[i] - mu) * inv * c->w[i] + c->b[i];
+}
+
+void ab_layernorm(ab_pool *pool, const float *x, const float *w, const float *b, int M, int d, float eps,
+                  float *out) {
+    norm_ctx c = {x, w, b, out, M, d, eps};
+    ab_pool_run(pool, ln_task, &c, M);
+}
+
+typedef struct {
+    float *x;
+    const int32_t *pos;
+    int M, H, hd, style;
+    float theta;
+} rope_ctx;
+
+/* Pair i rotates by pos * theta^(-2i/hd); style 0 pairs (2i, 2i+1), style 1 pairs (i, i + hd/2). */
+static void rope_task(void *ctx, int m) {
+    rope_ctx *c = ctx;
+    int half = c->hd / 2;
+    double cs[512], sn[512];
+    for (int i = 0; i < half && i < 512; i++) {
+        double a = (double)c->pos[m] * pow((double)c->theta, -2.0 * i / c->hd);
+        cs[i] = cos(a);
+        sn[i] = sin(a);
+    }
+    for (int h = 0; h < c->H; h++) {
+        float *x = c->x + ((size_t)m * c->H + h) * c->hd;
+        for (int i = 0; i < half; i++) {
+            int i0 = c->style ? i : 2 * i, i1 = c->style ? i + half : 2 * i + 1;
+            double a = x[i0], b = x[i1];
+            x[i0] = (float)(a * cs[i] - b * sn[i]);
+            x[i1] = (float)(a * sn[i] + b * cs[i]);
+        }
+    }
+}
+
+void ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style) {
+    rope_ctx c = {x, pos, M, H, hd, style, theta};
+    ab_pool_run(pool, rope_task, &c, M);
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    const int32_t *qpos;
+    const uint8_t *mask;
+    float *out;
+    int M, H, Hkv, hd, n_ctx, failed;
+} attn_ctx;
+
+/* One (query, head): two passes over the visible keys (scores, then softmax-weighted values). */
+static void attn_task(void *ctx, int task) {
+    attn_ctx *c = ctx;
+    int m = task / c->H, h = task % c->H, hk = h / (c->H / c->Hkv);
+    const float *q = c->q + ((size_t)m * c->H + h) * c->hd;
+    float *o = c->out + ((size_t)m * c->H + h) * c->hd;
+    int last = c->n_ctx - 1;
+    if (!c->mask && c->qpos[m] < last) last = c->qpos[m];
+    memset(o, 0, (size_t)c->hd * sizeof(float));
+    if (last < 0) return;
+    float *s = malloc((size_t)(last + 1) * sizeof(float));
+    double *acc = calloc((size_t)c->hd, sizeof(double));
+    if (!s || !acc) { free(s); free(acc); c->failed = 1; return; }
+    float scale = 1.0f / sqrtf((float)c->hd), mx = -INFINITY;
+    size_t ks = (size_t)c->Hkv * c->hd;
+    for (int j = 0; j <= last; j++) {
+        if (c->mask && !c->mask[j]) { s[j] = -INFINITY; continue; }
+        const float *k = c->k + j * ks + (size_t)hk * c->hd;
+        float d = 0.0f;
+        for (int i = 0; i < c->hd; i++) d += q[i] * k[i];
+        s[j] = d * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    if (mx == -INFINITY) { free(s); free(acc); return; }
+    double den = 0.0;
+    for (int j = 0; j <= last; j++) {
+        if (s[j] == -INFINITY) continue;
+        float e = expf(s[j] - mx);
+        den += e;
+        const float *v = c->v + j * ks + (size_t)hk * c->hd;
+        for (int i = 0; i < c->hd; i++) acc[i] += e * v[i];
+    }
+    for (int i = 0; i < c->hd; i++) o[i] = (float)(acc[i] / den);
+    free(s);
+    free(acc);
+}
+
+int ab_attention(ab_pool *pool, const float *q, const float *k, const float *v, int M, int H, int Hkv,
+                 int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out) {
+    if (Hkv <= 0 || H % Hkv) return -3;
+    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, 0};
+    ab_pool_run(pool, attn_task, &c, M * H);
+    return c.failed ? -1 : 0;
+}
+
+typedef struct {
+    const float *a, *b;
+    float *out;
+    int64_t n;
+    int op;
+} ew_ctx;
+
+#define EW_CHUNK 16384
+
+static void ew_task(void *ctx, int task) {
+    ew_ctx *c = ctx;
+    int64_t i0 = (int64_t)task * EW_CHUNK, i1 = i0 + EW_CHUNK < c->n ? i0 + EW_CHUNK : c->n;
+    const float *a = c->a, *b = c->b;
+    float *o = c->out;
+    if (c->op == 0) {
+        for (int64_t i = i0; i < i1; i++) o[i] = a[i] + b[i];
+    } else if (c->op == 1) {
+        for (int64_t i = i0; i < i1; i++) o[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    } else {
+        for (int64_t i = i0; i < i1; i++) o[i] = 0.5f * a[i] * (1.0f + erff(a[i] * 0.70710678118654752f));
+    }
+}
+
+static void ew_run(ab_pool *pool, const float *a, const float *b, int64_t n, float *out, int op) {
+    ew_ctx c = {a, b, out, n, op};
+    ab_pool_run(pool, ew_task, &c, (int)((n + EW_CHUNK - 1) / EW_CHUNK));
+}
+
+void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out) { ew_run(pool, a, b, n, out, 0); }
+void ab_swiglu(ab_pool *pool, const float *g, const float *u, int64_t n, float *out) { ew_run(pool, g, u, n, out, 1); }
+void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out) { ew_run(pool, x, NULL, n, out, 2); }
+
+/* First index of the maximum (NumPy's argmax rule; a NaN wins, as there). */
+int64_t ab_argmax(const float *x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != x[i]) return i;
+        if (x[i] > x[best]) best = i;
+    }
+    return best;
+}

@@ -1,0 +1,57 @@
+"""Matrix preprocessing for the CPU table-lookup kernels: the canonical planes (p, N, Kp/32) uint32 ->
+tiles (Nt, p, Kp/8, 64) uint8, and its exact inverse.
+
+One byte of a canonical row holds 8 consecutive lanes (byte c = lanes 8c .. 8c+7, little-endian words),
+its low nibble indexing the table of lanes 8c..8c+3 and its high nibble that of 8c+4..8c+7. The kernel
+loads 64 bytes = the same byte c of 64 rows, and its byte shuffles + unpack/madd produce int16 sums in a
+lane order where byte position pos = 16*L + 8*h + j (L = 128-bit lane, h = 0 low / 1 high unpack half)
+ends up as row 32*h + 8*L + j. Storing row ROW_OF_POS[pos] at position pos makes the results come out in
+natural row order on AVX-512 (and in 16-row runs on AVX2). Rows are padded to a multiple of 64 with
+zero bytes; scales and offsets are tiled the same way (Nt, Kp/G, 64) so one vector load covers a tile.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TILE = 64
+_pos = np.arange(TILE)
+ROW_OF_POS = ((_pos >> 3) & 1) * 32 + (_pos >> 4) * 8 + (_pos & 7)
+
+
+def preprocess(planes: np.ndarray) -> np.ndarray:
+    """uint32 (p, N, W) canonical planes -> uint8 (ceil(N/64), p, 4*W, 64) kernel tiles."""
+    if planes.dtype != np.uint32 or planes.ndim != 3:
+        raise ValueError(f"planes must be uint32 (p, N, W), got {planes.dtype} {planes.shape}")
+    p, N, W = planes.shape
+    Nt, C = -(-N // TILE), 4 * W
+    b = np.ascontiguousarray(planes, dtype="<u4").view(np.uint8).reshape(p, N, C)
+    pad = np.zeros((p, Nt * TILE, C), np.uint8)
+    pad[:, :N] = b
+    tiled = pad.reshape(p, Nt, TILE, C)[:, :, ROW_OF_POS, :]        # (p, Nt, pos, C)
+    return np.ascontiguousarray(tiled.transpose(1, 0, 3, 2))         # (Nt, p, C, pos)
+
+
+def unpreprocess(wl: np.ndarray, N: int) -> np.ndarray:
+    """Inverse of preprocess: uint8 (Nt, p, C, 64) -> uint32 (p, N, C/4)."""
+    Nt, p, C, t = wl.shape
+    if wl.dtype != np.uint8 or t != TILE or C % 4 or not (Nt - 1) * TILE < N <= Nt * TILE:
+        raise ValueError(f"not a preprocessed tile array for N={N}: {wl.dtype} {wl.shape}")
+    pad = np.empty((p, Nt, TILE, C), np.uint8)
+    pad[:, :, ROW_OF_POS, :] = wl.transpose(1, 0, 3, 2)
+    rows = np.ascontiguousarray(pad.reshape(p, Nt * TILE, C)[:, :N])
+    return rows.view("<u4").astype(np.uint32).reshape(p, N, C // 4)
+
+
+def tile_rows(a: np.ndarray) -> np.ndarray:
+    """float32 (N, ng) per-row group values -> (ceil(N/64), ng, 64), padding rows zero."""
+    N, ng = a.shape
+    Nt = -(-N // TILE)
+    pad = np.zeros((Nt * TILE, ng), np.float32)
+    pad[:N] = a
+    return np.ascontiguousarray(pad.reshape(Nt, TILE, ng).transpose(0, 2, 1))
+
+
+def untile_rows(t: np.ndarray, N: int) -> np.ndarray:
+    """Inverse of tile_rows."""
+    Nt, ng, tl = t.shape
+    return np.ascontiguousarray(t.transpose(0, 2, 1).reshape(Nt * tl, ng)[:N])

@@ -1,0 +1,349 @@
+"""Shared-memory staging plans for the bit-plane recovery GEMM / GEMV (SPEC section 4).
+
+A plan fixes, for one (M, N, K, p, q, arch, mode), everything a kernel needs to agree on with its
+launcher: block tile (BM tokens x BN outputs x BK input lanes), pipeline stages, warp layout, split-K,
+and the byte layout of dynamic shared memory. The PTX kernels read their geometry from these plans.
+
+Conventions (both modes): the weight plane tile is the MMA A operand (16 output rows per instruction),
+the activation tile the B operand (8 tokens per instruction):
+- quant: `mma.sync.m16n8k{256|128}.row.col.s32.b1.b1.s32.and.popc` on p weight x q activation planes;
+  k256 when the recovery block L = min(G, Ga) is a multiple of 256, else k128;
+- a16: weight bits expanded to +-1 halves against an fp16 activation tile (m16n8k16).
+
+Shared memory, per stage s (stages = 2: cp.async double buffer):
+    w_planes.s   p*BN rows of BK bits        (row = one output's lanes of one plane)
+    a_planes.s   q*BM rows of BK bits        (quant)   |  a_half.s  BM rows of BK halves (a16)
+    w_scales.s   [group][BN] f32             w_offsets.s  [group][BN] f32 (asymmetric weights)
+    a_scales.s   [group][BM] f32 (quant)     a_sums.s     [group][BM] (int32 U for quant, f32 sum x for a16)
+then, once:
+    psum         plane_split*BM rows of BN int32 (quant) / f32 (a16): warps that own different
+                 plane pairs stage their shift-added partials (2^(p-1-r) * 2^(q-1-t) * D) here
+    out          BM rows of BN f32: the recovered, scaled tile, stored to global row by row.
+
+Bank-conflict padding (32 banks x 4 bytes). The b1/f16 fragment loads of one warp touch 8 rows x 4
+consecutive words (lane = 4*row + word); rows whose stride is 4 (mod 8) words map those 32 words
+onto 32 distinct banks. Accumulator fragments are stored at (token 2t(+1), output g) for g < 8,
+t < 4; a row stride of 4 (mod 16) words keeps those 32 stores on distinct banks. Scale rows are read
+by 32 consecutive lanes and need no padding. Every buffer starts on a 16-byte boundary (cp.async.16).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KIB = 1024
+
+
+class PlanError(ValueError):
+    """The requested configuration cannot be planned (a limit is exceeded or an input is invalid)."""
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    arch: str
+    smem_per_sm: int
+    smem_per_block_optin: int
+    max_threads_per_sm: int
+    sm_count: int                       # a typical part (A100 108, RTX 3090 82, 4090 128, H100 132)
+    smem_default: int = 48 * KIB        # per block without cuFuncSetAttribute
+    reserved_smem_per_block: int = 1 * KIB
+    regs_per_sm: int = 65536
+    max_regs_per_thread: int = 255
+    max_threads_per_block: int = 1024
+
+
+ARCH_LIMITS = {
+    "sm_80": ArchLimits("sm_80", 164 * KIB, 163 * KIB, 2048, 108),
+    "sm_86": ArchLimits("sm_86", 100 * KIB, 99 * KIB, 1536, 82),
+    "sm_89": ArchLimits("sm_89", 100 * KIB, 99 * KIB, 1536, 128),
+    "sm_90": ArchLimits("sm_90", 228 * KIB, 227 * KIB, 2048, 132),
+}
+
+
+def arch_limits(arch: str) -> ArchLimits:
+    try:
+        return ARCH_LIMITS[arch]
+    except KeyError:
+        raise PlanError(f"unknown arch {arch!r}; known: {', '.join(ARCH_LIMITS)}") from None
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def frag_stride_words(words: int) -> int:
+    """Smallest row stride >= words that is 4 (mod 8) words: conflict-free 8x4 fragment loads."""
+    return words + (4 - words) % 8
+
+
+def acc_stride_words(words: int) -> int:
+    """Smallest row stride >= words that is 4 (mod 16) words: conflict-free accumulator stores."""
+    return words + (4 - words) % 16
+
+
+@dataclass(frozen=True)
+class SmemBuffer:
+    name: str
+    offset: int        # bytes from the start of dynamic shared memory
+    rows: int
+    row_bytes: int     # payload per row
+    stride: int        # bytes between rows (payload + padding)
+    elem: str          # "b1" | "f16" | "f32" | "s32"
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.stride
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True)
+class StagingPlan:
+    kind: str                 # "gemm" | "gemv"
+    mode: str                 # "quant" | "a16"
+    arch: str
+    M: int
+    N: int
+    K: int
+    Kp: int                   # K padded to the group size
+    p: int
+    q: int                    # activation bits (16 in a16 mode)
+    group: int
+    agroup: int
+    BM: int
+    BN: int
+    BK: int
+    mma_k: int                # lanes per MMA instruction (256/128 quant, 16 a16)
+    stages: int
+    warps_m: int
+    warps_n: int
+    plane_split: int          # warp groups sharing one output tile, each owning some plane pairs
+    split_k: int
+    buffers: tuple[SmemBuffer, ...]
+    limits: ArchLimits = field(repr=False)
+
+    # -- launch geometry --------------------------------------------------------------------------
+    @property
+    def warps(self) -> int:
+        return self.warps_m * self.warps_n * self.plane_split
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.threads, 1, 1)
+
+    def grid(self, M: int | None = None, N: int | None = None) -> tuple[int, int, int]:
+        M = self.M if M is None else M
+        N = self.N if N is None else N
+        return (cdiv(N, self.BN), cdiv(M, self.BM), self.split_k)
+
+    @property
+    def smem_bytes(self) -> int:
+        return round_up(max(b.end for b in self.buffers), 16)
+
+    @property
+    def layout(self) -> dict[str, int]:
+        return {b.name: b.offset for b in self.buffers}
+
+    def buffer(self, name: str) -> SmemBuffer:
+        for b in self.buffers:
+            if b.name == name:
+                return b
+        raise KeyError(f"plan has no buffer {name!r} (has {', '.join(self.layout)})")
+
+    @property
+    def needs_opt_in(self) -> bool:
+        return self.smem_bytes > self.limits.smem_default
+
+    @property
+    def k_tiles(self) -> int:
+        return cdiv(self.Kp, self.BK)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Global f32 scratch for split-K partial outputs (0 when split_k == 1)."""
+        return 0 if self.split_k == 1 else self.split_k * self.M * self.N * 4
+
+    @property
+    def blocks_per_sm(self) -> int:
+        lim = self.limits
+        by_smem = lim.smem_per_sm // (self.smem_bytes + lim.reserved_smem_per_block)
+        return max(0, min(by_smem, lim.max_threads_per_sm // self.threads, 32))
+
+    def describe(self) -> str:
+        return (f"{self.kind}/{self.mode} {self.arch} M={self.M} N={self.N} K={self.K} W{self.p}A{self.q} "
+                f"tile {self.BM}x{self.BN}x{self.BK} mma k{self.mma_k} stages {self.stages} "
+                f"warps {self.warps_m}x{self.warps_n}x{self.plane_split} split_k {self.split_k} "
+                f"smem {self.smem_bytes} B{' (opt-in)' if self.needs_opt_in else ''} "
+                f"grid {self.grid()} block {self.block}")
+
+
+def _layout(mode, p, q, BM, BN, BK, stages, gps, agps, offsets, plane_split) -> list[SmemBuffer]:
+    bufs, off = [], 0
+
+    def add(name, rows, row_bytes, stride, elem):
+        nonlocal off
+        off = round_up(off, 16)
+        bufs.append(SmemBuffer(name, off, rows, row_bytes, stride, elem))
+        off += rows * stride
+
+    bit_stride = 4 * frag_stride_words(BK // 32)
+    for s in range(stages):
+        add(f"w_planes.s{s}", p * BN, BK // 8, bit_stride, "b1")
+        if mode == "quant":
+            add(f"a_planes.s{s}", q * BM, BK // 8, bit_stride, "b1")
+        else:
+            add(f"a_half.s{s}", BM, BK * 2, 4 * frag_stride_words(BK // 2), "f16")
+        add(f"w_scales.s{s}", gps, BN * 4, BN * 4, "f32")
+        if offsets:
+            add(f"w_offsets.s{s}", gps, BN * 4, BN * 4, "f32")
+        if mode == "quant":
+            add(f"a_scales.s{s}", agps, BM * 4, BM * 4, "f32")
+        add(f"a_sums.s{s}", agps, BM * 4, BM * 4, "s32" if mode == "quant" else "f32")
+    acc = 4 * acc_stride_words(BN)
+    add("psum", plane_split * BM, BN * 4, acc, "s32" if mode == "quant" else "f32")
+    add("out", BM, BN * 4, acc, "f32")
+    return bufs
+
+
+def _validate(M, N, K, p, q, mode, group, agroup):
+    for nm, v in (("M", M), ("N", N), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PlanError(f"{nm} must be a positive int, got {v!r}")
+    if mode not in ("quant", "a16"):
+        raise PlanError(f"mode must be 'quant' or 'a16', got {mode!r}")
+    if not 1 <= p <= 8:
+        raise PlanError(f"weight bits p must be 1..8, got {p}")
+    if mode == "quant" and not 1 <= q <= 8:
+        raise PlanError(f"activation bits q must be 1..8 in quant mode, got {q}")
+    per_channel = group >= K
+    Kp = round_up(K, 32) if per_channel else round_up(K, group)
+    G = Kp if per_channel else group
+    if G % 32:
+        raise PlanError(f"group must be a multiple of 32 lanes, got {group}")
+    Ga = G if agroup is None else (Kp if agroup >= K else agroup)
+    if mode == "quant":
+        if G % 128 and not per_channel:
+            raise PlanError(f"quantized-activation GEMM needs weight groups that are multiples of 128 "
+                            f"(b1 MMA covers 128/256 lanes); got G={G}")
+        if Ga % 128 and Ga != Kp:
+            raise PlanError(f"activation groups must be multiples of 128 or per token, got Ga={Ga}")
+        if max(G, Ga) % min(G, Ga):
+            raise PlanError(f"the smaller of G={G} and Ga={Ga} must divide the larger")
+    return Kp, G, Ga
+
+
+def _fit(kind, mode, arch, M, N, K, Kp, p, q, G, Ga, offsets, candidates, split_k_fn, stages):
+    lim = arch_limits(arch)
+    L = min(G, Ga)
+    mma_k = (256 if L % 256 == 0 else 128) if mode == "quant" else 16
+    if mode == "quant":
+        bound = (2 ** p - 1) * (2 ** q - 1) * L
+        if bound > 2 ** 31 - 1:
+            raise PlanError(f"int32 recovery overflows: (2^{p}-1)(2^{q}-1)*{L} lanes = {bound} > 2^31-1; "
+                            "use smaller groups")
+    pairs = p * q if mode == "quant" else p
+    failures = []
+    for BM, BN, BK in candidates:
+        # a group either spans whole k-tiles or a k-tile holds whole groups (per channel / per token
+        # needs neither: one group covers all of K and the last tile is zero-padded)
+        if (G < Kp and max(G, BK) % min(G, BK)) or (mode == "quant" and Ga < Kp
+                                                    and max(Ga, BK) % min(Ga, BK)):
+            failures.append((BM, BN, BK, f"BK={BK} and the groups ({G}, {Ga}) do not nest", 0))
+            continue
+        gps, agps = max(1, BK // G), max(1, BK // Ga)
+        WN, WM = 32, min(BM, 32)
+        warps_n, warps_m = BN // WN, BM // WM
+        split = 1
+        for d in range(1, pairs + 1):   # extra warp groups over plane pairs, up to 8 warps
+            if pairs % d == 0 and warps_n * warps_m * d <= 8:
+                split = d
+        bufs = _layout(mode, p, q if mode == "quant" else 0, BM, BN, BK, stages, gps, agps, offsets,
+                       split)
+        smem = round_up(max(b.end for b in bufs), 16)
+        threads = 32 * warps_m * warps_n * split
+        if smem > lim.smem_per_block_optin:
+            failures.append((BM, BN, BK, f"shared memory {smem} B exceeds the {arch} per-block "
+                             f"opt-in limit {lim.smem_per_block_optin} B by "
+                             f"{smem - lim.smem_per_block_optin} B", smem - lim.smem_per_block_optin))
+            continue
+        if threads > lim.max_threads_per_block:
+            failures.append((BM, BN, BK, f"{threads} threads exceed {lim.max_threads_per_block} by "
+                             f"{threads - lim.max_threads_per_block}", threads))
+            continue
+        # k-tiles per group: splits keep groups whole (scaling is linear, so a per-channel group may
+        # be split: each split recovers and scales its own partial sum)
+        unit = 1 if G >= Kp else max(1, G // BK)
+        split_k = split_k_fn(cdiv(N, BN) * cdiv(M, BM), cdiv(Kp, BK) // unit, lim)
+        return StagingPlan(kind, mode, arch, M, N, K, Kp, p, q if mode == "quant" else 16, G, Ga,
+                           BM, BN, BK, mma_k, stages, warps_m, warps_n, split, split_k, tuple(bufs), lim)
+    best = min(failures, key=lambda f: f[4])
+    raise PlanError(f"no tile fits {kind} M={M} N={N} K={K} W{p}A{q if mode == 'quant' else 16} on "
+                    f"{arch}: smallest candidate {best[0]}x{best[1]}x{best[2]}: {best[3]}")
+
+
+def _candidates(bm_pref, bn_pref, bk_pref, tile):
+    if tile is not None:
+        return [tuple(tile)]
+    bms = [b for b in (128, 64, 32, 16, 8) if b <= bm_pref]
+    bns = [b for b in (256, 128, 64, 32) if b <= bn_pref]
+    bks = [b for b in (1024, 512, 256) if b <= bk_pref]
+    # shrink BK first (cheapest loss), then BN, then BM
+    return [(bm, bn, bk) for bm in bms for bn in bns for bk in bks]
+
+
+def _check_tile(tile):
+    if tile is None:
+        return
+    BM, BN, BK = tile
+    if BM % 8 or BM < 8 or BN % 32 or BN < 32 or BK % 256 or BK < 256:
+        raise PlanError(f"tile {tile}: BM must be a multiple of 8, BN of 32, BK of 256 lanes")
+    if BM > 32 and BM % 32:
+        raise PlanError(f"tile {tile}: BM above 32 must be a multiple of 32 (warp tile)")
+
+
+def plan_gemm(M: int, N: int, K: int, p: int, q: int, arch: str, mode: str = "quant", *,
+              group: int = 128, agroup: int | None = None, offsets: bool = True,
+              tile: tuple[int, int, int] | None = None, stages: int = 2,
+              sm_count: int | None = None) -> StagingPlan:
+    """Plan Y (M x N) = X (M x K) . W^T for p-bit weights and q-bit (quant) or fp16 (a16) activations."""
+    Kp, G, Ga = _validate(M, N, K, p, q, mode, group, agroup)
+    _check_tile(tile)
+    if stages not in (1, 2, 3, 4):
+        raise PlanError(f"stages must be 1..4, got {stages}")
+    lim = arch_limits(arch)
+    sms = sm_count or lim.sm_count
+    bm = min(128, max(8, 1 << (M - 1).bit_length()))
+    bn = 128 if cdiv(N, 128) * cdiv(M, bm) >= sms else 64
+    bk = 512 if Kp >= 512 else 256
+    return _fit("gemm", mode, arch, M, N, K, Kp, p, q, G, Ga, offsets, _candidates(bm, bn, bk, tile),
+                lambda blocks, units, lim: 1, stages)
+
+
+def plan_gemv(N: int, K: int, p: int, q: int, arch: str, mode: str = "quant", *, M: int = 1,
+              group: int = 128, agroup: int | None = None, offsets: bool = True,
+              tile: tuple[int, int, int] | None = None, sm_count: int | None = None) -> StagingPlan:
+    """Decode-time plan (M = 1..8 tokens): BM = 8, split-K until the grid covers every SM."""
+    if not 1 <= M <= 8:
+        raise PlanError(f"plan_gemv is for M = 1..8 tokens, got M={M}; use plan_gemm")
+    Kp, G, Ga = _validate(M, N, K, p, q, mode, group, agroup)
+    _check_tile(tile)
+    lim = arch_limits(arch)
+    sms = sm_count or lim.sm_count
+
+    def split_k(blocks, units, lim):
+        if blocks >= sms or units <= 1:
+            return 1
+        return max(1, min(units, cdiv(sms, blocks)))
+
+    bn = 128 if cdiv(N, 128) >= sms else 64
+    return _fit("gemv", mode, arch, M, N, K, Kp, p, q, G, Ga, offsets,
+                _candidates(8, bn, 512 if Kp >= 512 else 256, tile), split_k, 2)

@@ -1,0 +1,217 @@
+"""CPU backend linears against the float64 references of loader/bipolar.py, on every ISA path."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from loader.bipolar import (PackedLinear, pack_planes, quantize_activations, quantize_weights,
+                            ref_linear_a16, ref_linear_quant, unpack_planes, values_of)
+from runtime.cpu import CpuBackend, a16_block, available_isas
+from runtime.cpu import build, layout
+
+ISAS = available_isas()
+_backends = {}
+
+
+def backend(isa, a16="lut"):
+    key = (isa, a16)
+    if key not in _backends:
+        _backends[key] = CpuBackend(threads=2, isa=isa, a16=a16)
+    return _backends[key]
+
+
+def make_lin(rng, N, K, bits, group, asym, smooth=False):
+    w = rng.standard_normal((N, K)) * rng.uniform(0.5, 2.0, (N, 1))
+    q = quantize_weights(w, bits, group, asymmetric=asym)
+    sm = rng.uniform(0.5, 2.0, K).astype(np.float32) if smooth else None
+    return PackedLinear.from_quant(q, smooth=sm)
+
+
+def a16_bound(lin, x):
+    """Worst-case error of int8 tables: every lookup rounds by <= half a table step (step = block max of
+    sum|x| over 4 lanes / 127), L/4 lookups per plane and block, planes weighted 2^(p-1-r)."""
+    x = np.asarray(x, np.float64)
+    if lin.smooth is not None:
+        x = x / lin.smooth.astype(np.float32).astype(np.float64)
+    M, K = x.shape
+    L = a16_block(lin.group)
+    xp = np.zeros((M, lin.Kp))
+    xp[:, :K] = np.abs(x)
+    step = xp.reshape(M, lin.Kp // L, L // 4, 4).sum(-1).max(-1) / 127.0 * 1.0001     # (M, nb)
+    sw = np.repeat(np.abs(lin.scales.astype(np.float64)), lin.group // L, axis=1)         # (N, nb)
+    per_block = 0.5 * (L / 4) * ((1 << lin.bits) - 1)
+    slop = 1e-5 * np.abs(x) @ np.abs(lin.dequantize()).T + 1e-6
+    return per_block * step @ sw.T + slop
+
+
+CASES = [  # M, N, K, bits, group, asym
+    (1, 64, 64, 4, 32, False), (1, 100, 200, 4, 64, True), (3, 130, 300, 2, 128, False),
+    (5, 70, 96, 8, 32, True), (1, 33, 576, 1, 128, False), (2, 129, 250, None, None, True),
+    (7, 65, 1000, 3, 64, False), (4, 257, 520, 5, None, False), (1, 40, 40, 6, 32, True),
+    (9, 64, 160, 7, 96, True), (1, 20, 1100, 4, 512, True),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CASES)
+def test_a16_matches_reference(isa, case):
+    M, N, K, bits, group, asym = case
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    bits = bits or int(rng.integers(1, 9))
+    lin = make_lin(rng, N, K, bits, group, asym, smooth=(N % 2 == 1))
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    be = backend(isa)
+    y = be.linear(be.prepare_linear(lin), x)
+    ref = ref_linear_a16(lin, x)
+    assert y.shape == (M, N) and y.dtype == np.float32
+    assert np.all(np.abs(y - ref) <= a16_bound(lin, x)), np.abs(y - ref).max()
+    # stated tolerance: error relative to ||x|| * ||w_row|| below 1e-2 (typically ~1e-3)
+    norm = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(lin.dequantize(), axis=1)[None]
+    assert np.max(np.abs(y - ref) / norm) < 1e-2
+
+
+@pytest.mark.parametrize("case", CASES[:6])
+def test_a16_paths_agree_and_exact_f32(case):
+    M, N, K, bits, group, asym = case
+    rng = np.random.default_rng(7)
+    lin = make_lin(rng, N, K, bits or 3, group, asym)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ys = [backend(isa).linear(backend(isa).prepare_linear(lin), x) for isa in ISAS]
+    for y in ys[1:]:          # same integers; only float contraction (FMA) may differ
+        np.testing.assert_allclose(y, ys[0], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
+    be = backend(ISAS[0], "f32")
+    y = be.linear(be.prepare_linear(lin), x)
+    ref = ref_linear_a16(lin, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nested_and_out(isa):
+    rng = np.random.default_rng(3)
+    lin8 = make_lin(rng, 90, 200, 8, 32, True)
+    x = rng.standard_normal((2, 200)).astype(np.float32)
+    be = backend(isa)
+    for k in (1, 2, 4, 8):
+        lin = lin8.nested(k)
+        h = be.prepare_linear(lin)
+        out = np.full((2, 90), np.nan, np.float32)
+        y = be.linear(h, x, out=out)
+        assert y is out
+        assert np.all(np.abs(y - ref_linear_a16(lin, x)) <= a16_bound(lin, x))
+        yq = be.linear(h, x, abits=8, agroup=32)
+        ref = ref_linear_quant(lin, x, 8, 32)
+        np.testing.assert_allclose(yq, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.integers(1, 8), N=st.integers(1, 200), W=st.integers(1, 12), seed=st.integers(0, 2**31))
+def test_preprocess_roundtrip(p, N, W, seed):
+    rng = np.random.default_rng(seed)
+    planes = rng.integers(0, 2**32, (p, N, W), dtype=np.uint64).astype(np.uint32)
+    wl = layout.preprocess(planes)
+    assert wl.shape == (-(-N // 64), p, 4 * W, 64)
+    np.testing.assert_array_equal(layout.unpreprocess(wl, N), planes)
+    s = rng.standard_normal((N, W)).astype(np.float32)
+    np.testing.assert_array_equal(layout.untile_rows(layout.tile_rows(s), N), s)
+
+
+def test_preprocess_places_bytes():
+    """Hand check: byte c of row n lands at tile n//64, position with ROW_OF_POS == n%64."""
+    planes = np.zeros((1, 70, 2), np.uint32)
+    planes[0, 37, 1] = 0xAB << 8          # byte 5 of row 37
+    wl = layout.preprocess(planes)
+    (t, r, c, pos), = np.argwhere(wl)
+    assert (t, r, c, wl[t, r, c, pos]) == (0, 0, 5, 0xAB) and layout.ROW_OF_POS[pos] == 37
+
+
+QCASES = [  # M, N, K, bits, abits, group, agroup, asym
+    (1, 64, 64, 4, 8, 32, None, False), (3, 100, 200, 4, 8, 64, 32, True), (2, 70, 300, 2, 4, 128, "token", False),
+    (5, 33, 96, 8, 8, 32, 96, True), (1, 129, 576, 1, 1, 128, 64, False), (4, 50, 250, 3, 6, None, None, True),
+    (2, 65, 1000, 6, 2, 32, 256, True), (1, 17, 40, 5, 3, 32, "token", False), (6, 80, 520, 7, 5, 64, 128, False),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", QCASES)
+def test_quant_matches_reference_and_integers(isa, case):
+    M, N, K, bits, abits, group, agroup, asym = case
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    lin = make_lin(rng, N, K, bits, group, asym, smooth=(M % 2 == 0))
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 3, K)).astype(np.float32)
+    be = backend(isa)
+    h = be.prepare_linear(lin)
+    y, I, U, L = be.linear_quant_debug(h, x, abits, agroup)
+    ag = None if agroup is None else (10**9 if agroup == "token" else agroup)
+    ref = ref_linear_quant(lin, x, abits, ag)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_array_equal(be.linear(h, x, abits=abits, agroup=agroup), y)
+    # exact integers from unpacked codes: I = sum v_w * u_a, U = sum u_a over the valid lanes of a block
+    xs = x / lin.smooth if lin.smooth is not None else x
+    qa = quantize_activations(xs.astype(np.float64) if lin.smooth is None else
+                              np.asarray(x, np.float64) / lin.smooth, abits, lin.group if ag is None else ag)
+    u = values_of(qa.codes, abits)[:, :K]
+    v = values_of(unpack_planes(lin.planes), bits)[:, :K]
+    nb = lin.Kp // L
+    for b in range(nb):
+        sl = slice(b * L, min((b + 1) * L, K))
+        np.testing.assert_array_equal(I[:, :, b], u[:, sl] @ v[:, sl].T)
+        np.testing.assert_array_equal(U[:, :, b], np.broadcast_to(u[:, sl].sum(1)[:, None], (M, N)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(1, 5), K=st.integers(1, 700), q=st.integers(1, 8), ga=st.sampled_from([32, 64, 96, 128, 4096]),
+       smooth=st.booleans(), seed=st.integers(0, 2**31))
+def test_activation_quantizer_bit_exact(M, K, q, ga, smooth, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((M, K)) * rng.choice([0.0, 1e-3, 1.0, 50.0])).astype(np.float32)
+    x[:, rng.integers(0, K)] *= 20       # an outlier channel
+    sm = rng.uniform(0.3, 3, K).astype(np.float32) if smooth else None
+    k32 = -(-K // 32) * 32
+    g = min(ga, k32)
+    Kp = -(-K // g) * g
+    be = backend(ISAS[0])
+    planes, scales, csum = be.quantize_activations(x, q, g, Kp, sm)
+    xr = np.asarray(x, np.float64) / sm if smooth else x
+    qa = quantize_activations(xr, q, ga)
+    np.testing.assert_array_equal(planes, pack_planes(qa.codes, q))
+    np.testing.assert_array_equal(scales, qa.scales)
+    np.testing.assert_array_equal(csum, qa.codes.reshape(M, Kp // 32, 32).sum(-1))
+
+
+def test_bad_inputs_raise():
+    rng = np.random.default_rng(0)
+    lin = make_lin(rng, 10, 64, 4, 32, False)
+    be = backend(ISAS[0])
+    h = be.prepare_linear(lin)
+    with pytest.raises(ValueError, match=r"\(M, 64\)"):
+        be.linear(h, np.zeros((2, 63), np.float32))
+    with pytest.raises(ValueError, match="agroup"):
+        be.linear(h, np.zeros((2, 64), np.float32), abits=8, agroup=48)
+    with pytest.raises(ValueError, match="abits"):
+        be.linear(h, np.zeros((2, 64), np.float32), abits=9)
+    with pytest.raises(ValueError, match="out"):
+        be.linear(h, np.zeros((2, 64), np.float32), out=np.zeros((2, 11), np.float32))
+    with pytest.raises(ValueError, match="unknown CPU isa"):
+        CpuBackend(isa="sse9")
+
+
+def test_linear_float():
+    rng = np.random.default_rng(1)
+    w, x = rng.standard_normal((30, 50)).astype(np.float32), rng.standard_normal((4, 50)).astype(np.float32)
+    np.testing.assert_allclose(backend(ISAS[0]).linear_float(w, x), x.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_no_compiler_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C compiler found: install gcc"):
+        build._compile(tmp_path / "x")
+
+
+def test_build_cache_key_and_env_isa(monkeypatch):
+    assert len(build.build_key()) == 64 and build.build_key() == build.build_key()
+    monkeypatch.setenv("ANYBIT_CPU_ISA", "portable")
+    with CpuBackend(threads=1) as be:
+        assert be.isa == "portable"
+    with pytest.raises(RuntimeError, match="closed"):
+        be.linear(be.prepare_linear(make_lin(np.random.default_rng(0), 4, 32, 2, 32, False)),
+                  np.zeros((1, 32), np.float32))

@@ -1,0 +1,129 @@
+"""CPU backend ops against NumPy float64 references written from their definitions."""
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from loader.bipolar import PackedLinear, quantize_weights, ref_linear_a16
+from runtime.cpu import CpuBackend, available_isas
+
+
+@pytest.fixture(scope="module")
+def be():
+    with CpuBackend(threads=2) as b:
+        yield b
+
+
+def close(a, ref, tol=1e-5):
+    np.testing.assert_allclose(a, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+
+
+def test_rmsnorm_layernorm(be):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 77)).astype(np.float32) * 3
+    w, b = rng.standard_normal(77).astype(np.float32), rng.standard_normal(77).astype(np.float32)
+    xd = x.astype(np.float64)
+    close(be.rmsnorm(x, w, 1e-5), xd / np.sqrt((xd ** 2).mean(1, keepdims=True) + 1e-5) * w)
+    mu, var = xd.mean(1, keepdims=True), xd.var(1, keepdims=True)
+    close(be.layernorm(x, w, b, 1e-12), (xd - mu) / np.sqrt(var + 1e-12) * w + b)
+
+
+def rope_ref(x, pos, theta, style):
+    M, H, hd = x.shape
+    out = x.astype(np.float64).copy()
+    i = np.arange(hd // 2)
+    ang = pos[:, None].astype(np.float64) * theta ** (-2.0 * i / hd)          # (M, hd/2)
+    c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    i0, i1 = (2 * i, 2 * i + 1) if style == "adjacent" else (i, i + hd // 2)
+    a, b = out[..., i0].copy(), out[..., i1].copy()
+    out[..., i0], out[..., i1] = a * c - b * s, a * s + b * c
+    return out
+
+
+@pytest.mark.parametrize("style", ["adjacent", "half"])
+def test_rope(be, style):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 64)).astype(np.float32)
+    pos = np.array([0, 1, 17, 3000], np.int32)
+    ref = rope_ref(x, pos, 10000.0, style)
+    be.rope(x, pos, 10000.0, style)
+    close(x, ref, 1e-5)
+    with pytest.raises(ValueError, match="style"):
+        be.rope(x, pos, 10000.0, "rotary")
+
+
+def attn_ref(q, k, v, n_ctx, qpos, mask):
+    M, H, hd = q.shape
+    Hkv = k.shape[1]
+    out = np.zeros((M, H, hd))
+    for m in range(M):
+        for h in range(H):
+            kh = h // (H // Hkv)
+            vis = np.arange(n_ctx)
+            vis = vis[mask[:n_ctx]] if mask is not None else vis[vis <= qpos[m]]
+            if len(vis) == 0:
+                continue
+            s = k[vis, kh].astype(np.float64) @ q[m, h] / math.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[m, h] = p @ v[vis, kh] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("M,H,Hkv,T,n_ctx,masked", [(1, 9, 3, 40, 17, False), (5, 4, 4, 8, 8, False),
+                                                    (6, 6, 2, 10, 7, True), (3, 2, 1, 50, 50, False)])
+def test_attention(be, M, H, Hkv, T, n_ctx, masked):
+    rng = np.random.default_rng(M * 100 + T)
+    hd = 32
+    q = rng.standard_normal((M, H, hd)).astype(np.float32)
+    k = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
+    v = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
+    qpos = np.arange(n_ctx - M, n_ctx, dtype=np.int32)
+    mask = None
+    if masked:
+        mask = np.zeros(T, bool)
+        mask[: n_ctx - 2] = True
+    close(be.attention(q, k, v, n_ctx, qpos, mask), attn_ref(q, k, v, n_ctx, qpos, mask), 1e-5)
+
+
+def test_elementwise_and_argmax(be):
+    rng = np.random.default_rng(2)
+    g, u = rng.standard_normal((3, 40000)).astype(np.float32), rng.standard_normal((3, 40000)).astype(np.float32)
+    gd = g.astype(np.float64)
+    close(be.swiglu(g, u), gd / (1 + np.exp(-gd)) * u)
+    close(be.add(g, u), gd + u)
+    out = np.empty_like(g)
+    assert be.add(g, u, out=out) is out
+    erf = np.vectorize(math.erf)
+    ref = 0.5 * gd * (1 + erf(gd / math.sqrt(2)))
+    y = g.copy()
+    assert be.gelu(y) is y
+    close(y, ref)
+    x = rng.standard_normal(49152).astype(np.float32)
+    x[123] = x[40000] = 99.0
+    assert be.argmax(x) == 123 == int(np.argmax(x))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pool_sizes_and_host_threads(threads):
+    """Repeated calls on pools of several sizes, from several Python threads at once (GIL released)."""
+    rng = np.random.default_rng(4)
+    lin = PackedLinear.from_quant(quantize_weights(rng.standard_normal((300, 256)), 4, 64))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ref = ref_linear_a16(lin, x)
+    with CpuBackend(threads=threads, isa=available_isas()[-1]) as be:
+        h = be.prepare_linear(lin)
+        first = be.linear(h, x)
+        assert np.abs(first - ref).max() < 0.05 * np.abs(ref).max()
+        bad = []
+
+        def work():
+            for _ in range(50):
+                if not np.array_equal(be.linear(h, x), first):
+                    bad.append(1)
+        ts = [threading.Thread(target=work) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not bad

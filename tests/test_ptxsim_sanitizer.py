@@ -1,0 +1,124 @@
+"""ptxsim sanitizer: planted bugs must be reported (race, out-of-bounds write, missing barrier,
+read before cp.async wait, divergence at a barrier / warp-synchronous instruction, unwritten shared
+memory), the corrected kernels must pass, and unsupported PTX is rejected naming its line."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools.ptxsim import GlobalMemory, Module, SanitizerError, SimError
+
+DATA = Path(__file__).parent / "data" / "ptxsim"
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return Module((DATA / "bugs.ptx").read_text(), "bugs.ptx")
+
+
+def line_of(text):
+    for i, ln in enumerate((DATA / "bugs.ptx").read_text().splitlines(), 1):
+        if text in ln:
+            return i
+    raise AssertionError(text)
+
+
+def test_race_same_word_one_instruction(mod):
+    mem = GlobalMemory()
+    with pytest.raises(SanitizerError, match=r"race.*bugs.ptx|bugs.ptx:\d+: shared-memory race") as e:
+        mod.launch("race_same_word", block=(64, 1, 1), args=[0], mem=mem)
+    assert f"bugs.ptx:{line_of('st.shared.u32 [sm], %r1;')}" in str(e.value)
+
+
+def test_race_two_warps(mod):
+    with pytest.raises(SanitizerError, match="race") as e:
+        mod.launch("race_two_warps", block=(64, 1, 1), args=[0], mem=GlobalMemory())
+    assert "tid=(40,0,0)" in str(e.value) and "tid=(0,0,0)" in str(e.value)
+    assert "shared address 0x0" in str(e.value)
+
+
+def test_oob_global_write(mod):
+    mem = GlobalMemory()
+    out = mem.alloc(32 * 4)
+    with pytest.raises(SanitizerError, match="out-of-bounds global store") as e:
+        mod.launch("oob_write", block=(64, 1, 1), args=[out, 32], mem=mem)
+    msg = str(e.value)
+    assert "tid=(32,0,0)" in msg and f"{out + 128:#x}" in msg
+    assert f"bugs.ptx:{line_of('st.global.u32 [%rd2], %r1;')}" in msg
+
+
+def test_missing_barrier(mod):
+    mem = GlobalMemory()
+    out = mem.alloc(64 * 4)
+    mod.launch("neighbour", block=(64, 1, 1), args=[out, 1], mem=mem)        # correct version
+    assert mem.read(out, np.uint32, 64).tolist() == [(t + 1) % 64 for t in range(64)]
+    with pytest.raises(SanitizerError, match="race: read of a byte written by another thread"):
+        mod.launch("neighbour", block=(64, 1, 1), args=[out, 0], mem=mem)
+
+
+def test_read_before_cp_async_wait(mod):
+    mem = GlobalMemory()
+    x = np.arange(32, dtype=np.uint32)
+    out = mem.alloc(128)
+    mod.launch("cp_nowait", block=(32, 1, 1), args=[out, mem.alloc_from(x), 1], mem=mem)
+    assert np.array_equal(mem.read(out, np.uint32, 32), x)
+    with pytest.raises(SanitizerError, match="cp.async copy into it .* is still pending") as e:
+        mod.launch("cp_nowait", block=(32, 1, 1), args=[out, mem.alloc_from(x), 0], mem=mem)
+    assert f"bugs.ptx:{line_of('ld.shared.u32 %r4, [%r3];')}" in str(e.value)
+
+
+def test_divergence_at_barrier(mod):
+    with pytest.raises(SanitizerError, match="divergence at a barrier"):
+        mod.launch("bar_diverge", block=(64, 1, 1), args=[0], mem=GlobalMemory())
+
+
+def test_shfl_not_converged(mod):
+    with pytest.raises(SanitizerError, match="not converged"):
+        mod.launch("shfl_diverged", block=(32, 1, 1), args=[0], mem=GlobalMemory())
+
+
+def test_uninitialised_shared_read(mod):
+    mem = GlobalMemory()
+    with pytest.raises(SanitizerError, match="no thread has written"):
+        mod.launch("uninit_read", block=(32, 1, 1), args=[mem.alloc(4)], mem=mem)
+    # without the sanitizer the kernel runs and sees the poison pattern
+    out = mem.alloc(4)
+    mod.launch("uninit_read", block=(32, 1, 1), args=[out], mem=mem, sanitize=False)
+    assert mem.read(out, np.uint32, 1)[0] == 0xCDCDCDCD
+
+
+HEADER = ".version 8.0\n.target sm_80\n.address_size 64\n"
+
+
+def test_unknown_instruction_names_line():
+    src = HEADER + (".visible .entry k(.param .u64 out)\n{\n  .reg .b32 %r<4>;\n"
+                    "  mov.u32 %r1, 1;\n  frobnicate.b32 %r2, %r1;\n  ret;\n}\n")
+    with pytest.raises(SimError, match=r"x\.ptx:8: unsupported instruction 'frobnicate'"):
+        Module(src, "x.ptx")
+
+
+@pytest.mark.parametrize("instr,what", [
+    ("add.cc.u32 %r2, %r1, %r1;", "modifier .cc"),
+    ("shfl.sync.bfly.b64 %r2, %r1, 1, 31, -1;", "modifier .b64"),
+    ("ld.global.ca.u32 %r2, [%rd1];", "modifier .ca"),
+    ("ld.u32 %r2, [%rd1];", "state space"),
+    ("lop3.b32 %r2, %r1, %r1, %r1, 300;", "immLut"),
+    ("cvt.f32.s32 %f1, %r1;", "needs .rn/.rz/.rm/.rp"),
+    ("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.xor.popc {%r0,%r1,%r2,%r3}, {%r0,%r1,%r2,%r3}, {%r0,%r1}, {%r0,%r1,%r2,%r3};", "only mma"),
+])
+def test_unsupported_forms_rejected(instr, what):
+    src = HEADER + (".visible .entry k(.param .u64 out)\n{\n  .reg .b32 %r<4>;\n  .reg .f32 %f<2>;\n"
+                    f"  .reg .b64 %rd<2>;\n  {instr}\n  ret;\n}}\n")
+    with pytest.raises(SimError, match=r"y\.ptx:9: .*" + what.replace(".", r"\.")):
+        Module(src, "y.ptx")
+
+
+def test_launch_argument_checks():
+    src = HEADER + ".visible .entry k(.param .u64 out, .param .u32 n)\n{\n  ret;\n}\n"
+    m = Module(src, "z.ptx")
+    with pytest.raises(SimError, match="takes 2 arguments"):
+        m.launch("k", args=[0])
+    with pytest.raises(SimError, match="does not fit .u32"):
+        m.launch("k", args=[0, -1])
+    with pytest.raises(SimError, match="no entry named"):
+        m.launch("nope", args=[])
