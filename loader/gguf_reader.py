@@ -205,11 +205,12 @@ class GGUFFile:
             raise FormatError(f"{self.path}: tensor {name!r} has ggml type {_type_name(raw_type)}, "
                               f"which cannot be dequantized")
         raw = self.raw(name)
-        if raw_type == GGMLQuantizationType.F64:
-            out = raw.view("<f8").astype(np.float32)
+        if raw_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F64):
+            # a copy, never a view of the map: callers may write to it, and the file may be closed
+            out = raw.view("<f4" if raw_type == GGMLQuantizationType.F32 else "<f8").astype(np.float32)
         else:
             out = gguf_quants.dequantize(raw, GGMLQuantizationType(raw_type))
-        return np.ascontiguousarray(out, dtype=np.float32).reshape(shape).copy()
+        return np.ascontiguousarray(out.reshape(shape), dtype=np.float32)
 
     def blocks(self, name: str) -> tuple:
         """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py."""

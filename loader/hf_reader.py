@@ -136,7 +136,7 @@ _BERT_EMB = {"word_embeddings.weight": "tok_embeddings", "position_embeddings.we
              "token_type_embeddings.weight": "type_embeddings", "LayerNorm.weight": "emb_norm.weight",
              "LayerNorm.bias": "emb_norm.bias", "LayerNorm.gamma": "emb_norm.weight",
              "LayerNorm.beta": "emb_norm.bias"}
-_SKIP = re.compile(r"(.*rotary_emb\.inv_freq|.*position_ids|pooler\..*|cls\..*)$")
+_SKIP = re.compile(r"(.*rotary_emb\.inv_freq|.*position_ids|(bert\.)?pooler\..*|cls\..*)$")
 
 
 def _llama_name(name: str, tied: bool) -> str | None:

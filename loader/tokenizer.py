@@ -149,7 +149,10 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "GGUF") -> "Tokenizer":
         tokens = meta.get("tokenizer.ggml.tokens") or []
-        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id",) if isinstance(meta.get(k), int)]
+        eos = []
+        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+            if isinstance(meta.get(k), int) and meta[k] not in eos:
+                eos.append(meta[k])
         if "<|im_end|>" in tokens and tokens.index("<|im_end|>") not in eos:
             eos.append(tokens.index("<|im_end|>"))
         bos = meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None

@@ -68,6 +68,72 @@ class SimRunner:
         pass
 
 
+class SimArray:
+    """A device array of SimDevice: an address in the interpreter's memory plus shape and dtype."""
+
+    def __init__(self, dev, ptr, shape, dtype):
+        self.dev, self.ptr, self.shape, self.dtype = dev, ptr, tuple(shape), np.dtype(dtype)
+
+    def to_host(self) -> np.ndarray:
+        return self.dev.run.get(self.ptr, self.shape, self.dtype)
+
+    def close(self):
+        pass                                            # the interpreter's memory is not reused
+
+
+class SimDevice:
+    """runtime.gpu_backend.CudaDevice's interface over the interpreter: GpuBackend(dev=SimDevice()).
+
+    Fresh outputs are poisoned (NaN / 0xDEADBEEF), so an op that forgets to write shows up.
+    capture() records the launches fn() makes and replay() runs them again, like a CUDA graph.
+    """
+    arch = "sim"
+    array_type = SimArray
+
+    def __init__(self):
+        self.run = SimRunner()
+        self._recording = None
+
+    def upload(self, a):
+        a = np.ascontiguousarray(a)
+        return SimArray(self, self.run.put(a), a.shape, a.dtype)
+
+    def empty(self, shape, dtype=np.float32):
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        return SimArray(self, self.run.out(shape, dtype), shape, dtype)
+
+    def download(self, d):
+        return d.to_host()
+
+    def launch(self, file, name, grid, block, args, smem=0):
+        if self._recording is not None:
+            self._recording.append((file, name, grid, block, list(args), smem))
+        self.run.launch(file, name, grid, block, args, smem)
+
+    def capture(self, fn):
+        self._recording = []
+        try:
+            fn()
+            rec = self._recording
+        finally:
+            self._recording = None
+        dev = self
+
+        class _Replay:
+            launches = rec
+
+            def replay(self, stream=None):
+                for launch in rec:
+                    dev.run.launch(*launch)
+
+            def close(self):
+                pass
+        return _Replay()
+
+    def close(self):
+        pass
+
+
 class GpuRunner:
     """Kernels on the device through runtime.driver/module/memory."""
     name = "gpu"
@@ -248,6 +314,29 @@ def case_gemv_a16(run, rng, M, N, K, p, G, integer):
         return Result("gemv_a16 int", shape, ok, 0.0, "exact", note, {"y": out})
     ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
     return Result("gemv_a16", shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
+
+
+def case_gemv_a16_m1(run, rng, N, K, p, G, integer):
+    """The one-token GEMV (sign-flip accumulation)."""
+    if integer:
+        lin = unit_linear(rng, N, K, p, G)
+        x = rng.integers(-4, 5, (1, K)).astype(np.float32)
+    else:
+        lin = random_linear(rng, N, K, p, G, asym=True)
+        x = rng.standard_normal((1, K)).astype(np.float32)
+    w, kw = weight_dev(run, lin)
+    y = run.out((1, N), np.float32)
+    run.launch("gemv.ptx", "gemv_a16_m1", (cdiv(N, 4), 1, 1), (128, 1, 1),
+               [y, run.put(x), w["planes"], w["scales"], w["offsets"], N, K, kw, p, G, lin.scales.shape[1]])
+    out = run.get(y, (1, N), np.float32)
+    wd = lin.dequantize()
+    ref = x.astype(np.float64) @ wd.T
+    shape = f"M1 N{N} K{K} p{p} G{G}"
+    if integer:
+        ok, note = exact(out, ref.astype(np.float32), "y")
+        return Result("gemv_a16_m1 int", shape, ok, 0.0, "exact", note, {"y": out})
+    ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
+    return Result("gemv_a16_m1", shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
 
 
 def _quantized_inputs(run, rng, M, K, q, ga, kw, integer, with_csum):
@@ -459,6 +548,9 @@ def cases(quick: bool):
     add(case_gemv_a16, 1, 24, 300, 4, 32, True)
     add(case_gemv_a16, 3, 40, 160, 3, 32, False)
     add(case_gemv_a16, 5, 8, 96, 8, 96, False)
+    add(case_gemv_a16_m1, 24, 300, 4, 32, True)
+    add(case_gemv_a16_m1, 40, 200, 2, 64, False)
+    add(case_gemv_a16_m1, 8, 96, 8, 96, False)
     add(case_gemv_q, 1, 24, 300, 3, 4, 64, 32, True)
     add(case_gemv_q, 2, 40, 160, 4, 8, 32, 64, False)
     add(case_bgemm, 1, 24, 300, 2, 3, 128, 128, True)
@@ -476,9 +568,10 @@ def cases(quick: bool):
     if not quick:
         add(case_gemv_a16, 8, 72, 1000, 5, 128, False)
         add(case_gemv_q, 8, 72, 1000, 8, 6, 128, 128, False)
+        add(case_gemv_a16_m1, 72, 1000, 5, 128, False)
         add(case_bgemm, 70, 72, 1000, 4, 8, 128, 128, True)
         add(case_bgemm, 70, 40, 1000, 4, 8, 256, 128, False)
-        add(case_bgemm, 17, 56, 700, 8, 8, 1 << 20, 1 << 20, False)
+        add(case_bgemm, 17, 56, 700, 8, 8, 704, 1 << 20, False)   # per channel, G = round_up(K, 32)
         add(case_attention, 9, 40, 6, 2, 128, False)
         add(case_norms, 2, 1000)
         add(case_argmax, 49152)

@@ -1,0 +1,382 @@
+"""GpuBackend: the backend interface of docs/DESIGN.md on the CUDA driver API, every op a PTX kernel.
+
+Weights are uploaded once (prepare_linear) through the pool in the GPU layout of runtime/gpu_layout.py;
+activations may be NumPy arrays (uploaded, result copied back: the interface's contract) or
+runtime.memory.DeviceArray (kept on the device, result a new DeviceArray owned by the caller), so an
+engine can run a whole decode step on the device and capture it with `capture_graph`.
+
+Linear paths (which one ran is recorded in `last_path`):
+- abits 16: gemv_a16_m1 for one token (sign-flip sums, cost linear in p), else gemv_a16 (dequantizes
+  each lane once and serves 4 tokens per pass over the packed planes);
+- abits 1..8: actquant, then bgemm_b1 (tensor cores) when M > 8 and the blocks of L = min(G, Ga) lanes
+  fit its 128-lane granularity (L % 128 == 0, or one block L >= K), else gemv_q (popcount, any group).
+- linear_float (wbits 16) has no float GEMM kernel yet: it runs on the host in float32 and says so.
+
+Untested on a GPU at the time of writing: only the interpreter has executed these kernels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from loader.bipolar import PackedLinear, round_up
+from runtime.gpu_layout import chunk_code_sums, to_gpu_planes
+
+PTX_DIR = Path(__file__).resolve().parents[1] / "ptx"
+GEMV_MAX_M = 8           # up to this many tokens the quantized path uses gemv_q instead of bgemm_b1
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bgemm_geometry(M: int, N: int, p: int, q: int) -> tuple[tuple, tuple, int]:
+    """grid, block, dynamic smem of bgemm_b1 (fixed 64 x 32 tile, 4 warps, two cp.async stages).
+
+    runtime/staging.py plans a more general kernel family; this kernel's tile is fixed by its PTX, so
+    only the shared-memory size depends on (p, q) and it is checked against the arch limits here.
+    """
+    smem = 2 * (2048 * q + 1024 * p)
+    return (cdiv(N, 32), cdiv(M, 64), 1), (128, 1, 1), smem
+
+
+class GpuLinear:
+    """A linear weight on the device: planes (p, N, Kw), scales/offsets (N, ngw), code sums (N, Kw/4)."""
+
+    def __init__(self, be: "GpuBackend", lin: PackedLinear):
+        gp = to_gpu_planes(lin.planes)
+        self.lin, self.N, self.K, self.p, self.G = lin, lin.N, lin.K, lin.bits, lin.group
+        self.Kw, self.ngw = gp.shape[2], lin.scales.shape[1]
+        self.planes = be.upload(gp)
+        self.scales = be.upload(np.ascontiguousarray(lin.scales, np.float32))
+        self.offsets = None if lin.offsets is None else be.upload(np.ascontiguousarray(lin.offsets, np.float32))
+        self.csum = be.upload(chunk_code_sums(gp))
+        self.smooth = None if lin.smooth is None else be.upload(np.ascontiguousarray(lin.smooth, np.float32))
+
+    def close(self):
+        for a in (self.planes, self.scales, self.offsets, self.csum, self.smooth):
+            if a is not None:
+                a.close()
+
+
+class CudaDevice:
+    """The device layer GpuBackend runs on: pool memory, one stream, PTX modules, launches.
+
+    Arrays are runtime.memory.DeviceArray. The same small interface is implemented over the PTX
+    interpreter by tools.kernelcheck.SimDevice, which lets the tests run GpuBackend without a GPU.
+    """
+
+    def __init__(self, device: int = 0, pool_limit: int | None = None):
+        from runtime import driver as drv
+        from runtime.memory import DeviceArray, cuda_pool
+        drv.init()                                   # NoGpuError without a usable GPU
+        self.ctx = drv.Context(device)
+        self.arch = self.ctx.props.arch
+        self.pool = cuda_pool(pool_limit)
+        self.stream = drv.Stream()
+        self.array_type = DeviceArray
+        self._modules: dict[str, object] = {}
+
+    def upload(self, a: np.ndarray):
+        return self.array_type.from_host(self.pool, np.ascontiguousarray(a), self.stream)
+
+    def empty(self, shape, dtype=np.float32):
+        return self.array_type(self.pool, shape, dtype, self.stream)
+
+    def download(self, d) -> np.ndarray:
+        self.stream.synchronize()
+        return d.to_host()
+
+    def launch(self, file, name, grid, block, args, smem=0):
+        from runtime.module import Module
+        m = self._modules.get(file)
+        if m is None:
+            m = self._modules[file] = Module.load_ptx((PTX_DIR / file).read_text(), file)
+        f = m.function(name)
+        if smem > 48 * 1024:
+            f.set_max_dynamic_smem(smem)
+        f.launch(grid, block, args, smem=smem, stream=self.stream)
+
+    def capture(self, fn):
+        from runtime.graph import Graph
+        return Graph.capture(self.stream, fn)
+
+    def close(self):
+        for m in self._modules.values():
+            m.close()
+        self._modules.clear()
+        self.stream.close()
+        self.pool.close()
+        self.ctx.close()
+
+
+class GpuBackend:
+    name = "cuda"
+
+    def __init__(self, threads: int | None = None, *, device: int = 0, pool_limit: int | None = None,
+                 dev=None):
+        self.threads = threads or 1
+        self.dev = dev if dev is not None else CudaDevice(device, pool_limit)
+        self._rope: dict[tuple, tuple] = {}
+        self._linears: list[GpuLinear] = []
+        self.last_path = ""
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def close(self) -> None:
+        for h in self._linears:
+            h.close()
+        self._linears.clear()
+        for c, s, _ in self._rope.values():
+            c.close()
+            s.close()
+        self._rope.clear()
+        self.dev.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def upload(self, a: np.ndarray):
+        return self.dev.upload(a)
+
+    def empty(self, shape, dtype=np.float32):
+        return self.dev.empty(shape, dtype)
+
+    def download(self, d) -> np.ndarray:
+        return self.dev.download(d)
+
+    def _launch(self, file, name, grid, block, args, smem=0):
+        self.dev.launch(file, name, grid, block, [0 if a is None else (a.ptr if hasattr(a, "ptr") else a)
+                                                  for a in args], smem)
+
+    def _is_dev(self, x) -> bool:
+        return isinstance(x, self.dev.array_type)
+
+    def _dev(self, x, dtype=np.float32):
+        """(device array, was_host) for an input that is either NumPy or a device array."""
+        if self._is_dev(x):
+            if x.dtype != np.dtype(dtype):
+                raise TypeError(f"device array of {x.dtype}, expected {np.dtype(dtype)}")
+            return x, False
+        return self.upload(np.ascontiguousarray(x, dtype)), True
+
+    def _finish(self, out, host: bool, temps=()):
+        for t in temps:
+            t.close()
+        if not host:
+            return out
+        r = self.download(out)
+        out.close()
+        return r
+
+    def capture_graph(self, fn):
+        """Capture the launches fn() makes on the backend's stream (device-array arguments only)."""
+        return self.dev.capture(fn)
+
+    # ---- linear algebra ----------------------------------------------------------------------------
+    def prepare_linear(self, lin: PackedLinear) -> GpuLinear:
+        h = GpuLinear(self, lin)
+        self._linears.append(h)
+        return h
+
+    def linear(self, h: GpuLinear, x, *, abits: int = 16, agroup: int | None = None, out=None):
+        xd, host = self._dev(x)
+        M, K = xd.shape
+        if K != h.K:
+            raise ValueError(f"linear: x has {K} columns, the weight expects K = {h.K}")
+        y = self.empty((M, h.N))
+        temps = []
+        if abits == 16:
+            if h.smooth is not None:
+                xs = self.empty((M, K))
+                temps.append(xs)
+                n = M * K
+                self._launch("ops.ptx", "div_cols_f32", (cdiv(n, 256), 1, 1), (256, 1, 1), [xs, xd, h.smooth, n, K])
+                xd_use = xs
+            else:
+                xd_use = xd
+            if M == 1:
+                self._launch("gemv.ptx", "gemv_a16_m1", (cdiv(h.N, 4), 1, 1), (128, 1, 1),
+                             [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw])
+                self.last_path = "gemv_a16_m1"
+            else:
+                self._launch("gemv.ptx", "gemv_a16", (cdiv(h.N, 4), cdiv(M, 4), 1), (128, 1, 1),
+                             [y, xd_use, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, h.G, h.ngw])
+                self.last_path = "gemv_a16"
+        elif 1 <= abits <= 8:
+            q = int(abits)
+            ga = h.G if agroup is None else int(agroup)
+            if ga <= 0 or ga % 32:
+                raise ValueError(f"agroup must be a positive multiple of 32, got {agroup!r}")
+            ga = min(ga, round_up(K, 32))
+            big, small = max(ga, h.G), min(ga, h.G)
+            if big % small and big < K:
+                raise ValueError(f"activation group {ga} and weight group {h.G}: the smaller must divide "
+                                 "the larger")
+            nga, nch = cdiv(K, ga), h.Kw // 4
+            ap, asc, acs = self.empty((q, M, h.Kw), np.uint32), self.empty((M, nga)), self.empty((M, nch), np.uint32)
+            temps += [ap, asc, acs]
+            self._launch("actquant.ptx", "actquant", (M, 1, 1), (128, 1, 1),
+                         [ap, asc, acs, xd, h.smooth, M, K, h.Kw, q, ga, nga, nch], smem=4 * nga)
+            L = min(h.G, ga)
+            exact_range = L * ((1 << h.p) - 1) * ((1 << q) - 1) < 2 ** 31
+            if M > GEMV_MAX_M and (L % 128 == 0 or L >= K) and exact_range:
+                grid, block, smem = bgemm_geometry(M, h.N, h.p, q)
+                self._launch("bgemm_b1.ptx", "bgemm_b1", grid, block,
+                             [y, ap, asc, acs, h.planes, h.scales, h.offsets, h.csum, M, h.N, K, h.Kw, h.p, q,
+                              h.G, ga, L, nga, h.ngw, nch], smem=smem)
+                self.last_path = "bgemm_b1"
+            else:
+                self._launch("gemv.ptx", "gemv_q", (cdiv(h.N, 4), M, 1), (128, 1, 1),
+                             [y, ap, asc, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, q, h.G, ga,
+                              h.ngw, nga])
+                self.last_path = "gemv_q"
+        else:
+            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if host:
+            temps.append(xd)
+        res = self._finish(y, host, temps)
+        if out is not None and host:
+            out[...] = res
+            return out
+        return res
+
+    def linear_float(self, w, x):
+        """Unquantized reference path: no float GEMM kernel exists yet, so it runs on the host."""
+        x = x.to_host() if self._is_dev(x) else np.asarray(x, np.float32)
+        self.last_path = "host float32"
+        return np.asarray(x, np.float32) @ np.asarray(w, np.float32).T
+
+    # ---- elementwise and normalisation ---------------------------------------------------------------
+    def _rows(self, name, x, extra, block=256):
+        xd, host = self._dev(x)
+        M, d = xd.shape
+        out = self.empty((M, d))
+        self._launch("ops.ptx", name, (M, 1, 1), (block, 1, 1), [out, xd] + extra(d))
+        return xd, host, out
+
+    def rmsnorm(self, x, w, eps):
+        wd, wh = self._dev(w)
+        xd, host, out = self._rows("rmsnorm_f32", x, lambda d: [wd, d, float(eps)])
+        return self._finish(out, host, [t for t, hh in ((xd, host), (wd, wh)) if hh])
+
+    def layernorm(self, x, w, b, eps):
+        wd, wh = self._dev(w)
+        bd, bh = self._dev(b)
+        xd, host, out = self._rows("layernorm_f32", x, lambda d: [wd, bd, d, float(eps)])
+        return self._finish(out, host, [t for t, hh in ((xd, host), (wd, wh), (bd, bh)) if hh])
+
+    def _rope_tables(self, theta: float, hd: int, need: int):
+        key = (float(theta), int(hd))
+        cur = self._rope.get(key)
+        if cur is None or cur[2] < need:
+            n = max(need, 2 * cur[2] if cur else 4096)
+            inv = float(theta) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+            ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
+            if cur:
+                cur[0].close()
+                cur[1].close()
+            cur = self._rope[key] = (self.upload(np.cos(ang).astype(np.float32)),
+                                     self.upload(np.sin(ang).astype(np.float32)), n)
+        return cur
+
+    def rope(self, x, pos, theta, style):
+        """In place on x (M, H, hd). Tables of cos/sin (float64 angles) are cached per (theta, hd)."""
+        if style not in ("adjacent", "half"):
+            raise ValueError(f"unknown rope style {style!r}")
+        xd, host = self._dev(x)
+        M, H, hd = xd.shape
+        pos_h = pos.to_host() if self._is_dev(pos) else np.asarray(pos, np.int32)
+        c, s, _ = self._rope_tables(theta, hd, int(pos_h.max()) + 1 if pos_h.size else 1)
+        pd, ph = self._dev(pos, np.int32)
+        npairs = M * H * hd // 2
+        self._launch("ops.ptx", "rope_f32", (cdiv(npairs, 256), 1, 1), (256, 1, 1),
+                     [xd, pd, c, s, npairs, H, hd, 0 if style == "adjacent" else 1])
+        if ph:
+            pd.close()
+        if host:
+            x[...] = self.download(xd)
+            xd.close()
+
+    def attention(self, q, k_cache, v_cache, n_ctx, q_pos, mask=None):
+        qd, qh = self._dev(q)
+        kd, kh = self._dev(k_cache)
+        vd, vh = self._dev(v_cache)
+        pd, ph = self._dev(q_pos, np.int32)
+        M, H, hd = qd.shape
+        Hkv = kd.shape[1]
+        if hd > 128 or H % Hkv:
+            raise ValueError(f"attention kernel needs hd <= 128 and H % Hkv == 0 (hd {hd}, H {H}, Hkv {Hkv})")
+        md, mh = (None, False) if mask is None else self._dev(np.asarray(mask, bool)[:n_ctx].astype(np.uint8), np.uint8)
+        out = self.empty((M, H, hd))
+        self._launch("ops.ptx", "attention_f32", (H, M, 1), (32, 1, 1),
+                     [out, qd, kd, vd, pd, md, H, Hkv, hd, int(n_ctx), float(1.0 / np.sqrt(hd))])
+        temps = [t for t, hh in ((kd, kh), (vd, vh), (pd, ph), (md, mh), (qd, qh)) if hh]
+        return self._finish(out, qh, temps)
+
+    def kv_store(self, cache, src, pos):
+        """cache[pos[i]] = src[i] on the device (cache a DeviceArray (T, Hkv, hd))."""
+        sd, sh = self._dev(src)
+        pd, ph = self._dev(pos, np.int32)
+        row = int(np.prod(cache.shape[1:]))
+        self._launch("ops.ptx", "kv_store", (sd.shape[0], 1, 1), (128, 1, 1), [cache, sd, pd, row])
+        for t, hh in ((sd, sh), (pd, ph)):
+            if hh:
+                t.close()
+
+    def _ew(self, name, arrays, n_extra=()):
+        ds = [self._dev(a) for a in arrays]
+        n = int(np.prod(ds[0][0].shape))
+        out = self.empty(ds[0][0].shape)
+        self._launch("ops.ptx", name, (cdiv(n, 256), 1, 1), (256, 1, 1), [out] + [d for d, _ in ds] + [n, *n_extra])
+        return self._finish(out, ds[0][1], [d for d, hh in ds if hh])
+
+    def swiglu(self, gate, up):
+        return self._ew("swiglu_f32", [gate, up])
+
+    def gelu(self, x):
+        return self._ew("gelu_f32", [x])
+
+    def add(self, a, b, out=None):
+        ad, ah = self._dev(a)
+        bd, bh = self._dev(b)
+        n, nb = int(np.prod(ad.shape)), int(np.prod(bd.shape))
+        if nb == 0 or n % nb or tuple(ad.shape[len(ad.shape) - len(bd.shape):]) != tuple(bd.shape):
+            raise ValueError(f"add: cannot broadcast {bd.shape} over {ad.shape}")
+        o = self.empty(ad.shape)
+        self._launch("ops.ptx", "add_f32", (cdiv(n, 256), 1, 1), (256, 1, 1), [o, ad, bd, n, nb])
+        res = self._finish(o, ah, [t for t, hh in ((ad, ah), (bd, bh)) if hh])
+        if out is not None and ah:
+            out[...] = res
+            return out
+        return res
+
+    def argmax(self, x) -> int:
+        xd, host = self._dev(x)
+        o = self.empty((2,), np.uint32)
+        self._launch("ops.ptx", "argmax_f32", (1, 1, 1), (1024, 1, 1), [o, xd, int(np.prod(xd.shape))])
+        r = self.download(o)
+        o.close()
+        if host:
+            xd.close()
+        return int(r[0])
+
+    def embed(self, table, ids):
+        """Rows of a float32 table (a DeviceArray (V, d) uploaded once) for int32 ids."""
+        idd, ih = self._dev(ids, np.int32)
+        M, d = idd.shape[0], table.shape[1]
+        out = self.empty((M, d))
+        self._launch("ops.ptx", "embed_f32", (M, 1, 1), (128, 1, 1), [out, table, idd, d])
+        return self._finish(out, ih, [idd] if ih else [])
+
+    def embed_packed(self, h: GpuLinear, ids):
+        """Dequantized rows of a packed embedding prepared with prepare_linear (e.g. a tied W8 table)."""
+        idd, ih = self._dev(ids, np.int32)
+        M = idd.shape[0]
+        out = self.empty((M, h.K))
+        self._launch("ops.ptx", "embed_packed", (M, 1, 1), (128, 1, 1),
+                     [out, h.planes, h.scales, h.offsets, idd, h.p, h.N, h.Kw, h.K, h.G, h.ngw])
+        return self._finish(out, ih, [idd] if ih else [])
