@@ -133,7 +133,10 @@ class Decoder:
         w = s * v
         if e.offsets is not None:
             w += np.repeat(e.offsets[ids], e.group, axis=1)
-        return np.ascontiguousarray(w[:, :e.K], np.float32)
+        w = w[:, :e.K]
+        if e.smooth is not None:          # a smoothed tied output holds W * s: undo it for the rows
+            w = w / e.smooth
+        return np.ascontiguousarray(w, np.float32)
 
     def new_cache(self) -> KVCache:
         c = self.cfg

@@ -31,13 +31,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def bgemm_geometry(M: int, N: int, p: int, q: int) -> tuple[tuple, tuple, int]:
+def bgemm_geometry(M: int, N: int, p: int, q: int, arch: str = "sm_80") -> tuple[tuple, tuple, int]:
     """grid, block, dynamic smem of bgemm_b1 (fixed 64 x 32 tile, 4 warps, two cp.async stages).
 
-    runtime/staging.py plans a more general kernel family; this kernel's tile is fixed by its PTX, so
-    only the shared-memory size depends on (p, q) and it is checked against the arch limits here.
+    Adapter to runtime/staging.py: its planner describes a more general kernel family, while this
+    kernel's tile is fixed by its PTX; only the shared-memory size depends on (p, q), and it is
+    checked against the arch limits that staging.py records.
     """
+    from runtime.staging import ARCH_LIMITS
     smem = 2 * (2048 * q + 1024 * p)
+    lim = ARCH_LIMITS.get(arch)
+    if lim is not None and smem > lim.smem_per_block_optin:
+        raise ValueError(f"bgemm_b1 needs {smem} bytes of shared memory, {arch} allows "
+                         f"{lim.smem_per_block_optin}")
     return (cdiv(N, 32), cdiv(M, 64), 1), (128, 1, 1), smem
 
 
@@ -224,7 +230,7 @@ class GpuBackend:
             L = min(h.G, ga)
             exact_range = L * ((1 << h.p) - 1) * ((1 << q) - 1) < 2 ** 31
             if M > GEMV_MAX_M and (L % 128 == 0 or L >= K) and exact_range:
-                grid, block, smem = bgemm_geometry(M, h.N, h.p, q)
+                grid, block, smem = bgemm_geometry(M, h.N, h.p, q, self.dev.arch)
                 self._launch("bgemm_b1.ptx", "bgemm_b1", grid, block,
                              [y, ap, asc, acs, h.planes, h.scales, h.offsets, h.csum, M, h.N, K, h.Kw, h.p, q,
                               h.G, ga, L, nga, h.ngw, nch], smem=smem)
