@@ -78,7 +78,7 @@ class Encoder:
             if t.ndim != 2 or t.shape[1] != self.dim:
                 raise FormatError(f"{name} has shape {t.shape}, expected (*, {self.dim})")
         # positions beyond the table cannot be embedded, whatever the config says
-        self.max_len = min(int(config.max_seq_len), self.pos_emb.shape[0])
+        self.max_len = min(int(config.truncate_len or config.max_seq_len), self.pos_emb.shape[0])
 
         self.layers = []
         for i in range(int(config.n_layers)):

@@ -15,7 +15,7 @@ from loader.errors import FormatError
 from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
 from loader.packed import VERSION, is_packed_dir, read_packed, write_packed
 
-QUANT_REVISION = 1          # bump when quantize_model's output changes for the same recipe
+QUANT_REVISION = 2          # bump when quantize_model's output changes for the same recipe
 
 
 def cache_root() -> Path:
@@ -58,7 +58,8 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             print(f"anybit: {src} holds {stored}-bit weights; running at {stored} bits", file=sys.stderr)
             wbits = stored
         return pm, wbits
-    smooth = abits != 16 and agroup == "token"
+    # smoothing is calibrated through the decoder; the encoder's per-token path runs unsmoothed
+    smooth = abits != 16 and agroup == "token" and kind == "decoder"
     recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, smooth=smooth)
     if wbits == 16:
         return quantize_model(_read_source(src), recipe), 16

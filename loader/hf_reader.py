@@ -209,8 +209,12 @@ def _bert_config(cfg: dict, p: Path, d: Path) -> ModelConfig:
         except (ValueError, AttributeError, TypeError) as e:
             raise FormatError(f"{modules}: malformed ({e})") from None
     n_heads = _get(cfg, "num_attention_heads", p)
+    # sentence-transformers cuts inputs at max_seq_length (256 for all-MiniLM-L6-v2), not at the
+    # position table's size: embeddings of long texts match the reference only with the same cut
+    st_cfg = _read_json(d / "sentence_bert_config.json", required=False) or {}
+    truncate_len = int(st_cfg.get("max_seq_length") or 0)
     return ModelConfig(
-        arch="bert", dim=_get(cfg, "hidden_size", p), n_layers=_get(cfg, "num_hidden_layers", p),
+        arch="bert", truncate_len=truncate_len, dim=_get(cfg, "hidden_size", p), n_layers=_get(cfg, "num_hidden_layers", p),
         n_heads=n_heads, n_kv_heads=n_heads, ffn_dim=_get(cfg, "intermediate_size", p),
         vocab_size=_get(cfg, "vocab_size", p), max_seq_len=_get(cfg, "max_position_embeddings", p),
         norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), type_vocab_size=int(cfg.get("type_vocab_size", 2)),

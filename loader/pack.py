@@ -7,7 +7,9 @@ per-group offset, losslessly, when the requested precision is 4 (Q4_x) or 8 (Q8_
     Q4_0  w = d*(q - 8)    c = q         s = d/2   o = -d/2
     Q8_0  w = d*q          c = q + 128   s = d/2   o = -d/2
 
-since v = 2c - (2^p - 1) gives s*v + o = w in each case.
+since v = 2c - (2^p - 1) gives s*v + o = w in each case. A 4-bit grid also sits exactly inside any wider
+bipolar grid: with c' = c + (2^p - 16)/2 the value v' = 2c' - (2^p - 1) equals v, so Q4_x imports
+exactly at every p >= 4 (s and o unchanged); Q8_0 only at p = 8.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from loader.source import ModelConfig, SourceModel
 
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
-EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}    # the source grid's bits: exact at p >= these
 
 
 def is_linear(name: str, arch: str) -> bool:
@@ -39,7 +41,7 @@ class Recipe:
     """How to quantize. group=None: the source block size where it maps exactly (32), else 128.
     head_bits=None: the output projection keeps 8 bits when its source is Q8_0 (exact), else wbits."""
     wbits: int = 4
-    group: int | None = None
+    group: int | str | None = None      # "channel": one group per output row
     asymmetric: bool = True
     clip: bool = True
     head_bits: int | None = None
@@ -52,8 +54,9 @@ class Recipe:
             raise ValueError(f"wbits must be 1..8 or 16, got {self.wbits}")
         if self.abits != 16 and not 1 <= self.abits <= 8:
             raise ValueError(f"abits must be 1..8 or 16, got {self.abits}")
-        if self.group is not None and (self.group <= 0 or self.group % 32):
-            raise ValueError(f"group must be a positive multiple of 32, got {self.group}")
+        if self.group not in (None, "channel") and (not isinstance(self.group, int) or self.group <= 0
+                                                    or self.group % 32):
+            raise ValueError(f"group must be a positive multiple of 32 or 'channel', got {self.group!r}")
         if isinstance(self.agroup, str) and self.agroup != "token":
             raise ValueError(f"agroup must be a multiple of 32, 'token' or None, got {self.agroup!r}")
         if isinstance(self.agroup, int) and (self.agroup <= 0 or self.agroup % 32):
@@ -82,8 +85,8 @@ class PackedModel:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def exact_import(blocks: tuple, ggml_type: str) -> QuantTensor:
-    """Raw GGUF block fields -> QuantTensor with p = 4 or 8, G = 32 (see the module docstring)."""
+def exact_import(blocks: tuple, ggml_type: str, bits: int | None = None) -> QuantTensor:
+    """Raw GGUF block fields -> QuantTensor with G = 32 at `bits` (default: the source grid's own)."""
     if ggml_type == "Q4_1":
         d, m, q = blocks
         codes, off = q, 7.5 * d.astype(np.float64) + m
@@ -99,13 +102,20 @@ def exact_import(blocks: tuple, ggml_type: str) -> QuantTensor:
     N, K = codes.shape
     if K % 32:
         raise FormatError(f"{ggml_type} tensor with K={K} not a multiple of 32")
+    src_bits = EXACT_BITS[ggml_type]
+    bits = src_bits if bits is None else bits
+    if not src_bits <= bits <= 8:
+        raise FormatError(f"{ggml_type} maps exactly onto {src_bits}..8 bits, not {bits}")
+    codes = codes.astype(np.int16) + ((1 << bits) - (1 << src_bits)) // 2
     return QuantTensor(codes.astype(np.uint8), (d.astype(np.float64) / 2).astype(np.float32),
-                       off.astype(np.float32), EXACT_BITS[ggml_type], 32, K)
+                       off.astype(np.float32), bits, 32, K)
 
 
-def _resolve_group(recipe_group: int | None, bits: int, ggml_type: str | None) -> tuple[int, bool]:
-    """(group, exact) for one tensor."""
-    exact_possible = ggml_type in EXACT_BITS and EXACT_BITS[ggml_type] == bits
+def _resolve_group(recipe_group, bits: int, ggml_type: str | None, K: int) -> tuple[int, bool]:
+    """(group, exact) for one tensor of K input columns."""
+    exact_possible = ggml_type in EXACT_BITS and EXACT_BITS[ggml_type] <= bits
+    if recipe_group == "channel":
+        return -(-K // 32) * 32, False
     group = recipe_group if recipe_group is not None else (32 if exact_possible else 128)
     return group, exact_possible and group == 32
 
@@ -135,10 +145,10 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
         bits = recipe.wbits
         if name == "output":
             bits = recipe.head_bits or (8 if t.ggml_type == "Q8_0" and bits < 8 else bits)
-        group, exact = _resolve_group(recipe.group, bits, t.ggml_type)
+        group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
         s = smooth.get(name)
         if exact and s is None and t.blocks is not None:
-            q = exact_import(t.blocks(), t.ggml_type)
+            q = exact_import(t.blocks(), t.ggml_type, bits)
             w_ref = None
         else:
             exact = False

@@ -34,6 +34,7 @@ class ModelConfig:
     type_vocab_size: int = 0       # BERT
     pooling: str = "mean"          # BERT: "mean" | "cls"
     normalize: bool = True         # BERT: L2-normalise embeddings
+    truncate_len: int = 0          # BERT: inputs are cut to this many tokens (0 -> max_seq_len)
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
     chat_template: str | None = None

@@ -32,9 +32,12 @@ def test_exact_import_reproduces_ggml_formula(kind):
     else:
         q = RNG.integers(-128, 128, (N, K))
         blocks, w = (d, q), dd * q
-    qt = exact_import(blocks, kind)
-    assert qt.bits == (8 if kind == "Q8_0" else 4) and qt.group == 32
-    np.testing.assert_allclose(qt.dequantize(), w, rtol=0, atol=1e-6 * np.abs(w).max())
+    for bits in ([8] if kind == "Q8_0" else [4, 5, 6, 7, 8]):
+        qt = exact_import(blocks, kind, bits)
+        assert qt.bits == bits and qt.group == 32
+        np.testing.assert_allclose(qt.dequantize(), w, rtol=0, atol=1e-6 * np.abs(w).max())
+    with pytest.raises(FormatError, match="exactly"):
+        exact_import(blocks, kind, 3)
 
 
 def tiny_llama(layers=2, d=64, F=96, V=100, H=4, Hkv=2, seed=0) -> SourceModel:
