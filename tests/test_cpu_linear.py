@@ -27,8 +27,8 @@ def make_lin(rng, N, K, bits, group, asym, smooth=False):
 
 
 def a16_bound(lin, x):
-    """Worst-case error of int8 tables: every lookup rounds by <= half a table step (step = block max of
-    sum|x| over 4 lanes / 127), L/4 lookups per plane and block, planes weighted 2^(p-1-r)."""
+    """Worst-case error of the 16-bit tables: every lookup rounds by <= half a table step (step = block
+    max of sum|x| over 4 lanes / 32767), L/4 lookups per plane and block, planes weighted 2^(p-1-r)."""
     x = np.asarray(x, np.float64)
     if lin.smooth is not None:
         x = x / lin.smooth.astype(np.float32).astype(np.float64)
@@ -36,7 +36,7 @@ def a16_bound(lin, x):
     L = a16_block(lin.group)
     xp = np.zeros((M, lin.Kp))
     xp[:, :K] = np.abs(x)
-    step = xp.reshape(M, lin.Kp // L, L // 4, 4).sum(-1).max(-1) / 127.0 * 1.0001     # (M, nb)
+    step = xp.reshape(M, lin.Kp // L, L // 4, 4).sum(-1).max(-1) / 32767.0 * 1.0001     # (M, nb)
     sw = np.repeat(np.abs(lin.scales.astype(np.float64)), lin.group // L, axis=1)         # (N, nb)
     per_block = 0.5 * (L / 4) * ((1 << lin.bits) - 1)
     slop = 1e-5 * np.abs(x) @ np.abs(lin.dequantize()).T + 1e-6
@@ -64,9 +64,9 @@ def test_a16_matches_reference(isa, case):
     ref = ref_linear_a16(lin, x)
     assert y.shape == (M, N) and y.dtype == np.float32
     assert np.all(np.abs(y - ref) <= a16_bound(lin, x)), np.abs(y - ref).max()
-    # stated tolerance: error relative to ||x|| * ||w_row|| below 1e-2 (typically ~1e-3)
+    # stated tolerance: error relative to ||x|| * ||w_row|| below 1e-4 (int8 tables gave ~1e-3)
     norm = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(lin.dequantize(), axis=1)[None]
-    assert np.max(np.abs(y - ref) / norm) < 1e-2
+    assert np.max(np.abs(y - ref) / norm) < 1e-4
 
 
 @pytest.mark.parametrize("case", CASES[:6])

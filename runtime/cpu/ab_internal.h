@@ -14,6 +14,11 @@
 typedef void (*ab_task_fn)(void *ctx, int task);
 void ab_pool_run(ab_pool *pool, ab_task_fn fn, void *ctx, int ntasks);
 
+/* A16 product with caller-provided scratch (NULL: allocate); isa must already be checked. */
+size_t ab_a16_scratch(int M, int Kp);
+int ab_a16_run(ab_pool *pool, int isa, const uint8_t *wl, const float *wsc, const float *woff,
+               int p, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
+
 #define AB_INLINE static inline __attribute__((always_inline))
 #define AB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi,popcnt")))
 #define AB_AVX2 __attribute__((target("avx2,fma,popcnt")))

@@ -40,3 +40,30 @@ void ab_swiglu(ab_pool *pool, const float *g, const float *u, int64_t n, float *
 void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out);
 void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out);
 int64_t ab_argmax(const float *x, int64_t n);
+
+/* Whole-forward fusion (kernels_decode.c). Linear weights in the A16 table layout; the kv caches are
+ * (n_layers, T, Hkv, hd); x (M, d) holds the embeddings on entry and the residual stream on return;
+ * logits (M or 1, out.N). */
+typedef struct {
+    const uint8_t *wl;
+    const float *wsc;
+    const float *woff;
+    int p, N, Kp, G, K;
+} ab_lin;
+
+typedef struct {
+    const float *attn_norm;
+    const float *ffn_norm;
+    ab_lin qkv, wo, gate_up, down;
+} ab_layer;
+
+typedef struct {
+    int n_layers, d, H, Hkv, hd, F, rope_style;
+    float eps, theta;
+    const ab_layer *layers;
+    const float *norm;
+    ab_lin out;
+} ab_model;
+
+int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int pos0, float *kc, float *vc,
+               int T, int all_logits, float *logits);

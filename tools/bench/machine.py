@@ -31,7 +31,7 @@ def _cpuinfo() -> dict:
     if f:
         # only the flags that decide which kernel path runs: the whole list is noise
         keep = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vpopcntdq",
-                "avx512_bitalg", "avx512_vbmi", "amx_tile", "amx_int8", "neon", "asimd")
+                "avx512_bitalg", "avx512vbmi", "avx512_vbmi", "amx_tile", "amx_int8", "neon", "asimd")
         have = set(f.group(1).split())
         info["flags"] = [k for k in keep if k in have]
     cores = set(re.findall(r"^core id\s*:\s*(\d+)", text, re.M))

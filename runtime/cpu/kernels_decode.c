@@ -1,0 +1,90 @@
+/* The whole Llama forward pass in one C call (docs/DESIGN.md "Backend interface"; SPEC.md section 8:
+ * "keep a whole layer, or the whole step, in one C call over preallocated buffers").
+ *
+ * Per token the Python decoder makes about a dozen backend calls per layer; each pays cffi argument
+ * conversion, NumPy allocations and a thread-pool wake-up, which together cost more than the kernels of
+ * this small model. ab_forward runs the same sequence of the same C functions (so the logits are
+ * bitwise those of engine/decoder.py on this backend): rmsnorm -> fused qkv product -> rope on q and k
+ * -> k, v into the cache -> attention -> wo -> residual -> rmsnorm -> fused gate/up -> swiglu -> down ->
+ * residual, for every layer, then the final norm and the output product. Only A16 weights (table
+ * lookup) are handled here; the engine falls back to per-op calls for anything else.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "ab_internal.h"
+
+static int lin_ok(const ab_lin *l, int K, int N) {
+    return l->wl && l->wsc && l->K == K && l->N == N && l->p >= 1 && l->p <= 8 && l->G > 0 && l->G % 32 == 0 &&
+           l->Kp % l->G == 0 && l->K <= l->Kp;
+}
+
+static int run_lin(ab_pool *pool, int isa, const ab_lin *l, const float *x, int M, float *y, void *scratch) {
+    return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
+}
+
+int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int pos0, float *kc, float *vc,
+               int T, int all_logits, float *logits) {
+    if (!(ab_isa_available() >> isa & 1) || isa < 0 || isa > AB_ISA_AVX512) return -2;
+    int d = m->d, H = m->H, Hkv = m->Hkv, hd = m->hd, F = m->F;
+    if (M < 1 || pos0 < 0 || pos0 + M > T || Hkv < 1 || H % Hkv || hd < 2 || hd % 2 || hd > 1024) return -3;
+    int qd = H * hd, kd = Hkv * hd, nqkv = qd + 2 * kd;
+    int maxK = d > qd ? d : qd;
+    maxK = maxK > F ? maxK : F;
+    int maxKp = m->out.Kp;
+    for (int i = 0; i < m->n_layers; i++) {
+        const ab_layer *L = &m->layers[i];
+        if (!lin_ok(&L->qkv, d, nqkv) || !lin_ok(&L->wo, qd, d) || !lin_ok(&L->gate_up, d, 2 * F) ||
+            !lin_ok(&L->down, F, d))
+            return -3;
+        const ab_lin *ls[4] = {&L->qkv, &L->wo, &L->gate_up, &L->down};
+        for (int j = 0; j < 4; j++) maxKp = ls[j]->Kp > maxKp ? ls[j]->Kp : maxKp;
+    }
+    if (!lin_ok(&m->out, d, m->out.N)) return -3;
+    (void)maxK;
+
+    size_t fl = (size_t)M * ((size_t)d * 2 + nqkv + (size_t)qd * 2 + (size_t)F * 3) + 64;
+    size_t sc = ab_a16_scratch(M, maxKp);
+    float *buf = NULL;
+    if (posix_memalign((void **)&buf, 64, fl * sizeof(float) + sc + 64)) return -1;
+    float *h = buf, *qkv = h + (size_t)M * d, *q = qkv + (size_t)M * nqkv, *att = q + (size_t)M * qd;
+    float *tmp = att + (size_t)M * qd, *gu = tmp + (size_t)M * d, *act = gu + (size_t)M * 2 * F;
+    void *scratch = (void *)(act + (size_t)M * F + 16);
+    int32_t *pos = malloc((size_t)M * sizeof(int32_t));
+    if (!pos) { free(buf); return -1; }
+    for (int i = 0; i < M; i++) pos[i] = pos0 + i;
+
+    int rc = 0;
+    size_t layer_kv = (size_t)T * kd;
+    for (int li = 0; li < m->n_layers && !rc; li++) {
+        const ab_layer *L = &m->layers[li];
+        float *kl = kc + li * layer_kv, *vl = vc + li * layer_kv;
+        ab_rmsnorm(pool, x, L->attn_norm, M, d, m->eps, h);
+        if ((rc = run_lin(pool, isa, &L->qkv, h, M, qkv, scratch))) break;
+        for (int i = 0; i < M; i++) {
+            const float *row = qkv + (size_t)i * nqkv;
+            memcpy(q + (size_t)i * qd, row, (size_t)qd * sizeof(float));
+            memcpy(kl + (size_t)(pos0 + i) * kd, row + qd, (size_t)kd * sizeof(float));
+            memcpy(vl + (size_t)(pos0 + i) * kd, row + qd + kd, (size_t)kd * sizeof(float));
+        }
+        ab_rope(pool, q, pos, M, H, hd, m->theta, m->rope_style);
+        ab_rope(pool, kl + (size_t)pos0 * kd, pos, M, Hkv, hd, m->theta, m->rope_style);
+        if ((rc = ab_attention(pool, q, kl, vl, M, H, Hkv, hd, pos0 + M, pos, NULL, att))) break;
+        if ((rc = run_lin(pool, isa, &L->wo, att, M, tmp, scratch))) break;
+        ab_add(pool, x, tmp, (int64_t)M * d, x);
+        ab_rmsnorm(pool, x, L->ffn_norm, M, d, m->eps, h);
+        if ((rc = run_lin(pool, isa, &L->gate_up, h, M, gu, scratch))) break;
+        for (int i = 0; i < M; i++)
+            ab_swiglu(pool, gu + (size_t)i * 2 * F, gu + (size_t)i * 2 * F + F, F, act + (size_t)i * F);
+        if ((rc = run_lin(pool, isa, &L->down, act, M, tmp, scratch))) break;
+        ab_add(pool, x, tmp, (int64_t)M * d, x);
+    }
+    if (!rc) {
+        const float *xs = all_logits ? x : x + (size_t)(M - 1) * d;
+        int Mo = all_logits ? M : 1;
+        ab_rmsnorm(pool, xs, m->norm, Mo, d, m->eps, h);
+        rc = run_lin(pool, isa, &m->out, h, Mo, logits, scratch);
+    }
+    free(pos);
+    free(buf);
+    return rc;
+}

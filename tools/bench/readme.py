@@ -1,0 +1,7 @@
+"""readme placeholder."""
+def add_args(ap):
+    pass
+
+
+def main(a):
+    return 0
