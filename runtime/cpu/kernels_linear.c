@@ -125,6 +125,15 @@ AB_INLINE void a16_finish_block(const a16_ctx *c, int t, int m0, int mc, int b, 
     }
 }
 
+/* Planes that can be combined (doubling) in the int16 accumulators before folding into int32: the
+ * low-byte sum of one plane and block is at most L/8 * 510, so a run of R planes stays below
+ * (2^R - 1) * L/8 * 510 <= 32767 (L = 32: 4 planes, so W4 never leaves int16 inside a block). */
+static inline int a16_run_planes(int L) {
+    int R = 1;
+    while (R < 8 && ((1 << (R + 1)) - 1) * (L / 8) * 510 <= 32767) R++;
+    return R;
+}
+
 AB_INLINE void a16_store(const a16_ctx *c, int t, int m0, int mc, float (*yacc)[64]) {
     int n0 = t * 64, nn = c->N - n0 < 64 ? c->N - n0 : 64;
     for (int m = 0; m < mc; m++) memcpy(c->y + (size_t)(m0 + m) * c->N + n0, yacc[m], nn * sizeof(float));
@@ -166,13 +175,21 @@ AB_AVX2 AB_INLINE void a16_tile_avx2_mb(const a16_ctx *c, int t, int m0, const i
     float yacc[4][64] __attribute__((aligned(64))) = {{0}};
     int32_t acc32[4][64] __attribute__((aligned(64)));
     const __m256i lomask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
-    int cb = c->L / 8;
+    int cb = c->L / 8, run = a16_run_planes(c->L);
     for (int b = 0; b < c->nb; b++) {
         memset(acc32, 0, sizeof acc32);
-        for (int r = 0; r < c->p; r++) {
-            __m256i ah[2][4], al[2][4];
-            for (int m = 0; m < MB; m++)
-                for (int i = 0; i < 4; i++) ah[m][i] = al[m][i] = _mm256_setzero_si256();
+        for (int r0 = 0; r0 < c->p; r0 += run) {
+          int R = c->p - r0 < run ? c->p - r0 : run;
+          __m256i ah[2][4], al[2][4];
+          for (int m = 0; m < MB; m++)
+              for (int i = 0; i < 4; i++) ah[m][i] = al[m][i] = _mm256_setzero_si256();
+          for (int r = r0; r < r0 + R; r++) {
+            if (r > r0)
+                for (int m = 0; m < MB; m++)
+                    for (int i = 0; i < 4; i++) {
+                        ah[m][i] = _mm256_slli_epi16(ah[m][i], 1);
+                        al[m][i] = _mm256_slli_epi16(al[m][i], 1);
+                    }
             const uint8_t *w = c->wl + ((size_t)(t * c->p + r) * c->C + (size_t)b * cb) * 64;
             const int8_t *lt = c->lut + (size_t)m0 * c->C * AB_LUT_BYTES + (size_t)b * cb * AB_LUT_BYTES;
             for (int cc = 0; cc < cb; cc++) {
@@ -195,17 +212,18 @@ AB_AVX2 AB_INLINE void a16_tile_avx2_mb(const a16_ctx *c, int t, int m0, const i
                     }
                 }
             }
-            /* ah/al[m][i] hold rows 16i .. 16i+15 in order */
-            for (int m = 0; m < MB; m++)
-                for (int i = 0; i < 4; i++) {
-                    __m256i *d = (__m256i *)&acc32[m][16 * i];
-                    __m256i hl = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(ah[m][i]));
-                    __m256i hh2 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(ah[m][i], 1));
-                    __m256i ll = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(al[m][i]));
-                    __m256i lh = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(al[m][i], 1));
-                    d[0] = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(d[0], 1), _mm256_slli_epi32(hl, 8)), ll);
-                    d[1] = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(d[1], 1), _mm256_slli_epi32(hh2, 8)), lh);
-                }
+          }
+          /* ah/al[m][i] hold rows 16i .. 16i+15 in order; fold the run into int32 */
+          for (int m = 0; m < MB; m++)
+              for (int i = 0; i < 4; i++) {
+                  __m256i *d = (__m256i *)&acc32[m][16 * i];
+                  __m256i hl = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(ah[m][i]));
+                  __m256i hh2 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(ah[m][i], 1));
+                  __m256i ll = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(al[m][i]));
+                  __m256i lh = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(al[m][i], 1));
+                  d[0] = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(d[0], R), _mm256_slli_epi32(hl, 8)), ll);
+                  d[1] = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(d[1], R), _mm256_slli_epi32(hh2, 8)), lh);
+              }
         }
         a16_finish_block(c, t, m0, MB, b, acc32, yacc);
     }
@@ -223,12 +241,20 @@ AB_AVX512 AB_INLINE void a16_tile_avx512_mb(const a16_ctx *c, int t, int m0, con
     float yacc[4][64] __attribute__((aligned(64))) = {{0}};
     int32_t acc32[4][64] __attribute__((aligned(64)));
     const __m512i lomask = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
-    int cb = c->L / 8;
+    int cb = c->L / 8, run = a16_run_planes(c->L);
     for (int b = 0; b < c->nb; b++) {
         memset(acc32, 0, sizeof acc32);
-        for (int r = 0; r < c->p; r++) {
-            __m512i ah[4][2], al[4][2];
-            for (int m = 0; m < MB; m++) ah[m][0] = ah[m][1] = al[m][0] = al[m][1] = _mm512_setzero_si512();
+        for (int r0 = 0; r0 < c->p; r0 += run) {
+          int R = c->p - r0 < run ? c->p - r0 : run;
+          __m512i ah[4][2], al[4][2];
+          for (int m = 0; m < MB; m++) ah[m][0] = ah[m][1] = al[m][0] = al[m][1] = _mm512_setzero_si512();
+          for (int r = r0; r < r0 + R; r++) {
+            if (r > r0)
+                for (int m = 0; m < MB; m++)
+                    for (int h = 0; h < 2; h++) {
+                        ah[m][h] = _mm512_slli_epi16(ah[m][h], 1);
+                        al[m][h] = _mm512_slli_epi16(al[m][h], 1);
+                    }
             const uint8_t *w = c->wl + ((size_t)(t * c->p + r) * c->C + (size_t)b * cb) * 64;
             const int8_t *lt = c->lut + (size_t)m0 * c->C * AB_LUT_BYTES + (size_t)b * cb * AB_LUT_BYTES;
             for (int cc = 0; cc < cb; cc++) {
@@ -249,17 +275,18 @@ AB_AVX512 AB_INLINE void a16_tile_avx512_mb(const a16_ctx *c, int t, int m0, con
                     al[m][1] = _mm512_add_epi16(al[m][1], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(rl0, rl1), ones));
                 }
             }
-            /* ah/al[m][h] hold rows 32h .. 32h+31 in order */
-            for (int m = 0; m < MB; m++)
-                for (int h = 0; h < 2; h++) {
-                    __m512i *d = (__m512i *)&acc32[m][32 * h];
-                    __m512i hl = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(ah[m][h]));
-                    __m512i hh2 = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(ah[m][h], 1));
-                    __m512i ll = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(al[m][h]));
-                    __m512i lh = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(al[m][h], 1));
-                    d[0] = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d[0], 1), _mm512_slli_epi32(hl, 8)), ll);
-                    d[1] = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d[1], 1), _mm512_slli_epi32(hh2, 8)), lh);
-                }
+          }
+          /* ah/al[m][h] hold rows 32h .. 32h+31 in order; fold the run into int32 */
+          for (int m = 0; m < MB; m++)
+              for (int h = 0; h < 2; h++) {
+                  __m512i *d = (__m512i *)&acc32[m][32 * h];
+                  __m512i hl = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(ah[m][h]));
+                  __m512i hh2 = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(ah[m][h], 1));
+                  __m512i ll = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(al[m][h]));
+                  __m512i lh = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(al[m][h], 1));
+                  d[0] = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d[0], R), _mm512_slli_epi32(hl, 8)), ll);
+                  d[1] = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d[1], R), _mm512_slli_epi32(hh2, 8)), lh);
+              }
         }
         a16_finish_block(c, t, m0, MB, b, acc32, yacc);
     }

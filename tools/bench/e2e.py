@@ -171,8 +171,8 @@ def add_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="threads for us and the peer (default: all cores)")
     ap.add_argument("--model", default=None, help="decoder (default SmolLM2-135M GGUF; the peer needs a GGUF)")
     ap.add_argument("--precisions", default=None, help=f"comma list (default {DEFAULT_PRECISIONS})")
-    ap.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 128, quick 64)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="tokens generated (default 64, quick 32)")
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 128, quick 32)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tokens generated (default 64, quick 16)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 3)")
     ap.add_argument("--llama-python", default=None, help="an interpreter that can import llama_cpp")
     ap.add_argument("--install-peers", action="store_true",
@@ -182,8 +182,8 @@ def add_args(ap) -> None:
 
 def main(a) -> int:
     a.precisions = a.precisions or DEFAULT_PRECISIONS
-    a.prompt_tokens = a.prompt_tokens or (64 if a.quick else 128)
-    a.max_tokens = a.max_tokens or (32 if a.quick else 64)
+    a.prompt_tokens = a.prompt_tokens or (32 if a.quick else 128)
+    a.max_tokens = a.max_tokens or (16 if a.quick else 64)
     a.reps = a.reps or (3 if a.quick else 5)
     doc = run(a)
     print_report(doc)

@@ -1,7 +1,160 @@
-"""readme placeholder."""
-def add_args(ap):
-    pass
+"""Readme: regenerate README.md's performance section from the recorded results (never typed by hand).
+
+The section lies between the lines `<!-- bench:begin -->` and `<!-- bench:end -->`; everything outside
+them is left byte for byte. Without both markers (in that order) the command fails and writes nothing.
+Per machine kind, the newest e2e, kernels and embed results are tabulated, with links to their charts.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from tools.bench.stats import REPO, latest, load_results
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def main(a):
+def _rel(path: str, readme: Path) -> str:
+    return os.path.relpath(path, readme.parent).replace(os.sep, "/")
+
+
+def _machine_line(doc: dict) -> str:
+    m = doc["machine"]
+    gpu = f", GPU {m['gpu']['name']} (driver CUDA {m['gpu'].get('driver_cuda_version')})" \
+        if m.get("gpu") and m["gpu"].get("name") else ", no GPU"
+    commit = (m.get("git") or {}).get("commit") or "unknown"
+    dirty = " (uncommitted changes)" if (m.get("git") or {}).get("dirty") else ""
+    v = m.get("versions", {})
+    return (f"{m['cpu']['model']}, {m['cpu']['logical_cores']} logical cores{gpu}; Python {v.get('python')}, "
+            f"NumPy {v.get('numpy')}; commit `{commit[:10]}`{dirty}; {m['date']}")
+
+
+def _img(doc: dict, suffix: str, readme: Path, alt: str) -> list[str]:
+    p = Path(doc["_path"])
+    png = p.with_name(p.stem + suffix + ".png")
+    return [f"![{alt}]({_rel(str(png), readme)})", ""] if png.exists() else []
+
+
+def _mm(s: dict, d: int = 1) -> str:
+    return f"{s['median']:.{d}f} ({s['min']:.{d}f}-{s['max']:.{d}f})"
+
+
+def e2e_section(doc: dict, readme: Path) -> list[str]:
+    s, p = doc["settings"], doc.get("peer")
+    out = [f"**End to end** ({s['model']}, {s['device']}, {s['threads']} threads, prompt {s['prompt_tokens']} "
+           f"tokens, {s['max_tokens']} generated greedily; median (min-max) of {s['reps']} runs, "
+           f"alternating with the peer). Source: `{_rel(doc['_path'], readme)}`", ""]
+    hdr = ["precision", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "weights MB"]
+    if p:
+        hdr += ["prompt vs llama.cpp", "decode vs llama.cpp"]
+    out += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for r in doc["rows"]:
+        cells = [r["precision"].upper(), _mm(r["prompt_tok_s"]), _mm(r["decode_tok_s"]),
+                 f"{r['ttft_s']['median'] * 1e3:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
+                 f"{r['weight_bytes'] / 2**20:.1f}"]
+        if p:
+            cells += [f"{r['prompt_tok_s_vs_peer']:.2f}x", f"{r['decode_tok_s_vs_peer']:.2f}x"]
+        out.append("| " + " | ".join(cells) + " |")
+    if p:
+        out.append("| " + " | ".join([f"llama.cpp {p.get('version') or ''} ({p.get('model')})", _mm(p["prompt_tok_s"]),
+                                      _mm(p["decode_tok_s"]), f"{p['ttft_s']['median'] * 1e3:.0f}",
+                                      f"{p['peak_rss_bytes'] / 2**20:.0f}", f"{p['weight_bytes'] / 2**20:.1f}",
+                                      "1.00x", "1.00x"]) + " |")
+    out.append("")
+    out += [f"Note: {n}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
+    return out + _img(doc, "", readme, "end-to-end tokens/s against precision")
+
+
+def kernels_section(doc: dict, readme: Path) -> list[str]:
+    out = []
+    for dev, res in doc["devices"].items():
+        c = res["ceilings"]
+        comp = f"{c['compute_tops'] * 1e3:.0f} GOPS" if c.get("compute_tops") else "n/a"
+        out += [f"**Kernels on {dev}** (speed ratio to {res.get('peer')}: peer time / our time, > 1 is faster; "
+                f"weight group {doc['settings']['group']}; ceilings measured in the same run: memcpy "
+                f"{c['bandwidth_gbps']:.1f} GB/s, peer GEMM {comp}). Source: `{_rel(doc['_path'], readme)}`", ""]
+        rows = [r for r in res["rows"] if not r.get("peer")]
+        precs = list(dict.fromkeys(r["precision"] for r in rows))
+        keys = list(dict.fromkeys((r["model"], r["layer"], r["N"], r["K"], r["M"]) for r in rows))
+        out += ["| shape | M | " + " | ".join(p.upper() for p in precs) + " |", "|" + "---|" * (len(precs) + 2)]
+        for k in keys:
+            cell = {r["precision"]: r for r in rows if (r["model"], r["layer"], r["N"], r["K"], r["M"]) == k}
+            vals = [f"{cell[p]['vs_peer']:.2f}" if p in cell and cell[p].get("vs_peer") else "-" for p in precs]
+            out.append(f"| {k[0]} {k[1]} {k[2]}x{k[3]} | {k[4]} | " + " | ".join(vals) + " |")
+        gm = []
+        for p in precs:
+            v = [r["vs_peer"] for r in rows if r["precision"] == p and r.get("vs_peer")]
+            gm.append(f"**{math.exp(sum(map(math.log, v)) / len(v)):.2f}**" if v else "-")
+        out += ["| geometric mean | | " + " | ".join(gm) + " |", ""]
+        suffix = "" if len(doc["devices"]) == 1 else f"-{dev}"
+        out += _img(doc, suffix + "-roofline", readme, f"roofline of the {dev} kernels")
+        out += _img(doc, suffix + "-speed", readme, f"{dev} kernel speed against precision")
+    return out
+
+
+def embed_section(doc: dict, readme: Path) -> list[str]:
+    s = doc["settings"]
+    rows = doc["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    precs = list(dict.fromkeys(r["precision"] for r in rows))
+    out = [f"**Embeddings** ({s['model']}, {s['device']}, {s['threads']} threads, {s['texts']} sentences; "
+           f"sentences/s, median of {s['reps']}; min cos = lowest cosine to the float embeddings). "
+           f"Source: `{_rel(doc['_path'], readme)}`", "",
+           "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | min cos |",
+           "|" + "---|" * (len(batches) + 2)]
+    for p in precs:
+        cell = {r["batch"]: r for r in rows if r["precision"] == p}
+        cos = next((f"{r['cos_min']:.4f}" for r in cell.values() if "cos_min" in r), "-")
+        out.append(f"| {p.upper()} | " + " | ".join(f"{cell[b]['sentences_per_s']['median']:.1f}" if b in cell
+                                                    else "-" for b in batches) + f" | {cos} |")
+    return out + [""] + _img(doc, "", readme, "embedding sentences/s against precision")
+
+
+def render(docs: list[dict], readme: Path) -> str:
+    kinds = sorted({d["machine"]["kind"] for d in docs})
+    lines = ["", "_Generated by `python -m tools.bench readme` from the JSON results in `bench/results/`; "
+             "rerun the benchmarks and this command instead of editing by hand._", ""]
+    if not kinds:
+        return "\n".join(lines + ["No benchmark results are recorded yet.", ""])
+    for kind in kinds:
+        per = {b: latest(docs, b).get(kind) for b in ("e2e", "kernels", "embed")}
+        anyd = next(d for d in per.values() if d)
+        lines += [f"### Machine: {kind}", "", f"Measured on {_machine_line(anyd)}.", ""]
+        if per["e2e"]:
+            lines += e2e_section(per["e2e"], readme)
+        if per["kernels"]:
+            lines += kernels_section(per["kernels"], readme)
+        if per["embed"]:
+            lines += embed_section(per["embed"], readme)
+    return "\n".join(lines)
+
+
+def replace_section(text: str, body: str) -> str:
+    """text with the lines between the markers replaced by body; ValueError when markers are missing."""
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < 0:
+        missing = " and ".join(m for m, k in ((BEGIN, i), (END, j)) if k < 0)
+        raise ValueError(f"README has no {missing} marker: add the lines {BEGIN} and {END} where the "
+                         "performance section belongs")
+    if j < i:
+        raise ValueError(f"README markers are out of order: {END} comes before {BEGIN}")
+    if text.count(BEGIN) > 1 or text.count(END) > 1:
+        raise ValueError("README has more than one bench marker pair")
+    return text[:i + len(BEGIN)] + "\n" + body.strip("\n") + "\n" + text[j:]
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md", help="file to update (default README.md)")
+
+
+def main(a) -> int:
+    readme = a.readme.resolve()
+    if not readme.exists():
+        raise FileNotFoundError(f"{readme} does not exist")
+    text = readme.read_text(encoding="utf-8")
+    new = replace_section(text, render(load_results(a.out), readme))       # raises before writing anything
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    print(f"updated {readme}" if new != text else f"{readme} is up to date")
     return 0
