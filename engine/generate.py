@@ -78,17 +78,29 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     with model:
+        model.last = None
+        gen = model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+                           chat=args.chat, truncate=args.truncate)
+        interrupted = False
         try:
-            for piece in model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, repeat_penalty=args.repeat_penalty,
-                                      seed=args.seed, chat=args.chat, truncate=args.truncate):
+            for piece in gen:
                 if not args.json:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
         except (ValueError, FormatError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:            # Ctrl-C while printing: stop cleanly, keep the statistics
+            interrupted = True
+        finally:
+            gen.close()
         r = model.last
+        if r is None:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        if interrupted:
+            r.stop_reason = "interrupted"
         if args.json:
             print(json.dumps({"text": r.text, "ids": r.ids, "prompt_tokens": r.prompt_tokens,
                               "generated_tokens": r.generated_tokens, "prompt_tok_s": r.prompt_tok_s,
