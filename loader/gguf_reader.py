@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from loader.errors import FormatError
-from loader.source import ModelConfig, SourceModel, SourceTensor
+from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -295,19 +295,6 @@ def _config(g: GGUFFile, tied: bool, vocab_size: int) -> ModelConfig:
         raise FormatError(f"{g.path}: {e}") from None
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, hd, F = cfg.dim, cfg.head_dim, cfg.ffn_dim
-    shapes = {"output": (cfg.vocab_size, d), "norm": (d,)}
-    if not cfg.tied_embeddings:
-        shapes["tok_embeddings"] = (cfg.vocab_size, d)
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "attn_norm": (d,), p + "wq": (cfg.n_heads * hd, d), p + "wk": (cfg.n_kv_heads * hd, d),
-                       p + "wv": (cfg.n_kv_heads * hd, d), p + "wo": (d, cfg.n_heads * hd), p + "ffn_norm": (d,),
-                       p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
-    return shapes
-
-
 def _internal_name(name: str, tied: bool, path: str) -> str:
     if name == "token_embd.weight":
         return "output" if tied else "tok_embeddings"
@@ -338,7 +325,7 @@ def read_gguf(path) -> SourceModel:
     cfg = _config(g, tied, vocab_size)
     if cfg.n_layers * 9 > len(g.tensors):        # before building per-layer tables from a lying count
         raise FormatError(f"{g.path}: block_count {cfg.n_layers} but only {len(g.tensors)} tensors")
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     tensors: dict[str, SourceTensor] = {}
     ok_types = dequantizable_types()
     for name, (shape, raw_type, _s, _n) in g.tensors.items():

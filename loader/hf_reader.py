@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from loader.errors import FormatError
-from loader.source import ModelConfig, SourceModel, SourceTensor
+from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes
 
 LLAMA_TYPES = ("llama", "mistral")
 BERT_TYPES = ("bert",)
@@ -221,30 +221,6 @@ def _bert_config(cfg: dict, p: Path, d: Path) -> ModelConfig:
         pooling=pooling, normalize=normalize)
 
 
-def _expected(c: ModelConfig) -> dict:
-    d, F, hd = c.dim, c.ffn_dim, c.head_dim
-    if c.arch == "bert":
-        e = {"tok_embeddings": (c.vocab_size, d), "pos_embeddings": (c.max_seq_len, d),
-             "type_embeddings": (c.type_vocab_size, d), "emb_norm.weight": (d,), "emb_norm.bias": (d,)}
-        for i in range(c.n_layers):
-            p = f"layers.{i}."
-            for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo")):
-                e[p + w], e[p + b] = (d, d), (d,)
-            e.update({p + "attn_norm.weight": (d,), p + "attn_norm.bias": (d,), p + "w_in": (F, d),
-                      p + "b_in": (F,), p + "w_out": (d, F), p + "b_out": (d,), p + "ffn_norm.weight": (d,),
-                      p + "ffn_norm.bias": (d,)})
-        return e
-    e = {"output": (c.vocab_size, d), "norm": (d,)}
-    if not c.tied_embeddings:
-        e["tok_embeddings"] = (c.vocab_size, d)
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        e.update({p + "attn_norm": (d,), p + "wq": (c.n_heads * hd, d), p + "wk": (c.n_kv_heads * hd, d),
-                  p + "wv": (c.n_kv_heads * hd, d), p + "wo": (d, c.n_heads * hd), p + "ffn_norm": (d,),
-                  p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
-    return e
-
-
 def read_hf(directory) -> SourceModel:
     """Read and validate a Hugging Face model directory; tensors stay lazy."""
     from tokenizers import Tokenizer as _HFTokenizer
@@ -290,7 +266,7 @@ def read_hf(directory) -> SourceModel:
 
     if config.n_layers * 9 > len(entries):       # before building per-layer tables from a lying count
         raise FormatError(f"{p}: num_hidden_layers {config.n_layers} but only {len(entries)} tensors")
-    expected = _expected(config)
+    expected = expected_shapes(config)
     tensors: dict[str, SourceTensor] = {}
     for name, (f, dtype, shape, off) in entries.items():
         internal = _bert_name(name) if config.arch == "bert" else _llama_name(name, config.tied_embeddings)

@@ -63,6 +63,32 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every internal tensor name of docs/DESIGN.md with its shape, for a config: readers check
+    sources against it, so a missing or misshapen tensor is caught before anything is computed."""
+    d, F, hd = c.dim, c.ffn_dim, c.head_dim
+    if c.arch == "bert":
+        e = {"tok_embeddings": (c.vocab_size, d), "pos_embeddings": (c.max_seq_len, d),
+             "type_embeddings": (c.type_vocab_size, d), "emb_norm.weight": (d,), "emb_norm.bias": (d,)}
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo")):
+                e[p + w], e[p + b] = (d, d), (d,)
+            e.update({p + "attn_norm.weight": (d,), p + "attn_norm.bias": (d,), p + "w_in": (F, d),
+                      p + "b_in": (F,), p + "w_out": (d, F), p + "b_out": (d,), p + "ffn_norm.weight": (d,),
+                      p + "ffn_norm.bias": (d,)})
+        return e
+    e = {"output": (c.vocab_size, d), "norm": (d,)}
+    if not c.tied_embeddings:
+        e["tok_embeddings"] = (c.vocab_size, d)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        e.update({p + "attn_norm": (d,), p + "wq": (c.n_heads * hd, d), p + "wk": (c.n_kv_heads * hd, d),
+                  p + "wv": (c.n_kv_heads * hd, d), p + "wo": (d, c.n_heads * hd), p + "ffn_norm": (d,),
+                  p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
+    return e
+
+
 @dataclass
 class SourceTensor:
     """One tensor of a source file. `load()` returns float32 in the internal (N, K) orientation.
