@@ -122,8 +122,10 @@ def cos(a, b) -> np.ndarray:
 # ---- engine side -------------------------------------------------------------------------------
 
 def packed(directory, wbits: int, abits: int = 16):
+    from engine.embed import default_group
     from engine.model_store import load_packed_model
-    return load_packed_model(directory, wbits=wbits, abits=abits, kind="embedder", progress=False)[0]
+    return load_packed_model(directory, wbits=wbits, abits=abits, group=default_group(wbits), kind="embedder",
+                             progress=False)[0]
 
 
 def embedder(model, abits: int = 16, **kw):
@@ -245,11 +247,11 @@ def test_bad_inputs_raise_clear_errors(float_emb, float_model):
 
 # ---- quantized -----------------------------------------------------------------------------------
 
-# (wbits, abits) -> (min, mean) cosine to the float embeddings over SENTENCES, default groups (G = 128).
-# W8A8 meets the target (min >= 0.99). W4A16 does NOT meet its target of min >= 0.97 with
-# round-to-nearest at G = 128 (measured min 0.863, mean 0.952; G = 32: 0.904 / 0.974): the floor
-# below guards against regressions, and test_w4a16_target records the gap until it is closed.
-QUALITY = {(8, 8): (0.99, 0.997), (4, 16): (0.85, 0.945)}
+# (wbits, abits) -> (min, mean) cosine to the float embeddings over SENTENCES, the embedder's default
+# groups (W8: 128; W4: 32, engine.embed.default_group). W8A8 meets the target as a minimum
+# (min >= 0.99). W4A16 meets 0.97 as a mean over the set (measured mean 0.974) but not as a minimum
+# (measured 0.904, on "Yes."): the floor guards against regressions, test_w4a16_min_target records the gap.
+QUALITY = {(8, 8): (0.99, 0.997), (4, 16): (0.89, 0.97)}
 
 
 def quantized_cosines(minilm, float_vectors, wbits, abits):
@@ -270,8 +272,8 @@ def test_quantized_embeddings_stay_close(minilm, float_vectors, wbits, abits):
     assert c.min() >= lo and c.mean() >= mean
 
 
-@pytest.mark.xfail(strict=True, reason="W4A16 (RTN, G=128) reaches min cosine 0.863, not the 0.97 target")
-def test_w4a16_target(minilm, float_vectors):
+@pytest.mark.xfail(strict=True, reason="W4A16 (RTN, G=32) reaches min cosine 0.904, not 0.97 on every sentence")
+def test_w4a16_min_target(minilm, float_vectors):
     assert quantized_cosines(minilm, float_vectors, 4, 16).min() >= 0.97
 
 
