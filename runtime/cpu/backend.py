@@ -1,6 +1,6 @@
 """CpuBackend: the backend interface of docs/DESIGN.md over the C kernels (runtime/cpu/*.c via cffi).
 
-Linears run on the packed bit planes directly: A16 by int8 table lookup (byte shuffles, one pass per
+Linears run on the packed bit planes directly: A16 by 16-bit table lookup (byte shuffles, one pass per
 plane), quantized activations by AND + popcount with exact integer block sums. Every call releases the
 GIL (cffi API mode) and runs on a persistent pthread pool created once per backend.
 """
@@ -67,7 +67,7 @@ def _check(rc: int, what: str) -> None:
 
 class CpuBackend:
     """threads: pool size (default os.cpu_count()). isa: "avx512" | "avx2" | "portable" | None (best
-    available; env ANYBIT_CPU_ISA overrides None). a16: "lut" (int8 tables, fast) or "f32" (exact float
+    available; env ANYBIT_CPU_ISA overrides None). a16: "lut" (16-bit tables, fast) or "f32" (exact float
     path for validation)."""
 
     name = "cpu"

@@ -2,11 +2,13 @@
  *
  * A16 (float activations), T-MAC style: for every 4 input lanes a 16-entry table holds the bipolar sums
  * +-x0 +-x1 +-x2 +-x3 (entry n has sign + on lane j where bit j of n is set; entry 15-n is the negation of
- * entry n), quantized to int8 with one scale per block of L lanes (ab_a16_block). A weight plane byte
- * (8 lanes of one row) selects two entries with its two nibbles; one byte shuffle does 64 rows at once.
- * Lookups are summed exactly in int16 per plane and block, planes are combined MSB first by doubling in
- * int32, then the block is scaled (table scale * weight scale) in float. The table is built by one
- * shared function, so every ISA path computes identical integers.
+ * entry n), quantized to 16 bits with one scale per block of L lanes (ab_a16_block) and stored as two
+ * byte tables (signed high byte, unsigned low byte). A weight plane byte (8 lanes of one row) selects two
+ * entries with its two nibbles; byte shuffles do 64 rows at once. Lookups are summed exactly in int16
+ * (high and low bytes apart) over runs of planes combined MSB first by doubling (a16_run_planes), folded
+ * into int32 as 256*high + low, then the block is scaled (table scale * weight scale) in float. Every ISA
+ * path builds the same integer tables (the AVX-512 builder keeps the scalar sum order), so all paths
+ * compute identical integers.
  *
  * Quantized activations: AND + popcount over the canonical planes, with code sums (= weighted row
  * popcounts) precomputed, giving the exact integers I[b], U[b] of DESIGN.md; recovery in double.
