@@ -70,6 +70,24 @@ def format_row(r: dict) -> str:
             f"{r['top1'] * 100:>5.1f}% {r['weight_bytes'] / 2**20:>11.1f} {r['device']:>6}")
 
 
+def readme_section(rows: list[dict], note: str) -> str:
+    """The README quality table, rendered from recorded rows (never typed by hand)."""
+    out = ["| config | perplexity | vs float | KL | top-1 | weights MiB | device |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['config']} | {r['ppl']:.2f} | {r['ppl_rel'] * 100:+.2f}% | {r['kl']:.4f} | "
+                   f"{r['top1'] * 100:.1f}% | {r['weight_bytes'] / 2**20:.1f} | {r['device']} |")
+    return "\n".join(out + ["", note])
+
+
+def replace_between(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        raise ValueError(f"markers {begin} / {end} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default SmolLM2)")
@@ -78,7 +96,20 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto", "numpy"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--readme", nargs=2, metavar=("ROWS_JSON", "README"), default=None,
+                   help="render recorded rows into the README between <!-- eval:begin/end --> and exit")
     args = p.parse_args(argv)
+    if args.readme:
+        rows_path, readme = args.readme
+        with open(rows_path) as f:
+            rows = json.load(f)
+        note = (f"Measured by `python -m tools.eval` on {rows[0]['tokens']} tokens of the evaluation text "
+                f"(engine/texts.py); the first row is the reference. Raw rows: `{rows_path}`.")
+        with open(readme) as f:
+            text = f.read()
+        with open(readme, "w") as f:
+            f.write(replace_between(text, "<!-- eval:begin -->", "<!-- eval:end -->", readme_section(rows, note)))
+        return 0
     try:
         configs = [parse_config(s) for s in args.configs.split()]
     except ValueError as e:
