@@ -26,7 +26,8 @@ def fixture_docs():
                "settings": {"model": "m.gguf", "threads": 2, "device": "cpu", "prompt_tokens": 8, "max_tokens": 4,
                             "reps": 3, "quick": True},
                "rows": [{"precision": p, "wbits": w, "abits": 16, "weight_bytes": w * 2**20, "peak_rss_bytes": 300 * 2**20,
-                         "prompt_tok_s": _s(100.0 * w, 90, 110), "decode_tok_s": _s(10.0 * w, 9, 11),
+                         "prompt_tok_s": _s(100.0 * w, 95.0 * w, 110.0 * w),
+                         "decode_tok_s": _s(10.0 * w, 9.0 * w, 11.0 * w),
                          "ttft_s": _s(0.1), "prompt_tok_s_vs_peer": w * 1.0, "decode_tok_s_vs_peer": w / 2}
                         for p, w in (("w4a16", 4), ("w2a16", 2))],
                "peer": {"name": "llama.cpp", "version": "0.0", "model": "m.gguf", "peak_rss_bytes": 2**27,
@@ -137,7 +138,7 @@ def test_readme_section_replacement(tmp_path):
     results = tmp_path / "results"
     for name, doc in fixture_docs().items():
         stats.write_result(doc, results / f"{name}-cpu-test-2c-20260102-0304.json")
-    (results / f"e2e-cpu-test-2c-20260102-0304.png").write_bytes(b"\x89PNG")
+    (results / "e2e-cpu-test-2c-20260102-0304.png").write_bytes(b"\x89PNG")
     before, after = "# Title\n\nintro text\n<!-- bench:begin -->\nold table\n", "<!-- bench:end -->\n\n## Rest\ntail\n"
     md = tmp_path / "README.md"
     md.write_text(before + after)
@@ -147,7 +148,7 @@ def test_readme_section_replacement(tmp_path):
     assert "old table" not in text
     section = text[text.index(readme.BEGIN):text.index(readme.END)]
     assert "### Machine: cpu-test-2c" in section and "Test CPU" in section and "abcdef0123" in section
-    assert "| W4A16 | 400.0 (90.0-110.0) | 40.0 (9.0-11.0) |" in section
+    assert "| W4A16 | 400.0 (380.0-440.0) | 40.0 (36.0-44.0) |" in section
     assert "](results/e2e-cpu-test-2c-20260102-0304.png)" in section        # image link, relative to the README
     assert "| t l 64x64 | 1 | 2.00 | 0.50 |" in section
     # idempotent: a second run changes nothing

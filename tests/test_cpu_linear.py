@@ -12,11 +12,15 @@ ISAS = available_isas()
 _backends = {}
 
 
-def backend(isa, a16="lut"):
-    key = (isa, a16)
+def backend(isa, a16="lut", i8=None):
+    """i8: i8_min_bits (1: byte-code kernel at every precision, 9: table kernel only, None: default)."""
+    key = (isa, a16, i8)
     if key not in _backends:
-        _backends[key] = CpuBackend(threads=2, isa=isa, a16=a16)
+        _backends[key] = CpuBackend(threads=2, isa=isa, a16=a16, i8_min_bits=i8)
     return _backends[key]
+
+
+KERNELS = {"table": 9, "bytecode": 1}
 
 
 def make_lin(rng, N, K, bits, group, asym, smooth=False):
@@ -51,15 +55,16 @@ CASES = [  # M, N, K, bits, group, asym
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CASES)
-def test_a16_matches_reference(isa, case):
+def test_a16_matches_reference(isa, case, kernel):
     M, N, K, bits, group, asym = case
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     bits = bits or int(rng.integers(1, 9))
     lin = make_lin(rng, N, K, bits, group, asym, smooth=(N % 2 == 1))
     x = rng.standard_normal((M, K)).astype(np.float32)
-    be = backend(isa)
+    be = backend(isa, i8=KERNELS[kernel])
     y = be.linear(be.prepare_linear(lin), x)
     ref = ref_linear_a16(lin, x)
     assert y.shape == (M, N) and y.dtype == np.float32
@@ -69,13 +74,15 @@ def test_a16_matches_reference(isa, case):
     assert np.max(np.abs(y - ref) / norm) < 1e-4
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES[:6])
-def test_a16_paths_agree_and_exact_f32(case):
+def test_a16_paths_agree_and_exact_f32(case, kernel):
     M, N, K, bits, group, asym = case
     rng = np.random.default_rng(7)
     lin = make_lin(rng, N, K, bits or 3, group, asym)
     x = rng.standard_normal((M, K)).astype(np.float32)
-    ys = [backend(isa).linear(backend(isa).prepare_linear(lin), x) for isa in ISAS]
+    bes = [backend(isa, i8=KERNELS[kernel]) for isa in ISAS]
+    ys = [be.linear(be.prepare_linear(lin), x) for be in bes]
     for y in ys[1:]:          # same integers; only float contraction (FMA) may differ
         np.testing.assert_allclose(y, ys[0], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
     be = backend(ISAS[0], "f32")
@@ -84,12 +91,13 @@ def test_a16_paths_agree_and_exact_f32(case):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_nested_and_out(isa):
+def test_nested_and_out(isa, kernel):
     rng = np.random.default_rng(3)
     lin8 = make_lin(rng, 90, 200, 8, 32, True)
     x = rng.standard_normal((2, 200)).astype(np.float32)
-    be = backend(isa)
+    be = backend(isa, i8=KERNELS[kernel])
     for k in (1, 2, 4, 8):
         lin = lin8.nested(k)
         h = be.prepare_linear(lin)
@@ -112,6 +120,77 @@ def test_preprocess_roundtrip(p, N, W, seed):
     np.testing.assert_array_equal(layout.unpreprocess(wl, N), planes)
     s = rng.standard_normal((N, W)).astype(np.float32)
     np.testing.assert_array_equal(layout.untile_rows(layout.tile_rows(s), N), s)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.integers(1, 8), N=st.integers(1, 200), W=st.integers(1, 12), seed=st.integers(0, 2**31))
+def test_codes_tiles_roundtrip(p, N, W, seed):
+    rng = np.random.default_rng(seed)
+    planes = rng.integers(0, 2**32, (p, N, W), dtype=np.uint64).astype(np.uint32)
+    ct = layout.codes_tiles(planes)
+    per = 8 // layout.container_bits(p)
+    assert ct.shape == (-(-N // 64), 8 * W // per, 64, 4)
+    np.testing.assert_array_equal(layout.uncodes_tiles(ct, N, p), planes)
+
+
+def test_codes_tiles_places_codes():
+    """Hand check: 4-bit code 0b1011 of row 70, lane 13 -> tile 1, row 6, super-quad 1 (lanes 8..15),
+    nibble u = 1 (lanes 12..15), byte e = 1."""
+    planes = np.zeros((4, 75, 1), np.uint32)
+    for r, bit in enumerate((1, 0, 1, 1)):        # MSB first
+        planes[r, 70, 0] = bit << 13
+    ct = layout.codes_tiles(planes)
+    (t, j, r, e), = np.argwhere(ct)
+    assert (t, j, r, e, ct[t, j, r, e]) == (1, 1, 6, 1, 0b1011 << 4)
+
+
+def _np_i8_quantize(x, K, Kp, G):
+    """NumPy transcription of the activation rule of kernels_int8.c (float32 arithmetic, round half even)."""
+    L = a16_block(G)
+    xp = np.zeros(Kp, np.float32)
+    xp[:K] = x
+    blocks = xp.reshape(-1, L)
+    mx = np.abs(blocks).max(1)
+    inv = np.where(mx > 0, np.float32(32639.0) / np.where(mx > 0, mx, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv[:, None]), -32639, 32639).astype(np.int64)
+    return q.reshape(-1), (mx / np.float32(32639.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits,group,K", [(1, 32, 100), (2, 64, 576), (3, 32, 96), (4, 32, 576), (5, 128, 300),
+                                          (8, 32, 576), (8, 512, 1100), (6, 96, 200)])
+def test_bytecode_integers(isa, bits, group, K):
+    """The byte-code kernel computes y = sum_b s_w * sx_b * sum_k v_k x16_k + o * sum_g x: check it against
+    that formula in float64 with the integers from NumPy, tighter than any rounding of x16 could pass."""
+    rng = np.random.default_rng(bits * 1000 + K)
+    M, N = 3, 130
+    lin = make_lin(rng, N, K, bits, group, True)
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 3, K)).astype(np.float32)
+    x[1, 5] = 0.0
+    x[2, :] = 0.0 if K < 200 else x[2, :]                  # an all-zero row: scale 0, codes 0
+    be = backend(isa, i8=1)
+    y = be.linear(be.prepare_linear(lin), x)
+    ffi, lib = build.load()
+    v = values_of(unpack_planes(lin.planes), bits).astype(np.int64)          # (N, Kp)
+    L = a16_block(lin.group)
+    for m in range(M):
+        q, sx = _np_i8_quantize(x[m], K, lin.Kp, lin.group)
+        q16 = np.empty(lin.Kp, np.int16)
+        sxc = np.empty(lin.Kp // L, np.float32)
+        gs = np.empty(lin.Kp // lin.group, np.float32)
+        assert lib.ab_i8_quantize(ffi.cast("float *", x[m].ctypes.data), K, lin.Kp, lin.group,
+                                  ffi.cast("int16_t *", q16.ctypes.data), ffi.cast("float *", sxc.ctypes.data),
+                                  ffi.cast("float *", gs.ctypes.data)) == 0
+        np.testing.assert_array_equal(q16, q)
+        np.testing.assert_array_equal(sxc, sx)
+        D = (v * q).reshape(N, -1, L).sum(-1)                                  # exact block integers
+        sw = np.repeat(lin.scales.astype(np.float64), lin.group // L, axis=1)
+        terms = sw * sx.astype(np.float64) * D
+        gsum = np.pad(x[m].astype(np.float64), (0, lin.Kp - K)).reshape(-1, lin.group).sum(-1)
+        oterms = lin.offsets.astype(np.float64) * gsum
+        ref = terms.sum(1) + oterms.sum(1)
+        tol = 1e-6 * (np.abs(terms).sum(1) + np.abs(oterms).sum(1)) + 1e-30
+        assert np.all(np.abs(y[m] - ref) <= tol), np.max(np.abs(y[m] - ref) / tol)
 
 
 def test_preprocess_places_bytes():

@@ -22,6 +22,13 @@ int ab_linear_a16_f32(ab_pool *pool, const uint32_t *planes, const float *scales
                       int p, int N, int Kp, int G, const float *x, int M, int K, float *y);
 int ab_build_lut(const float *x, int K, int Kp, int G, int8_t *lut, float *lscale, float *gsum);
 
+/* A16 by integer dot products (kernels_int8.c; backend.py I8_MIN_BITS says from which p it replaces the
+ * tables): codes packed cw = 2, 4 or 8 bits each in tiles uint8 [Nt][Q][64][4] (runtime/cpu/layout.py
+ * codes_tiles), same tiled scales/offsets; x quantized to 16 bits per table block. */
+int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+                 int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y);
+int ab_i8_quantize(const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs);
+
 void ab_code_sums(const uint32_t *planes, int p, int rows, int W, uint16_t *out);
 int ab_quantize_acts(ab_pool *pool, const float *x, int M, int K, int Kp, int q, int Ga,
                      const float *smooth, uint32_t *aplanes, float *ascales, uint16_t *acsum);
@@ -45,10 +52,12 @@ int64_t ab_argmax(const float *x, int64_t n);
  * (n_layers, T, Hkv, hd); x (M, d) holds the embeddings on entry and the residual stream on return;
  * logits (M or 1, out.N). */
 typedef struct {
-    const uint8_t *wl;
+    const uint8_t *wl;          /* table-kernel planes, or NULL when codes is set */
+    const uint8_t *codes;       /* byte-code tiles (kernels_int8.c), or NULL */
     const float *wsc;
     const float *woff;
     int p, N, Kp, G, K;
+    int cw;                     /* bits per code container in codes: 2, 4 or 8 */
 } ab_lin;
 
 typedef struct {

@@ -1,7 +1,8 @@
 """CpuBackend: the backend interface of docs/DESIGN.md over the C kernels (runtime/cpu/*.c via cffi).
 
-Linears run on the packed bit planes directly: A16 by 16-bit table lookup (byte shuffles, one pass per
-plane), quantized activations by AND + popcount with exact integer block sums. Every call releases the
+Linears run on the packed weights directly: A16 by integer dot products of packed codes with 16-bit
+activations (kernels_int8.c) or by 16-bit table lookup (byte shuffles, one pass per plane; chosen per
+precision and isa by I8_MIN_BITS), quantized activations by AND + popcount with exact integer block sums. Every call releases the
 GIL (cffi API mode) and runs on a persistent pthread pool created once per backend.
 """
 from __future__ import annotations
@@ -15,6 +16,12 @@ from loader.bipolar import LANES, PackedLinear, round_up
 from runtime.cpu import build, layout
 
 ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
+# From which weight precision the byte-code kernel (kernels_int8.c) replaces the table kernel, per isa.
+# Measured one thread, AMD EPYC (Zen 4), M = 1, G = 32 (tools/bench_cpu_kernels.py): with AVX-512 VNNI
+# the integer dot products beat the tables at every precision (gate/up 1536x576: W1 22 vs 28 us, W4 25
+# vs 57 us; output 49152x576: W1 0.46 vs 0.69 ms, W8 0.78 vs 3.2 ms), the table cost being linear in
+# planes; AVX2 has no byte dot product (codes are widened to 16 bits) and wins only from 3 bits.
+I8_MIN_BITS = {"portable": 1, "avx2": 3, "avx512": 1}
 _ERRORS = {-1: "out of memory", -2: "instruction set not available on this CPU", -3: "bad arguments"}
 
 
@@ -35,7 +42,8 @@ def a16_block(group: int) -> int:
 class LinearHandle:
     """A weight prepared for this backend: the kernel tiles plus the canonical planes (popcount path)."""
     lin: PackedLinear
-    wl: np.ndarray            # uint8 (Nt, p, Kp/8, 64)   layout.preprocess(planes)
+    wl: np.ndarray | None     # uint8 (Nt, p, Kp/8, 64)   layout.preprocess(planes); None when codes is set
+    codes: np.ndarray | None  # uint8 (Nt, Q, 64, 4)   layout.codes_tiles(planes), for p >= i8_min_bits
     wsc: np.ndarray           # float32 (Nt, Kp/G, 64)    layout.tile_rows(scales)
     woff: np.ndarray | None
     planes: np.ndarray        # uint32 (p, N, Kp/32) canonical, C-contiguous
@@ -68,11 +76,14 @@ def _check(rc: int, what: str) -> None:
 class CpuBackend:
     """threads: pool size (default os.cpu_count()). isa: "avx512" | "avx2" | "portable" | None (best
     available; env ANYBIT_CPU_ISA overrides None). a16: "lut" (16-bit tables, fast) or "f32" (exact float
-    path for validation)."""
+    path for validation). i8_min_bits: weights with at least this many bits run A16 as byte codes times
+    16-bit activations (kernels_int8.c) instead of one table pass per plane; None picks I8_MIN_BITS[isa]
+    (9 keeps every weight on the table kernel)."""
 
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut"):
+    def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut",
+                 i8_min_bits: int | None = None):
         self._ffi, self._lib = build.load()
         have = available_isas()
         isa = isa or os.environ.get("ANYBIT_CPU_ISA") or None
@@ -85,6 +96,7 @@ class CpuBackend:
         if a16 not in ("lut", "f32"):
             raise ValueError(f"a16 must be 'lut' or 'f32', got {a16!r}")
         self.isa, self._isa_code, self.a16 = isa, ISAS.index(isa), a16
+        self.i8_min_bits = int(I8_MIN_BITS[isa] if i8_min_bits is None else i8_min_bits)
         self.threads = int(threads or os.cpu_count() or 1)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -125,7 +137,9 @@ class CpuBackend:
         p, N, W = planes.shape
         wcsum = np.empty((N, W), np.uint16)
         self._lib.ab_code_sums(self._p("uint32_t *", planes), p, N, W, self._p("uint16_t *", wcsum))
-        return LinearHandle(lin, layout.preprocess(planes), layout.tile_rows(np.asarray(lin.scales, np.float32)),
+        bytecodes = p >= self.i8_min_bits
+        return LinearHandle(lin, None if bytecodes else layout.preprocess(planes),
+                            layout.codes_tiles(planes) if bytecodes else None, layout.tile_rows(np.asarray(lin.scales, np.float32)),
                             None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32)),
                             planes, wcsum)
 
@@ -155,6 +169,11 @@ class CpuBackend:
                     self._live_pool, self._p("uint32_t *", h.planes), self._p("float *", np.asarray(lin.scales, np.float32)),
                     self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
                     lin.bits, lin.N, lin.Kp, lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
+            elif h.codes is not None:
+                rc = self._lib.ab_linear_i8(
+                    self._live_pool, self._isa_code, self._p("uint8_t *", h.codes), self._p("float *", h.wsc),
+                    self._p("float *", h.woff), lin.bits, layout.container_bits(lin.bits), lin.N, lin.Kp,
+                    lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
             else:
                 rc = self._lib.ab_linear_a16(
                     self._live_pool, self._isa_code, self._p("uint8_t *", h.wl), self._p("float *", h.wsc),
@@ -250,6 +269,8 @@ class CpuBackend:
                 raise ValueError("fused forward needs packed linears prepared by this backend")
             keep.append(h)
             dst.wl = self._p("uint8_t *", h.wl)
+            dst.codes = self._p("uint8_t *", h.codes)
+            dst.cw = layout.container_bits(h.lin.bits)
             dst.wsc = self._p("float *", h.wsc)
             dst.woff = self._p("float *", h.woff)
             dst.p, dst.N, dst.Kp, dst.G, dst.K = h.lin.bits, h.lin.N, h.lin.Kp, h.lin.group, h.lin.K

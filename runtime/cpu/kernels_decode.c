@@ -14,11 +14,13 @@
 #include "ab_internal.h"
 
 static int lin_ok(const ab_lin *l, int K, int N) {
-    return l->wl && l->wsc && l->K == K && l->N == N && l->p >= 1 && l->p <= 8 && l->G > 0 && l->G % 32 == 0 &&
+    return (l->wl || l->codes) && l->wsc && l->K == K && l->N == N && l->p >= 1 && l->p <= 8 && l->G > 0 && l->G % 32 == 0 &&
            l->Kp % l->G == 0 && l->K <= l->Kp;
 }
 
 static int run_lin(ab_pool *pool, int isa, const ab_lin *l, const float *x, int M, float *y, void *scratch) {
+    if (l->codes)
+        return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->p, l->cw, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
     return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
 }
 
@@ -43,7 +45,8 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
     (void)maxK;
 
     size_t fl = (size_t)M * ((size_t)d * 2 + nqkv + (size_t)qd * 2 + (size_t)F * 3) + 64;
-    size_t sc = ab_a16_scratch(M, maxKp);
+    size_t sc = ab_a16_scratch(M, maxKp), sc8 = ab_i8_scratch(M, maxKp);
+    sc = sc > sc8 ? sc : sc8;
     float *buf = NULL;
     if (posix_memalign((void **)&buf, 64, fl * sizeof(float) + sc + 64)) return -1;
     float *h = buf, *qkv = h + (size_t)M * d, *q = qkv + (size_t)M * nqkv, *att = q + (size_t)M * qd;

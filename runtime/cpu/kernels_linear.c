@@ -26,7 +26,8 @@ int ab_isa_available(void) {
         r |= 1 << AB_ISA_AVX2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq") &&
-        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("popcnt"))
+        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("popcnt"))
         r |= 1 << AB_ISA_AVX512;
     return r | 1;  /* bit 0: portable */
 }

@@ -55,3 +55,50 @@ def untile_rows(t: np.ndarray, N: int) -> np.ndarray:
     """Inverse of tile_rows."""
     Nt, ng, tl = t.shape
     return np.ascontiguousarray(t.transpose(0, 2, 1).reshape(Nt * tl, ng)[:N])
+
+
+
+def container_bits(p: int) -> int:
+    """Bits per code in the byte-code tiles: 2, 4 or 8 (the smallest that holds p bits, at least 2)."""
+    if not 1 <= p <= 8:
+        raise ValueError(f"byte codes hold 1..8 bits, got {p}")
+    return 2 if p <= 2 else (4 if p <= 4 else 8)
+
+
+def codes_tiles(planes: np.ndarray) -> np.ndarray:
+    """uint32 (p, N, W) canonical planes -> uint8 (ceil(N/64), Q, 64, 4) packed codes for kernels_int8.c,
+    with cw = container_bits(p) bits per code, per = 8 // cw codes per byte, Q = 32*W / (4*per):
+    bits [cw*u, cw*u + cw) of [t, j, r, e] hold the code of row 64t + r at lane 4*(per*j + u) + e
+    (code = planes read MSB first). Padding rows are zero."""
+    if planes.dtype != np.uint32 or planes.ndim != 3:
+        raise ValueError(f"planes must be uint32 (p, N, W), got {planes.dtype} {planes.shape}")
+    p, N, W = planes.shape
+    cw = container_bits(p)
+    per = 8 // cw
+    Nt = -(-N // TILE)
+    codes = np.zeros((Nt * TILE, 32 * W), np.uint8)
+    for r in range(p):          # one plane at a time keeps the temporary at N*Kp bytes
+        b = np.ascontiguousarray(planes[r], dtype="<u4").view(np.uint8)
+        codes[:N] |= np.unpackbits(b, axis=1, bitorder="little") << np.uint8(p - 1 - r)
+    q = codes.reshape(Nt, TILE, 8 * W // per, per, 4)
+    packed = np.zeros((Nt, TILE, 8 * W // per, 4), np.uint8)
+    for u in range(per):
+        packed |= q[:, :, :, u, :] << np.uint8(cw * u)
+    return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
+
+
+def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
+    """Inverse of codes_tiles: uint8 (Nt, Q, 64, 4) -> uint32 (p, N, W)."""
+    cw = container_bits(p)
+    per = 8 // cw
+    Nt, Q, t, four = ct.shape
+    if ct.dtype != np.uint8 or t != TILE or four != 4 or (Q * per) % 8 or not (Nt - 1) * TILE < N <= Nt * TILE:
+        raise ValueError(f"not a byte-code tile array for N={N}, p={p}: {ct.dtype} {ct.shape}")
+    rows = ct.transpose(0, 2, 1, 3).reshape(Nt * TILE, Q, 1, 4)[:N]
+    shifts = (cw * np.arange(per, dtype=np.uint8)).reshape(1, 1, per, 1)
+    codes = ((rows >> shifts) & np.uint8((1 << cw) - 1)).reshape(N, Q * per * 4)
+    out = np.empty((p, N, Q * per // 8), np.uint32)
+    for r in range(p):
+        bits = (codes >> np.uint8(p - 1 - r)) & np.uint8(1)
+        out[r] = np.packbits(bits, axis=1, bitorder="little").view("<u4").astype(np.uint32)
+    return out

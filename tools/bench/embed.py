@@ -21,8 +21,8 @@ def add_args(ap) -> None:
     ap.add_argument("--model", default=None, help="BERT directory (default all-MiniLM-L6-v2)")
     ap.add_argument("--precisions", default=None, help="wbits/abits list (default 16/16,8/16,8/8,4/16,2/16)")
     ap.add_argument("--batches", default=None, help="default 1,8,32,128 (quick 1,32)")
-    ap.add_argument("--n", type=int, default=None, help="texts per measurement (default 256, quick 64)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 2)")
+    ap.add_argument("--n", type=int, default=None, help="texts per measurement (default 128, quick 64)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 2, quick 2)")
     ap.add_argument("--threads", type=int, default=None)
 
 
@@ -31,8 +31,8 @@ def run(a) -> dict:
     threads = a.threads or os.cpu_count() or 1
     precs = _pairs(a.precisions or ("16/16,8/8,4/16" if a.quick else "16/16,8/16,8/8,4/16,2/16"))
     batches = [int(b) for b in (a.batches or ("1,32" if a.quick else "1,8,32,128")).split(",")]
-    n = a.n or (64 if a.quick else 256)
-    reps = a.reps or (2 if a.quick else 3)
+    n = a.n or (64 if a.quick else 128)
+    reps = a.reps or 2
     texts = bench_texts(n)
     desc = machine.describe(threads)
     desc["load_average_start"] = machine.load_average()

@@ -33,8 +33,8 @@ def _title(doc: dict, what: str) -> str:
 
 
 def _err(summaries):
-    lo = [s["median"] - s["min"] for s in summaries]
-    hi = [s["max"] - s["median"] for s in summaries]
+    lo = [max(0.0, s["median"] - s["min"]) for s in summaries]
+    hi = [max(0.0, s["max"] - s["median"]) for s in summaries]
     return [lo, hi]
 
 

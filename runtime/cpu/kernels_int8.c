@@ -1,0 +1,300 @@
+/* A16 product by integer dot products: weight codes times 16-bit activations (used from
+ * I8_MIN_BITS[isa] bits in backend.py: every precision with AVX-512 VNNI, from 3 bits on AVX2).
+ *
+ * Why: the table kernel (kernels_linear.c) costs one pass of ~23 vector ops per 64 bytes per bit plane;
+ * vpdpbusd does 64 multiply-adds in one op, so the integer product is cheaper from 1 bit on (measured,
+ * backend.py). The codes c in [0, 2^p) are packed cw = 2, 4 or 8 bits each (layout.codes_tiles), tiled
+ * [Nt][Q][64 rows][4 bytes], so one 32-bit lane holds 4 consecutive lanes of one row per container
+ * slot; unpacking is a shift and a mask per slot.
+ *
+ * Activations are quantized per table block of L lanes (ab_a16_block(G), <= 256, never crossing a weight
+ * group) to integers x16 = rint(x / sx), sx = max|x| / XQ (XQ = 32639), so every element is as fine as a
+ * 16-bit table entry (the table path rounds 4-lane sums with a step of max(4-lane sum) / 32767 >= sx).
+ * Per block and row the kernel forms the exact integer
+ *     D = sum_k v_k * x16_k = 2 * sum_k c_k * x16_k - (2^p - 1) * sum_k x16_k          (v = 2c - (2^p - 1))
+ * whose magnitude is at most 256 * 255 * 32639 < 2^31, so wrapping 32-bit arithmetic gives it exactly,
+ * whatever the intermediate values. AVX-512 splits x16 = 256*xh + xl into two signed bytes (|x16| <=
+ * 32639 keeps xh <= 127) and uses vpdpbusd (u8 x s8, 4 products per lane); AVX2 widens the codes to 16
+ * bits and uses vpmaddwd; the portable path multiplies in C. All three produce the same D. Then, as in
+ * the table path, y += D * (s_w * sx) per block and y += o * sum_g(x) at each group end (x in float).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ab_internal.h"
+
+#define XQ 32639.0f
+
+typedef struct {
+    const uint8_t *codes;
+    const float *wsc, *woff, *x;
+    int p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa;
+    int16_t *x16;
+    int8_t *xh, *xl;
+    float *sx, *gs;
+    int32_t *px;           /* (2^p - 1) * sum of x16 per block, wrapped to 32 bits */
+    float *y;
+} i8_ctx;
+
+/* One activation row: x16, its byte halves, block scales, (2^p-1) * block sums, group sums. */
+static void i8_quantize_row(const i8_ctx *c, int m) {
+    const float *x = c->x + (size_t)m * c->K;
+    int16_t *q16 = c->x16 + (size_t)m * c->Kp;
+    int8_t *qh = c->xh + (size_t)m * c->Kp, *ql = c->xl + (size_t)m * c->Kp;
+    uint32_t P1 = (1u << c->p) - 1;
+    for (int b = 0; b < c->nb; b++) {
+        int k0 = b * c->L, k1 = k0 + c->L;
+        float mx = 0.0f;
+        for (int k = k0; k < k1 && k < c->K; k++) mx = fabsf(x[k]) > mx ? fabsf(x[k]) : mx;
+        float inv = mx > 0.0f ? XQ / mx : 0.0f;
+        c->sx[(size_t)m * c->nb + b] = mx / XQ;
+        int32_t sum = 0;
+        for (int k = k0; k < k1; k++) {
+            float r = k < c->K ? rintf(x[k] * inv) : 0.0f;
+            r = r > XQ ? XQ : (r < -XQ ? -XQ : r);
+            int q = (int)r, h = (q + 128) >> 8;
+            q16[k] = (int16_t)q;
+            qh[k] = (int8_t)h;
+            ql[k] = (int8_t)(q - 256 * h);
+            sum += q;
+        }
+        c->px[(size_t)m * c->nb + b] = (int32_t)((uint32_t)sum * P1);
+    }
+    for (int g = 0; g < c->ng; g++) {
+        double s = 0.0;
+        for (int k = g * c->G; k < (g + 1) * c->G && k < c->K; k++) s += x[k];
+        c->gs[(size_t)m * c->ng + g] = (float)s;
+    }
+}
+
+/* Shared float epilogue of one block for 64 rows (the portable form; SIMD paths do the same per lane). */
+AB_INLINE void i8_finish(const i8_ctx *c, int t, int m, int b, const int32_t *D, float *yacc) {
+    int g = b * c->L / c->G;
+    const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
+    float l = c->sx[(size_t)m * c->nb + b];
+    for (int i = 0; i < 64; i++) yacc[i] += (float)D[i] * (ws[i] * l);
+    if (c->woff && ((b + 1) * c->L) % c->G == 0) {
+        const float *wo = c->woff + ((size_t)t * c->ng + g) * 64;
+        float s = c->gs[(size_t)m * c->ng + g];
+        for (int i = 0; i < 64; i++) yacc[i] += wo[i] * s;
+    }
+}
+
+AB_INLINE void i8_store(const i8_ctx *c, int t, int m, const float *yacc) {
+    int n0 = t * 64, nn = c->N - n0 < 64 ? c->N - n0 : 64;
+    memcpy(c->y + (size_t)m * c->N + n0, yacc, (size_t)nn * sizeof(float));
+}
+
+static void i8_tile_portable(const i8_ctx *c, int t, int m0, int mc) {
+    float yacc[8][64];
+    memset(yacc, 0, sizeof yacc);
+    int per = 8 / c->cw, qpb = c->L / (4 * per), mask = (1 << c->cw) - 1;
+    for (int b = 0; b < c->nb; b++) {
+        const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
+        for (int m = m0; m < m0 + mc; m++) {
+            const int16_t *q = c->x16 + (size_t)m * c->Kp + (size_t)b * c->L;
+            int32_t D[64];
+            for (int i = 0; i < 64; i++) {
+                int64_t s = 0;
+                for (int j = 0; j < qpb; j++)
+                    for (int u = 0; u < per; u++)
+                        for (int e = 0; e < 4; e++)
+                            s += (int64_t)(w[(size_t)j * 256 + 4 * i + e] >> (c->cw * u) & mask) *
+                                 q[4 * (per * j + u) + e];
+                D[i] = (int32_t)(uint32_t)(2 * (uint64_t)s - (uint32_t)c->px[(size_t)m * c->nb + b]);
+            }
+            i8_finish(c, t, m, b, D, yacc[m - m0]);
+        }
+    }
+    for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
+}
+
+AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
+    float yacc[8][64] __attribute__((aligned(32)));
+    memset(yacc, 0, sizeof yacc);
+    int per = 8 / c->cw, qpb = c->L / (4 * per);
+    const __m128i mask = _mm_set1_epi8((char)((1 << c->cw) - 1));
+    for (int b = 0; b < c->nb; b++) {
+        const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
+        int g = b * c->L / c->G;
+        const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
+        int gend = c->woff && ((b + 1) * c->L) % c->G == 0;
+        for (int m = m0; m < m0 + mc; m++) {
+            const int16_t *q = c->x16 + (size_t)m * c->Kp + (size_t)b * c->L;
+            __m256i pv = _mm256_set1_epi32(c->px[(size_t)m * c->nb + b]);
+            __m256 l = _mm256_set1_ps(c->sx[(size_t)m * c->nb + b]);
+            for (int half = 0; half < 2; half++) {
+                /* acc[i]: rows 32*half + 4i .. +3 as pairs (lanes 0-1, 2-3 of each row) */
+                __m256i acc[8];
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
+                for (int j = 0; j < qpb; j++) {
+                    const uint8_t *wj = w + (size_t)j * 256 + 128 * half;
+                    for (int u = 0; u < per; u++) {
+                        int64_t xp;
+                        memcpy(&xp, q + 4 * (per * j + u), 8);
+                        __m256i xv = _mm256_set1_epi64x(xp);
+                        for (int i = 0; i < 8; i++) {
+                            __m128i raw = _mm_loadu_si128((const __m128i *)(wj + 16 * i));
+                            if (per > 1) raw = _mm_and_si128(_mm_srli_epi16(raw, c->cw * u), mask);
+                            __m256i wv = _mm256_cvtepu8_epi16(raw);
+                            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wv, xv));
+                        }
+                    }
+                }
+                for (int i = 0; i < 4; i++) {
+                    /* hadd -> rows [0 1 4 5 | 2 3 6 7] of these 8; reorder 64-bit pairs to 0..7 */
+                    __m256i I = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[2 * i], acc[2 * i + 1]), 0xD8);
+                    __m256i D = _mm256_sub_epi32(_mm256_slli_epi32(I, 1), pv);
+                    int r = 32 * half + 8 * i;
+                    __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(ws + r), l);
+                    __m256 ya = _mm256_load_ps(&yacc[m - m0][r]);
+                    ya = _mm256_add_ps(ya, _mm256_mul_ps(_mm256_cvtepi32_ps(D), sc));
+                    if (gend) {
+                        const float *wo = c->woff + ((size_t)t * c->ng + g) * 64;
+                        __m256 s = _mm256_set1_ps(c->gs[(size_t)m * c->ng + g]);
+                        ya = _mm256_add_ps(ya, _mm256_mul_ps(_mm256_loadu_ps(wo + r), s));
+                    }
+                    _mm256_store_ps(&yacc[m - m0][r], ya);
+                }
+            }
+        }
+    }
+    for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
+}
+
+/* PER codes per byte (container width 8 / PER bits), a compile-time constant so the unpacking unrolls. */
+AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int mc, const int PER) {
+    float yacc[8][64] __attribute__((aligned(64)));
+    memset(yacc, 0, sizeof yacc);
+    const int cw = 8 / PER;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << cw) - 1));
+    int qpb = c->L / (4 * PER);
+    for (int b = 0; b < c->nb; b++) {
+        const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
+        int g = b * c->L / c->G;
+        const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
+        int gend = c->woff && ((b + 1) * c->L) % c->G == 0;
+        for (int m = m0; m < m0 + mc; m++) {
+            const int8_t *qh = c->xh + (size_t)m * c->Kp + (size_t)b * c->L;
+            const int8_t *ql = c->xl + (size_t)m * c->Kp + (size_t)b * c->L;
+            __m512i ah[4], al[4];
+            for (int i = 0; i < 4; i++) ah[i] = al[i] = _mm512_setzero_si512();
+            for (int j = 0; j < qpb; j++) {
+                __m512i wv[4];
+                for (int i = 0; i < 4; i++) wv[i] = _mm512_loadu_si512((const void *)(w + (size_t)j * 256 + 64 * i));
+                for (int u = 0; u < PER; u++) {
+                    int32_t h4, l4;
+                    memcpy(&h4, qh + 4 * (PER * j + u), 4);
+                    memcpy(&l4, ql + 4 * (PER * j + u), 4);
+                    __m512i bh = _mm512_set1_epi32(h4), bl = _mm512_set1_epi32(l4);
+                    for (int i = 0; i < 4; i++) {
+                        __m512i cv = PER == 1 ? wv[i] : _mm512_and_si512(u ? _mm512_srli_epi16(wv[i], cw * u) : wv[i], mask);
+                        ah[i] = _mm512_dpbusd_epi32(ah[i], cv, bh);
+                        al[i] = _mm512_dpbusd_epi32(al[i], cv, bl);
+                    }
+                }
+            }
+            __m512i pv = _mm512_set1_epi32(c->px[(size_t)m * c->nb + b]);
+            __m512 l = _mm512_set1_ps(c->sx[(size_t)m * c->nb + b]);
+            for (int i = 0; i < 4; i++) {
+                __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[i], 8), al[i]);
+                __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
+                __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(ws + 16 * i), l);
+                __m512 ya = _mm512_load_ps(&yacc[m - m0][16 * i]);
+                ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), sc));
+                if (gend) {
+                    const float *wo = c->woff + ((size_t)t * c->ng + g) * 64;
+                    __m512 s = _mm512_set1_ps(c->gs[(size_t)m * c->ng + g]);
+                    ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), s));
+                }
+                _mm512_store_ps(&yacc[m - m0][16 * i], ya);
+            }
+        }
+    }
+    for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
+}
+
+AB_AVX512 static void i8_tile_avx512(const i8_ctx *c, int t, int m0, int mc) {
+    if (c->cw == 8) i8_tile_avx512_per(c, t, m0, mc, 1);
+    else if (c->cw == 4) i8_tile_avx512_per(c, t, m0, mc, 2);
+    else i8_tile_avx512_per(c, t, m0, mc, 4);
+}
+
+static void i8_task(void *ctx, int task) {
+    const i8_ctx *c = ctx;
+    int t = task % c->Nt, mb = task / c->Nt;
+    int m0 = mb * c->mbmax, mc = c->M - m0 < c->mbmax ? c->M - m0 : c->mbmax;
+    if (c->isa == AB_ISA_AVX512) i8_tile_avx512(c, t, m0, mc);
+    else if (c->isa == AB_ISA_AVX2) i8_tile_avx2(c, t, m0, mc);
+    else i8_tile_portable(c, t, m0, mc);
+}
+
+static void i8_quant_task(void *ctx, int m) { i8_quantize_row(ctx, m); }
+
+/* Scratch bytes ab_i8_run needs for M rows of Kp lanes. */
+size_t ab_i8_scratch(int M, int Kp) {
+    return (size_t)M * ((size_t)Kp * 4 + (size_t)Kp / 32 * 8 + (size_t)Kp / 32 * 4) + 6 * 64;
+}
+
+static inline void *carve(uintptr_t *s, size_t n) {
+    uintptr_t p = (*s + 63) & ~(uintptr_t)63;
+    *s = p + n;
+    return (void *)p;
+}
+
+int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+              int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch) {
+    if (p < 1 || p > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
+    if (M == 0 || N == 0) return 0;
+    i8_ctx c;
+    c.codes = codes; c.wsc = wsc; c.woff = woff; c.x = x; c.y = y;
+    c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L;
+    c.M = M; c.K = K; c.Nt = (N + 63) / 64; c.isa = isa; c.mbmax = 8;
+    void *own = NULL;
+    if (!scratch) {
+        if (posix_memalign(&own, 64, ab_i8_scratch(M, Kp))) return -1;
+        scratch = own;
+    }
+    uintptr_t s = (uintptr_t)scratch;
+    c.x16 = carve(&s, (size_t)M * Kp * 2);
+    c.xh = carve(&s, (size_t)M * Kp);
+    c.xl = carve(&s, (size_t)M * Kp);
+    c.sx = carve(&s, (size_t)M * c.nb * 4);
+    c.px = carve(&s, (size_t)M * c.nb * 4);
+    c.gs = carve(&s, (size_t)M * c.ng * 4);
+    if (M == 1) i8_quantize_row(&c, 0);
+    else ab_pool_run(pool, i8_quant_task, &c, M);
+    ab_pool_run(pool, i8_task, &c, c.Nt * ((M + c.mbmax - 1) / c.mbmax));
+    free(own);
+    return 0;
+}
+
+int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+                 int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y) {
+    if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
+    return ab_i8_run(pool, isa, codes, wsc, woff, p, cw, N, Kp, G, x, M, K, y, NULL);
+}
+
+/* The quantized activations of one row, for tests: x16 (Kp), block scales (Kp/L), group sums (Kp/G). */
+int ab_i8_quantize(const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs) {
+    if (G <= 0 || G % 32 || Kp % G || K > Kp) return -3;
+    void *buf = NULL;
+    if (posix_memalign(&buf, 64, ab_i8_scratch(1, Kp))) return -1;
+    i8_ctx c;
+    memset(&c, 0, sizeof c);
+    c.x = x; c.p = 8; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L; c.M = 1; c.K = K;
+    uintptr_t s = (uintptr_t)buf;
+    c.x16 = carve(&s, (size_t)Kp * 2);
+    c.xh = carve(&s, (size_t)Kp);
+    c.xl = carve(&s, (size_t)Kp);
+    c.sx = carve(&s, (size_t)c.nb * 4);
+    c.px = carve(&s, (size_t)c.nb * 4);
+    c.gs = carve(&s, (size_t)c.ng * 4);
+    i8_quantize_row(&c, 0);
+    memcpy(x16, c.x16, (size_t)Kp * 2);
+    memcpy(sx, c.sx, (size_t)c.nb * 4);
+    memcpy(gs, c.gs, (size_t)c.ng * 4);
+    free(buf);
+    return 0;
+}
