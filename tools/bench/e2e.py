@@ -133,7 +133,7 @@ def run(a) -> dict:
     return {"schema": 1, "bench": "e2e", "machine": desc, "notes": notes,
             "settings": {"model": os.path.basename(model), "threads": threads, "device": a.device,
                          "prompt_tokens": len(ids or []), "max_tokens": a.max_tokens, "reps": a.reps,
-                         "quick": a.quick, "sampling": "greedy"},
+                         "quick": a.quick, "sampling": "greedy", "llama_python": llama_py},
             "rows": rows, "peer": peer_row}
 
 

@@ -172,7 +172,7 @@ def find_llama(python: str | None = None, install: bool = False) -> tuple[str | 
         if c and Path(c).exists():
             v = _has_llama(c)
             if v:
-                return c, f"llama-cpp-python {v} ({c})"
+                return c, f"peer: llama-cpp-python {v}"
             if c == python:
                 return None, f"{python} cannot import llama_cpp"
     if install:
@@ -181,7 +181,7 @@ def find_llama(python: str | None = None, install: bool = False) -> tuple[str | 
         except (PeerUnavailable, OSError, subprocess.SubprocessError) as e:
             return None, f"llama.cpp peer skipped: {e}"
         v = _has_llama(py)
-        return (py, f"llama-cpp-python {v} ({py})") if v else (None, "llama.cpp peer skipped: installed but not importable")
+        return (py, f"peer: llama-cpp-python {v}") if v else (None, "llama.cpp peer skipped: installed but not importable")
     return None, ("llama.cpp peer skipped: llama_cpp not found (give --llama-python PATH, or --install-peers to "
                   "build it into a venv under the cache dir)")
 

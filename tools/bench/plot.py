@@ -68,7 +68,7 @@ def plot_kernels(doc: dict, out: Path) -> list[Path]:
         rows, c = res["rows"], res["ceilings"]
         suffix = "" if len(doc["devices"]) == 1 else f"-{dev}"
         # roofline
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig, ax = plt.subplots(figsize=(10, 5.5))
         xs = [r["intensity"] for r in rows]
         lo, hi = min(xs) / 2, max(xs) * 2
         grid = [lo * (hi / lo) ** (i / 100) for i in range(101)]
@@ -92,7 +92,8 @@ def plot_kernels(doc: dict, out: Path) -> list[Path]:
         ax.set_xlabel("arithmetic intensity (ops per byte moved)")
         ax.set_ylabel("effective GOPS (2MNK / time)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2, title="o: M = 1 (GEMV)   s: M > 1 (GEMM)", title_fontsize=7)
+        ax.legend(fontsize=7, title="o: M = 1 (GEMV)\ns: M > 1 (GEMM)", title_fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))          # outside the axes: the points fill the corners
         ax.set_title(_title(doc, f"kernels on {dev}: roofline"), fontsize=9)
         fig.tight_layout()
         p1 = out.with_name(out.stem + suffix + "-roofline.png")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from tools.bench.stats import REPO, latest, load_results
@@ -63,7 +64,8 @@ def e2e_section(doc: dict, readme: Path) -> list[str]:
                                       f"{p['peak_rss_bytes'] / 2**20:.0f}", f"{p['weight_bytes'] / 2**20:.1f}",
                                       "1.00x", "1.00x", "1.00x"]) + " |")
     out.append("")
-    out += [f"Note: {n}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
+    # local interpreter paths say nothing to a reader: drop "(/abs/path)" from notes
+    out += [f"Note: {re.sub(r' ?[(]/[^)]*[)]', '', n)}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
     return out + _img(doc, "", readme, "end-to-end tokens/s against precision")
 
 
