@@ -4,9 +4,11 @@ The per-op decoder makes about a dozen backend calls per layer and token; on the
 (cffi argument conversion, NumPy allocations, waking the thread pool) add up to more than the kernels of
 a small model. A backend that offers `fused_model` / `fused_forward` (runtime/cpu: the C function
 ab_forward) runs the same math - the same kernels in the same order - in one call per step, so the
-logits are bitwise equal to Decoder's on that backend. Anything the fused path does not cover
-(quantized activations, unquantized weights, unfused q/k/v, smoothing, another backend) falls back to
-Decoder.forward, so FastDecoder can replace Decoder everywhere:
+logits are bitwise equal to Decoder's on that backend. Quantized activations (abits 1..8) are covered
+when the backend runs them on its byte-code kernel (CpuBackend.quant == "bytes"): the C forward quantizes
+each linear's input per token and group exactly as the per-op call does. Anything the fused path does not
+cover (unquantized weights, unfused q/k/v, smoothing, another backend) falls back to Decoder.forward, so
+FastDecoder can replace Decoder everywhere:
 
     from engine.fast_decode import FastDecoder
     dec = FastDecoder(packed, backend, wbits_run=..., abits=..., agroup=..., context=...)
@@ -21,6 +23,7 @@ from engine.decoder import ContextOverflow, Decoder, KVCache
 class FastDecoder(Decoder):
     def __init__(self, pm, backend, **kw):
         super().__init__(pm, backend, **kw)
+        self.agroup = kw.get("agroup")
         self.fused = self._build_fused()
 
     @property
@@ -30,7 +33,9 @@ class FastDecoder(Decoder):
 
     def _build_fused(self):
         be, c = self.backend, self.cfg
-        if not hasattr(be, "fused_model") or getattr(be, "a16", None) != "lut" or self.abits != 16:
+        if not hasattr(be, "fused_model") or getattr(be, "a16", None) != "lut":
+            return None
+        if self.abits != 16 and getattr(be, "quant", None) != "bytes":
             return None
         qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         layers = []
@@ -52,7 +57,7 @@ class FastDecoder(Decoder):
             return None
         return be.fused_model(d=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn=F,
                               eps=c.norm_eps, theta=c.rope_theta, rope_style=c.rope_style, layers=layers,
-                              norm=self.norm, output=out.h)
+                              norm=self.norm, output=out.h, abits=self.abits, agroup=self.agroup)
 
     def forward(self, ids, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         if self.fused is None:

@@ -202,6 +202,15 @@ def test_preprocess_places_bytes():
     assert (t, r, c, wl[t, r, c, pos]) == (0, 0, 5, 0xAB) and layout.ROW_OF_POS[pos] == 37
 
 
+_qbackends = {}
+
+
+def qbackend(isa, kernel):
+    if (isa, kernel) not in _qbackends:
+        _qbackends[isa, kernel] = CpuBackend(threads=2, isa=isa, quant=kernel)
+    return _qbackends[isa, kernel]
+
+
 QCASES = [  # M, N, K, bits, abits, group, agroup, asym
     (1, 64, 64, 4, 8, 32, None, False), (3, 100, 200, 4, 8, 64, 32, True), (2, 70, 300, 2, 4, 128, "token", False),
     (5, 33, 96, 8, 8, 32, 96, True), (1, 129, 576, 1, 1, 128, 64, False), (4, 50, 250, 3, 6, None, None, True),
@@ -209,14 +218,15 @@ QCASES = [  # M, N, K, bits, abits, group, agroup, asym
 ]
 
 
+@pytest.mark.parametrize("kernel", ["bytes", "popcount"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", QCASES)
-def test_quant_matches_reference_and_integers(isa, case):
+def test_quant_matches_reference_and_integers(isa, case, kernel):
     M, N, K, bits, abits, group, agroup, asym = case
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     lin = make_lin(rng, N, K, bits, group, asym, smooth=(M % 2 == 0))
     x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 3, K)).astype(np.float32)
-    be = backend(isa)
+    be = qbackend(isa, kernel)
     h = be.prepare_linear(lin)
     y, I, U, L = be.linear_quant_debug(h, x, abits, agroup)
     ag = None if agroup is None else (10**9 if agroup == "token" else agroup)
@@ -234,6 +244,46 @@ def test_quant_matches_reference_and_integers(isa, case):
         sl = slice(b * L, min((b + 1) * L, K))
         np.testing.assert_array_equal(I[:, :, b], u[:, sl] @ v[:, sl].T)
         np.testing.assert_array_equal(U[:, :, b], np.broadcast_to(u[:, sl].sum(1)[:, None], (M, N)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 11), N=st.integers(1, 140), K=st.integers(1, 400), p=st.integers(1, 8), q=st.integers(1, 8),
+       group=st.sampled_from([32, 64, 128]), agroup=st.sampled_from([None, 32, 64, 256, "token"]),
+       asym=st.booleans(), seed=st.integers(0, 2**31))
+def test_quant_kernels_identical_integers_and_isas(M, N, K, p, q, group, agroup, asym, seed):
+    """The byte-code kernel and the popcount kernel give the same exact block integers; the byte kernel
+    gives bitwise the same y on every isa path (the recovery rounds identically everywhere)."""
+    rng = np.random.default_rng(seed)
+    lin = make_lin(rng, N, K, p, group, asym)
+    if agroup not in (None, "token") and max(agroup, group) % min(agroup, group):
+        return
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 3, K)).astype(np.float32)
+    x[:, rng.integers(0, K)] *= 30
+    hp = qbackend(ISAS[0], "popcount").prepare_linear(lin)
+    _, Ip, Up, Lp = qbackend(ISAS[0], "popcount").linear_quant_debug(hp, x, q, agroup)
+    for isa in ISAS:     # each isa's activation quantizer feeds the (portable) debug product
+        hb = qbackend(isa, "bytes").prepare_linear(lin)
+        _, Ib, Ub, Lb = qbackend(isa, "bytes").linear_quant_debug(hb, x, q, agroup)
+        assert Lb == Lp
+        np.testing.assert_array_equal(Ib, Ip)
+        np.testing.assert_array_equal(Ub, Up)
+    ys = [qbackend(isa, "bytes").linear(qbackend(isa, "bytes").prepare_linear(lin), x, abits=q, agroup=agroup)
+          for isa in ISAS]
+    for y in ys[1:]:
+        np.testing.assert_array_equal(y, ys[0])
+
+
+def test_quant_word_sums():
+    rng = np.random.default_rng(3)
+    lin = make_lin(rng, 70, 100, 5, 32, False)
+    be = qbackend(ISAS[0], "bytes")
+    h = be.prepare_linear(lin)
+    be._quant_weights(h)
+    codes = unpack_planes(lin.planes).astype(np.int64)          # (N, Kp)
+    want = 2 * codes.reshape(70, -1, 32).sum(-1)                 # (N, W)
+    got = h.wpw.transpose(0, 2, 1).reshape(-1, want.shape[1])[:70]
+    np.testing.assert_array_equal(got, want)
+    assert not h.wpw.transpose(0, 2, 1).reshape(-1, want.shape[1])[70:].any()
 
 
 @settings(max_examples=30, deadline=None)

@@ -43,8 +43,42 @@ def test_fused_equals_per_op(be, style, wbits, group):
     np.testing.assert_array_equal(fast.forward(ids[4:], c2), full1[-1])
 
 
-@pytest.mark.parametrize("recipe,abits", [(Recipe(wbits=16), 16), (Recipe(wbits=4, group=32), 8)])
-def test_uncovered_configs_fall_back(be, recipe, abits):
+@pytest.mark.parametrize("isa", cpu.available_isas())
+@pytest.mark.parametrize("wbits,abits,group,agroup", [(4, 8, 32, None), (8, 8, 32, None), (2, 4, 64, 32),
+                                                       (3, 6, 32, "token"), (8, 3, 64, 128)])
+def test_fused_quantized_activations_equal_per_op(isa, wbits, abits, group, agroup):
+    """abits < 16: the C forward quantizes each linear's input like the per-op backend call does."""
+    b = cpu.CpuBackend(threads=2, isa=isa)
+    try:
+        pm = quantize_model(tiny_llama(seed=8), Recipe(wbits=wbits, group=group))
+        ref = Decoder(pm, b, abits=abits, agroup=agroup)
+        fast = FastDecoder(pm, b, abits=abits, agroup=agroup)
+        assert fast.fast
+        ids = [5, 17, 2, 99, 31]
+        c0, c1 = ref.new_cache(), fast.new_cache()
+        np.testing.assert_array_equal(fast.forward(ids, c1, all_logits=True), ref.forward(ids, c0, all_logits=True))
+        for t in (7, 3):
+            np.testing.assert_array_equal(fast.forward([t], c1), ref.forward([t], c0))
+        np.testing.assert_array_equal(c1.k, c0.k)
+    finally:
+        b.close()
+
+
+def test_fused_quantized_same_on_every_isa():
+    pm = quantize_model(tiny_llama(seed=9), Recipe(wbits=4, group=32))
+    outs = []
+    for isa in cpu.available_isas():
+        with cpu.CpuBackend(threads=2, isa=isa) as b:
+            fast = FastDecoder(pm, b, abits=8)
+            assert fast.fast
+            outs.append(fast.forward([4, 8, 15, 16, 23, 42], fast.new_cache(), all_logits=True))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+@pytest.mark.parametrize("recipe,abits,quant", [(Recipe(wbits=16), 16, None), (Recipe(wbits=4, group=32), 8, "popcount")])
+def test_uncovered_configs_fall_back(recipe, abits, quant):
+    be = cpu.CpuBackend(threads=2, quant=quant)
     pm = quantize_model(tiny_llama(seed=6), recipe)
     ref, fast = Decoder(pm, be, abits=abits), FastDecoder(pm, be, abits=abits)
     assert not fast.fast

@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES))
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--min-time", type=float, default=0.2)
+    ap.add_argument("--quant", default=None, choices=["bytes", "popcount"],
+                    help="quantized-activation kernel (default: the backend's choice)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     shapes = SHAPES["smol"] + SHAPES["llama"] if a.shapes == "all" else SHAPES[a.shapes]
@@ -73,8 +75,8 @@ def main(argv=None) -> int:
     modes = [(int(md[1:md.index("a")]), int(md[md.index("a") + 1:])) for md in a.modes.split(",")]
     rng = np.random.default_rng(0)
     rows = []
-    with CpuBackend(threads=a.threads, isa=a.isa) as be:
-        print(f"isa={be.isa} threads={be.threads} group={a.group}")
+    with CpuBackend(threads=a.threads, isa=a.isa, quant=a.quant) as be:
+        print(f"isa={be.isa} threads={be.threads} group={a.group} quant={be.quant}")
         hdr = (f"{'shape':24} {'mode':7} {'M':>4} {'us':>10} {'GB/s':>7} {'GFLOP/s':>8} "
                f"{'numpy us':>10} {'ratio':>6}")
         print(hdr)
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
                     del h, lin
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(isa=be.isa, threads=a.threads, group=a.group, rows=rows), f, indent=1)
+            json.dump(dict(isa=be.isa, threads=a.threads, group=a.group, quant=be.quant, rows=rows), f, indent=1)
     return 0
 
 

@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--per-op", action="store_true", help="also time the per-op engine/decoder.py path")
+    ap.add_argument("--quant", default=None, choices=["bytes", "popcount"],
+                    help="quantized-activation kernel (default: the backend's QUANT_KERNEL); popcount also "
+                         "takes the per-op path, as before the byte kernel existed")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
     from tools.eval import parse_config
 
     llama = None if a.no_llama else LlamaRunner(a.gguf, a.threads, a.llama_python)
-    be = CpuBackend(threads=a.threads)
+    be = CpuBackend(threads=a.threads, quant=a.quant)
     rows, llama_runs = [], []
     try:
         for spec in a.configs.split(","):
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
             llama.close()
         be.close()
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-           "threads": a.threads, "isa": be.isa, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
+           "threads": a.threads, "isa": be.isa, "quant_kernel": be.quant, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
            "gguf": a.gguf, "llama_cpp_version": llama.version if llama else None, "rows": rows}
     out = Path(a.out) if a.out else (Path(__file__).resolve().parent.parent / "bench" / "results" /
                                      f"cpu-decode-{datetime.date.today().isoformat()}.json")

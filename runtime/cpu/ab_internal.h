@@ -23,6 +23,11 @@ size_t ab_i8_scratch(int M, int Kp);
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
 
+size_t ab_qd_scratch(int M, int Kp);
+int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const float *wsc, const float *woff,
+              int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
+              int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch);
+
 #define AB_INLINE static inline __attribute__((always_inline))
 #define AB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi,avx512vnni,popcnt")))
 #define AB_AVX2 __attribute__((target("avx2,fma,popcnt")))

@@ -37,6 +37,15 @@ int ab_linear_quant(ab_pool *pool, int isa, const uint32_t *planes, const uint16
                     const uint32_t *aplanes, const uint16_t *acsum, const float *ascales, int q, int Ga,
                     int L, int M, int K, float *y, int64_t *dbg_I, int64_t *dbg_U);
 
+/* Quantized activations by byte dot products (kernels_quant.c): weight codes in the codes_tiles layout
+ * (cw = container bits), wpw int32 [Nt][Kp/32][64] = 2 * code sum per word (ab_qd_word_sums); x is
+ * quantized here (q bits, groups of Ga lanes, optional smooth divisor); blocks of L = min(G, Ga) lanes.
+ * dbg_I / dbg_U (M, N, Kp/L), or NULL: the exact block integers (computed on the portable path). */
+void ab_qd_word_sums(const uint32_t *planes, int p, int N, int W, int32_t *out);
+int ab_linear_qd(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const float *wsc,
+                 const float *woff, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x,
+                 const float *smooth, int M, int K, float *y, int64_t *dbg_I, int64_t *dbg_U);
+
 void ab_rmsnorm(ab_pool *pool, const float *x, const float *w, int M, int d, float eps, float *out);
 void ab_layernorm(ab_pool *pool, const float *x, const float *w, const float *b, int M, int d, float eps,
                   float *out);
@@ -58,6 +67,8 @@ typedef struct {
     const float *woff;
     int p, N, Kp, G, K;
     int cw;                     /* bits per code container in codes: 2, 4 or 8 */
+    const int32_t *wpw;         /* quantized activations: word code sums (ab_qd_word_sums), else NULL */
+    int Ga, L;                  /* quantized activations: activation group and block lanes */
 } ab_lin;
 
 typedef struct {
@@ -68,6 +79,7 @@ typedef struct {
 
 typedef struct {
     int n_layers, d, H, Hkv, hd, F, rope_style;
+    int abits;                  /* 16: A16; 1..8: activations quantized per token and group (ab_lin Ga) */
     float eps, theta;
     const ab_layer *layers;
     const float *norm;

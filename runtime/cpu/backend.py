@@ -2,7 +2,9 @@
 
 Linears run on the packed weights directly: A16 by integer dot products of packed codes with 16-bit
 activations (kernels_int8.c) or by 16-bit table lookup (byte shuffles, one pass per plane; chosen per
-precision and isa by I8_MIN_BITS), quantized activations by AND + popcount with exact integer block sums. Every call releases the
+precision and isa by I8_MIN_BITS), quantized activations by byte dot products of weight codes and
+activation codes (kernels_quant.c) or by AND + popcount (kernels_linear.c), both with exact integer block
+sums (QUANT_KERNEL says which runs). Every call releases the
 GIL (cffi API mode) and runs on a persistent pthread pool created once per backend.
 """
 from __future__ import annotations
@@ -22,6 +24,10 @@ ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
 # vs 57 us; output 49152x576: W1 0.46 vs 0.69 ms, W8 0.78 vs 3.2 ms), the table cost being linear in
 # planes; AVX2 has no byte dot product (codes are widened to 16 bits) and wins only from 3 bits.
 I8_MIN_BITS = {"portable": 1, "avx2": 3, "avx512": 1}
+# Quantized activations: "bytes" (vpdpbusd on codes, kernels_quant.c) or "popcount" (AND + popcount over
+# bit planes). Measured one thread, AMD EPYC (Zen 4), SmolLM2 shapes, G = Ga = 32 (tools/bench_cpu_kernels.py,
+# bench/results/cpu_quant_bytes.json): the byte kernel wins at every (p, q) measured, W1A1 included.
+QUANT_KERNEL = "bytes"
 _ERRORS = {-1: "out of memory", -2: "instruction set not available on this CPU", -3: "bad arguments"}
 
 
@@ -48,6 +54,8 @@ class LinearHandle:
     woff: np.ndarray | None
     planes: np.ndarray        # uint32 (p, N, Kp/32) canonical, C-contiguous
     wcsum: np.ndarray         # uint16 (N, Kp/32) code sum per word (weighted row popcounts)
+    qcodes: np.ndarray | None = None   # codes tiles for the quantized-activation byte kernel (lazy)
+    wpw: np.ndarray | None = None      # int32 (Nt, Kp/32, 64): 2 * code sum per word, tiled (lazy)
 
     @property
     def N(self) -> int:
@@ -83,7 +91,7 @@ class CpuBackend:
     name = "cpu"
 
     def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut",
-                 i8_min_bits: int | None = None):
+                 i8_min_bits: int | None = None, quant: str | None = None):
         self._ffi, self._lib = build.load()
         have = available_isas()
         isa = isa or os.environ.get("ANYBIT_CPU_ISA") or None
@@ -97,6 +105,9 @@ class CpuBackend:
             raise ValueError(f"a16 must be 'lut' or 'f32', got {a16!r}")
         self.isa, self._isa_code, self.a16 = isa, ISAS.index(isa), a16
         self.i8_min_bits = int(I8_MIN_BITS[isa] if i8_min_bits is None else i8_min_bits)
+        self.quant = quant or QUANT_KERNEL
+        if self.quant not in ("bytes", "popcount"):
+            raise ValueError(f"quant must be 'bytes' or 'popcount', got {quant!r}")
         self.threads = int(threads or os.cpu_count() or 1)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -215,7 +226,38 @@ class CpuBackend:
                "quantize_activations")
         return planes, scales, csum
 
-    def _linear_quant(self, h, x, abits, agroup, y, debug=False):
+    def _quant_weights(self, h: LinearHandle) -> None:
+        """Build (once) what the byte kernel reads: code tiles (shared with A16 when present), word sums."""
+        if h.qcodes is None:
+            h.qcodes = h.codes if h.codes is not None else layout.codes_tiles(h.planes)
+        if h.wpw is None:
+            p, N, W = h.planes.shape
+            wpw = np.empty((-(-N // layout.TILE), W, layout.TILE), np.int32)
+            self._lib.ab_qd_word_sums(self._p("uint32_t *", h.planes), p, N, W, self._p("int32_t *", wpw))
+            h.wpw = wpw
+
+    def _linear_bytes(self, h, x, abits, agroup, y, debug=False):
+        lin = h.lin
+        ga, L = self._agroups(lin, agroup)
+        if not 1 <= int(abits) <= 8:
+            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        self._quant_weights(h)
+        M = x.shape[0]
+        nb = lin.Kp // L
+        dI = np.empty((M, lin.N, nb), np.int64) if debug else None
+        dU = np.empty((M, lin.N, nb), np.int64) if debug else None
+        sm = None if lin.smooth is None else np.ascontiguousarray(lin.smooth, dtype=np.float32)
+        rc = self._lib.ab_linear_qd(
+            self._live_pool, self._isa_code, self._p("uint8_t *", h.qcodes), self._p("int32_t *", h.wpw),
+            self._p("float *", h.wsc), self._p("float *", h.woff), lin.bits, layout.container_bits(lin.bits),
+            lin.N, lin.Kp, lin.group, int(abits), ga, L, self._p("float *", x), self._p("float *", sm), M, lin.K,
+            self._p("float *", y), self._p("int64_t *", dI), self._p("int64_t *", dU))
+        _check(rc, "linear_qd")
+        return dI, dU, L
+
+    def _linear_quant(self, h, x, abits, agroup, y, debug=False, kernel=None):
+        if (kernel or self.quant) == "bytes" and h.lin.Kp <= 32768:
+            return self._linear_bytes(h, x, abits, agroup, y, debug)
         lin = h.lin
         ga, L = self._agroups(lin, agroup)
         aplanes, ascales, acsum = self.quantize_activations(x, abits, ga, lin.Kp, lin.smooth)
@@ -233,11 +275,13 @@ class CpuBackend:
         _check(rc, "linear_quant")
         return dI, dU, L
 
-    def linear_quant_debug(self, h: LinearHandle, x: np.ndarray, abits: int, agroup=None):
-        """(y, I, U, L): the output plus the exact integer block sums I[m, n, b], U[m, n, b] (DESIGN.md)."""
+    def linear_quant_debug(self, h: LinearHandle, x: np.ndarray, abits: int, agroup=None, kernel=None):
+        """(y, I, U, L): the output plus the exact integer block sums I[m, n, b], U[m, n, b] (DESIGN.md).
+        kernel "bytes" | "popcount" (None: this backend's choice); the byte kernel's debug run is its
+        portable path."""
         x = self._input(h, x)
         y = np.empty((x.shape[0], h.lin.N), np.float32)
-        dI, dU, L = self._linear_quant(h, x, abits, agroup, y, debug=True)
+        dI, dU, L = self._linear_quant(h, x, abits, agroup, y, debug=True, kernel=kernel)
         return y, dI, dU, L
 
     def linear_float(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -247,9 +291,15 @@ class CpuBackend:
     # ---- whole forward in one C call (engine/fast_decode.py) ----------------------------------------
     def fused_model(self, *, d: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn: int, eps: float,
                     theta: float, rope_style: str, layers: list[dict], norm: np.ndarray,
-                    output: LinearHandle) -> "FusedModel":
+                    output: LinearHandle, abits: int = 16, agroup=None) -> "FusedModel":
         """Describe a Llama model to the C forward pass. layers: dicts with attn_norm, ffn_norm (d,) and
-        LinearHandles qkv (fused q|k|v), wo, gate_up (fused gate|up), down. A16 table weights only."""
+        LinearHandles qkv (fused q|k|v), wo, gate_up (fused gate|up), down. abits 16 (A16) or 1..8 with
+        agroup as in linear() (the byte-code kernel; needs quant="bytes")."""
+        abits = int(abits)
+        if not (abits == 16 or 1 <= abits <= 8):
+            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if abits < 16 and self.quant != "bytes":
+            raise ValueError("the fused forward runs quantized activations on the byte kernel (quant='bytes')")
         if self.a16 != "lut":
             raise ValueError("the fused forward runs the table-lookup A16 path only (a16='lut')")
         if rope_style not in ("adjacent", "half"):
@@ -274,6 +324,15 @@ class CpuBackend:
             dst.wsc = self._p("float *", h.wsc)
             dst.woff = self._p("float *", h.woff)
             dst.p, dst.N, dst.Kp, dst.G, dst.K = h.lin.bits, h.lin.N, h.lin.Kp, h.lin.group, h.lin.K
+            if abits < 16:
+                ga, L = self._agroups(h.lin, agroup)
+                if h.lin.Kp > 32768:
+                    raise ValueError("fused forward: quantized activations need Kp <= 32768")
+                self._quant_weights(h)
+                dst.codes = self._p("uint8_t *", h.qcodes)
+                dst.cw = layout.container_bits(h.lin.bits)
+                dst.wpw = self._p("int32_t *", h.wpw)
+                dst.Ga, dst.L = ga, L
 
         for L in layers:
             for k in ("qkv", "wo", "gate_up", "down"):
@@ -288,6 +347,7 @@ class CpuBackend:
         m = ffi.new("ab_model *")
         m.n_layers, m.d, m.H, m.Hkv, m.hd, m.F = len(layers), d, n_heads, n_kv_heads, head_dim, ffn
         m.rope_style = 0 if rope_style == "adjacent" else 1
+        m.abits = abits
         m.eps, m.theta = float(eps), float(theta)
         m.layers = arr
         m.norm = vec(norm, d)

@@ -17,11 +17,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_decode.c", "kernels_int8.c")
+SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_decode.c", "kernels_int8.c",
+           "kernels_quant.c")
 HEADERS = ("anybit_cpu.h", "ab_internal.h")
 # No -march=native: ISA-specific functions carry target attributes and are chosen at run time.
-# No -ffast-math: the activation quantizer must round exactly like NumPy.
-CFLAGS = ["-O3", "-fPIC", "-pthread", "-std=gnu11", "-fno-strict-aliasing"]
+# No -ffast-math: the activation quantizer must round exactly like NumPy. No FMA contraction: the
+# quantized-activation recovery (kernels_quant.c) must round identically on every isa path.
+CFLAGS = ["-O3", "-fPIC", "-pthread", "-std=gnu11", "-fno-strict-aliasing", "-ffp-contract=off"]
 LDFLAGS = ["-pthread", "-lm"]
 MODULE = "_anybit_cpu"
 

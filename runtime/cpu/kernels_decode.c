@@ -6,8 +6,10 @@
  * this small model. ab_forward runs the same sequence of the same C functions (so the logits are
  * bitwise those of engine/decoder.py on this backend): rmsnorm -> fused qkv product -> rope on q and k
  * -> k, v into the cache -> attention -> wo -> residual -> rmsnorm -> fused gate/up -> swiglu -> down ->
- * residual, for every layer, then the final norm and the output product. Only A16 weights (table
- * lookup) are handled here; the engine falls back to per-op calls for anything else.
+ * residual, for every layer, then the final norm and the output product. Linears run A16 (tables or
+ * byte codes) or, with m->abits 1..8, quantize their input per token and group and run the byte-code
+ * product of kernels_quant.c (the same ab_qd_run the per-op backend calls). Smoothed linears are not
+ * handled here; the engine falls back to per-op calls for those.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +20,15 @@ static int lin_ok(const ab_lin *l, int K, int N) {
            l->Kp % l->G == 0 && l->K <= l->Kp;
 }
 
-static int run_lin(ab_pool *pool, int isa, const ab_lin *l, const float *x, int M, float *y, void *scratch) {
+static int qlin_ok(const ab_lin *l) {
+    return l->codes && l->wpw && l->L > 0 && l->Ga > 0;
+}
+
+static int run_lin(ab_pool *pool, int isa, int abits, const ab_lin *l, const float *x, int M, float *y,
+                   void *scratch) {
+    if (abits < 16)
+        return ab_qd_run(pool, isa, l->codes, l->wpw, l->wsc, l->woff, l->p, l->cw, l->N, l->Kp, l->G, abits,
+                         l->Ga, l->L, x, NULL, M, l->K, y, NULL, NULL, NULL, scratch);
     if (l->codes)
         return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->p, l->cw, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
     return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
@@ -28,6 +38,8 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
                int T, int all_logits, float *logits) {
     if (!(ab_isa_available() >> isa & 1) || isa < 0 || isa > AB_ISA_AVX512) return -2;
     int d = m->d, H = m->H, Hkv = m->Hkv, hd = m->hd, F = m->F;
+    int ab = m->abits;
+    if (!(ab == 16 || (ab >= 1 && ab <= 8))) return -3;
     if (M < 1 || pos0 < 0 || pos0 + M > T || Hkv < 1 || H % Hkv || hd < 2 || hd % 2 || hd > 1024) return -3;
     int qd = H * hd, kd = Hkv * hd, nqkv = qd + 2 * kd;
     int maxK = d > qd ? d : qd;
@@ -39,14 +51,19 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
             !lin_ok(&L->down, F, d))
             return -3;
         const ab_lin *ls[4] = {&L->qkv, &L->wo, &L->gate_up, &L->down};
-        for (int j = 0; j < 4; j++) maxKp = ls[j]->Kp > maxKp ? ls[j]->Kp : maxKp;
+        for (int j = 0; j < 4; j++) {
+            maxKp = ls[j]->Kp > maxKp ? ls[j]->Kp : maxKp;
+            if (ab < 16 && !qlin_ok(ls[j])) return -3;
+        }
     }
-    if (!lin_ok(&m->out, d, m->out.N)) return -3;
+    if (!lin_ok(&m->out, d, m->out.N) || (ab < 16 && !qlin_ok(&m->out))) return -3;
     (void)maxK;
 
     size_t fl = (size_t)M * ((size_t)d * 2 + nqkv + (size_t)qd * 2 + (size_t)F * 3) + 64;
     size_t sc = ab_a16_scratch(M, maxKp), sc8 = ab_i8_scratch(M, maxKp);
     sc = sc > sc8 ? sc : sc8;
+    size_t scq = ab_qd_scratch(M, maxKp);
+    sc = sc > scq ? sc : scq;
     float *buf = NULL;
     if (posix_memalign((void **)&buf, 64, fl * sizeof(float) + sc + 64)) return -1;
     float *h = buf, *qkv = h + (size_t)M * d, *q = qkv + (size_t)M * nqkv, *att = q + (size_t)M * qd;
@@ -62,7 +79,7 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         const ab_layer *L = &m->layers[li];
         float *kl = kc + li * layer_kv, *vl = vc + li * layer_kv;
         ab_rmsnorm(pool, x, L->attn_norm, M, d, m->eps, h);
-        if ((rc = run_lin(pool, isa, &L->qkv, h, M, qkv, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->qkv, h, M, qkv, scratch))) break;
         for (int i = 0; i < M; i++) {
             const float *row = qkv + (size_t)i * nqkv;
             memcpy(q + (size_t)i * qd, row, (size_t)qd * sizeof(float));
@@ -72,20 +89,20 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         ab_rope(pool, q, pos, M, H, hd, m->theta, m->rope_style);
         ab_rope(pool, kl + (size_t)pos0 * kd, pos, M, Hkv, hd, m->theta, m->rope_style);
         if ((rc = ab_attention(pool, q, kl, vl, M, H, Hkv, hd, pos0 + M, pos, NULL, att))) break;
-        if ((rc = run_lin(pool, isa, &L->wo, att, M, tmp, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->wo, att, M, tmp, scratch))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
         ab_rmsnorm(pool, x, L->ffn_norm, M, d, m->eps, h);
-        if ((rc = run_lin(pool, isa, &L->gate_up, h, M, gu, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->gate_up, h, M, gu, scratch))) break;
         for (int i = 0; i < M; i++)
             ab_swiglu(pool, gu + (size_t)i * 2 * F, gu + (size_t)i * 2 * F + F, F, act + (size_t)i * F);
-        if ((rc = run_lin(pool, isa, &L->down, act, M, tmp, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->down, act, M, tmp, scratch))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
     }
     if (!rc) {
         const float *xs = all_logits ? x : x + (size_t)(M - 1) * d;
         int Mo = all_logits ? M : 1;
         ab_rmsnorm(pool, xs, m->norm, Mo, d, m->eps, h);
-        rc = run_lin(pool, isa, &m->out, h, Mo, logits, scratch);
+        rc = run_lin(pool, isa, ab, &m->out, h, Mo, logits, scratch);
     }
     free(pos);
     free(buf);
