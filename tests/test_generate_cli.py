@@ -64,7 +64,10 @@ def test_prompt_longer_than_context(default_model):
 def test_ctrl_c_stops_cleanly(default_model):
     proc = subprocess.Popen([sys.executable, "-m", "engine.generate", "Once upon a time, in a small village by the sea,", "--model",
                              default_model, "--max-tokens", "2000", "--device", "cpu", "--context", "4096"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell that starts CI in the background ignores SIGINT, and children inherit
+                            # that; a user at a terminal has the default, which this restores
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)                     # generation has started
     assert first
     proc.send_signal(signal.SIGINT)
