@@ -5,7 +5,8 @@ import sys
 
 from runtime.errors import NoGpuError
 
-DEVICES = ("cpu", "cuda", "auto", "numpy")   # "numpy": the reference backend, for checks
+DEVICES = ("cpu", "cuda", "auto", "numpy")
+CUDA_VERIFIED = False       # flip once tools.gpu_report has passed on a GPU (see README, Status)   # "numpy": the reference backend, for checks
 
 
 def _cpu(threads):
@@ -40,7 +41,19 @@ def select_backend(device: str = "auto", threads: int | None = None):
         return NumpyBackend(threads)
     if device == "cuda":
         return _cuda(threads)
-    try:
-        return _cuda(threads)
-    except (NoGpuError, ImportError):
-        return _cpu(threads)
+    # "auto" stays on the CPU until the CUDA backend has a recorded run on real hardware
+    # (bench/results/gpu-report-*.json): a user should not meet an unverified path by default.
+    if CUDA_VERIFIED:
+        try:
+            return _cuda(threads)
+        except (NoGpuError, ImportError):
+            pass
+    else:
+        try:
+            from runtime import driver
+            if driver.available():
+                print("anybit: a GPU is present, but the CUDA backend is untested on hardware; running on "
+                      "the CPU (pass --device cuda to use it)", file=sys.stderr)
+        except ImportError:
+            pass
+    return _cpu(threads)
