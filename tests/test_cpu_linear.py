@@ -344,3 +344,115 @@ def test_build_cache_key_and_env_isa(monkeypatch):
     with pytest.raises(RuntimeError, match="closed"):
         be.linear(be.prepare_linear(make_lin(np.random.default_rng(0), 4, 32, 2, 32, False)),
                   np.zeros((1, 32), np.float32))
+
+
+# ---- float16 group parameters (backend.f16_params): exact GGUF imports read half the parameter bytes ----
+
+def gguf_blocks(rng, N, K, ggml_type, tiny=False):
+    """Random raw GGUF block fields (d, m float16 per 32 lanes; q codes), as loader.gguf_reader gives them.
+    tiny: some scales are float16 subnormals and some groups all zero (d = m = 0)."""
+    nb = K // 32
+    d = (rng.uniform(0.002, 0.08, (N, nb)) * rng.choice([-1, 1], (N, nb)) ** (ggml_type != "Q4_1")).astype(np.float16)
+    if tiny:
+        d.flat[::7] = np.float16(2.0 ** -20) * np.arange(1, d.size // 7 + 2, dtype=np.float16)[: d.flat[::7].size]
+        d.flat[::11] = 0
+    if ggml_type == "Q8_0":
+        return d, rng.integers(-128, 128, (N, K)).astype(np.int8)
+    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    if ggml_type == "Q4_0":
+        return d, q
+    m = (-rng.uniform(0.0, 0.5, (N, nb))).astype(np.float16)
+    if tiny:
+        m.flat[::11] = 0
+    return d, m, q
+
+
+def exact_lin(rng, N, K, ggml_type="Q4_1", bits=None, tiny=False):
+    from loader.pack import exact_import
+    return PackedLinear.from_quant(exact_import(gguf_blocks(rng, N, K, ggml_type, tiny), ggml_type, bits))
+
+
+_pbackends = {}
+
+
+def pbackend(isa, params):
+    if (isa, params) not in _pbackends:
+        _pbackends[isa, params] = CpuBackend(threads=2, isa=isa, params=params)
+    return _pbackends[isa, params]
+
+
+@pytest.mark.parametrize("src,bits,r", [("Q4_1", 4, 15), ("Q4_1", 8, 15), ("Q4_1", 6, 15), ("Q4_0", 4, 15),
+                                        ("Q4_0", 5, 31), ("Q8_0", 8, 255)])
+def test_f16_params_exact_import(src, bits, r):
+    """An exact import takes the float16 path (r as documented) and gives bitwise the float32 path's output on
+    every isa, A16 and quantized activations, within the float64 reference's bounds."""
+    rng = np.random.default_rng(bits * 7 + len(src))
+    N, K, M = 130, 320, 3
+    lin = exact_lin(rng, N, K, src, bits, tiny=True)
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 3, K)).astype(np.float32)
+    ref16, refq = ref_linear_a16(lin, x), ref_linear_quant(lin, x, 8, 32)
+    outs = {}
+    for isa in ISAS:
+        for params in ("auto", "float32"):
+            be = pbackend(isa, params)
+            h = be.prepare_linear(lin)
+            if params == "auto":
+                assert h.param_dtype == "float16" and h.f16 == r and h.wsc.dtype == np.float16
+                assert h.wsc.nbytes + h.woff.nbytes == 2 * 2 * N * (K // 32) + 2 * 2 * (-N % 64) * (K // 32)
+            else:
+                assert h.param_dtype == "float32" and h.f16 == 0
+            y, yq = be.linear(h, x), be.linear(h, x, abits=8, agroup=32)
+            assert np.all(np.abs(y - ref16) <= a16_bound(lin, x)), np.abs(y - ref16).max()
+            np.testing.assert_allclose(yq, refq, rtol=1e-5, atol=1e-6 * np.abs(refq).max())
+            outs[isa, params] = (y, yq, be.linear(h, x, abits=4, agroup="token"))
+    first = outs[ISAS[0], "float32"]
+    for key, o in outs.items():
+        for a, b in zip(o, first):
+            np.testing.assert_array_equal(a, b, err_msg=str(key))
+
+
+def test_f16_params_rule():
+    """Direct checks of the exactness rule against hand-computed values."""
+    from runtime.cpu.backend import f16_params
+    d, m = np.float16(0.0312), np.float16(-0.2)
+    s = np.full((1, 2), np.float32(d) / 2, np.float32)
+    # Q4_1 at p = 4: a = d, z = m with r = 15 (code 0)
+    a, z, r = f16_params(s, (7.5 * np.float64(d) + np.float64(m)) * np.ones((1, 2), np.float32), 4)
+    assert r == 15 and a[0, 0] == d and z[0, 0] == m
+    # the same at p = 8 (codes shifted by 120): o - 255 s is not a float16, r = 15 still gives z = m
+    o = np.float32(7.5 * np.float64(d) + np.float64(m)) * np.ones((1, 2), np.float32)
+    assert np.float16(np.float64(o[0, 0]) - 255 * np.float64(s[0, 0])) != np.float64(o[0, 0]) - 255 * np.float64(s[0, 0])
+    a, z, r = f16_params(s, o, 8)
+    assert r == 15 and z[0, 0] == m
+    # symmetric Q8_0-like
+    a, z, r = f16_params(s, None, 8)
+    assert z is None and r == 255 and a[0, 0] == d
+    # not exact: a scale with more than 11 significant bits, an offset that no r makes a float16, overflow
+    assert f16_params(np.full((1, 1), 0.1, np.float32), None, 4) is None
+    assert f16_params(s[:, :1], np.full((1, 1), 0.1, np.float32), 4) is None
+    assert f16_params(np.full((1, 1), 2.0 ** 17, np.float32), None, 4) is None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_f16_params_fallback(isa):
+    """Weights quantized from floats (scales not float16) keep float32 parameters and the reference bounds."""
+    rng = np.random.default_rng(11)
+    be = pbackend(isa, "auto")
+    x = rng.standard_normal((2, 200)).astype(np.float32)
+    for asym in (False, True):
+        lin = make_lin(rng, 70, 200, 4, 32, asym)
+        h = be.prepare_linear(lin)
+        assert h.param_dtype == "float32" and h.f16 == 0 and h.wsc.dtype == np.float32
+        assert np.all(np.abs(be.linear(h, x) - ref_linear_a16(lin, x)) <= a16_bound(lin, x))
+    # float16 scales, but one offset that is not: the whole linear stays float32
+    lin = exact_lin(rng, 70, 224, "Q4_1")
+    lin.offsets[5, 3] = np.float32(0.1)
+    h = be.prepare_linear(lin)
+    assert h.param_dtype == "float32"
+    x = rng.standard_normal((2, 224)).astype(np.float32)
+    assert np.all(np.abs(be.linear(h, x) - ref_linear_a16(lin, x)) <= a16_bound(lin, x))
+    # the table kernel (i8_min_bits 9) reads float32 only
+    tb = backend(isa, i8=9)
+    assert tb.prepare_linear(exact_lin(rng, 70, 224, "Q4_1")).param_dtype == "float32"
+    with pytest.raises(ValueError, match="params"):
+        CpuBackend(params="half")

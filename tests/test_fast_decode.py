@@ -94,3 +94,32 @@ def test_fused_errors(be):
         fast.forward(list(range(9)), fast.new_cache())
     with pytest.raises(ValueError, match="out of range"):
         fast.forward([10**6], fast.new_cache())
+
+
+@pytest.mark.parametrize("src,wbits,abits", [("Q4_1", 4, 16), ("Q4_1", 8, 8), ("Q8_0", 8, 16), ("Q4_0", 4, 4)])
+def test_fused_f16_params_equal_per_op_and_f32(src, wbits, abits):
+    """Exact GGUF-like imports take float16 group parameters (runtime/cpu/backend.py f16_params); the fused
+    forward still equals the per-op decoder bitwise, and both equal the float32-parameter backend."""
+    from loader.bipolar import PackedLinear
+    from tests.test_cpu_linear import exact_lin
+    rng = np.random.default_rng(21)
+    pm = quantize_model(tiny_llama(seed=10), Recipe(wbits=4, group=32))
+    for name, t in list(pm.tensors.items()):
+        if isinstance(t, PackedLinear):
+            pm.tensors[name] = exact_lin(rng, t.N, t.K, src, wbits)
+    ids = [5, 17, 2, 99, 31]
+    outs = []
+    for params in ("auto", "float32"):
+        with cpu.CpuBackend(threads=2, params=params) as b:
+            assert b.prepare_linear(pm.tensors["layers.0.wq"]).param_dtype == ("float16" if params == "auto" else "float32")
+            ref, fast = Decoder(pm, b, abits=abits), FastDecoder(pm, b, abits=abits)
+            assert fast.fast
+            c0, c1 = ref.new_cache(), fast.new_cache()
+            y = fast.forward(ids, c1, all_logits=True)
+            np.testing.assert_array_equal(y, ref.forward(ids, c0, all_logits=True))
+            for t in (7, 3):
+                step = fast.forward([t], c1)
+                np.testing.assert_array_equal(step, ref.forward([t], c0))
+            outs.append((y, step, c1.k.copy()))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

@@ -1,7 +1,12 @@
 """Micro-benchmark of the CPU backend linears against NumPy float32 matmul, measured in the same run.
 
     python -m tools.bench_cpu_kernels [--threads 2] [--isa avx512] [--shapes smol|llama|all] [--m 1,64]
-                                      [--modes w1a16,...,w4a8] [--min-time 0.2] [--json FILE]
+                                      [--modes w1a16,...,w4a8] [--min-time 0.2] [--offsets]
+                                      [--params float32|float16|both] [--json FILE]
+
+--params float16 draws GGUF-like group parameters (float16 d, m as an exact Q4_1 import has them), which
+the backend keeps as float16 (half the parameter bytes, runtime/cpu/backend.py f16_params); float32
+draws arbitrary float32 ones (the float32 path); both times the two on the same codes.
 
 GB/s counts the packed weight bytes (planes + scales [+ offsets]) read per call; GFLOP/s is the
 equivalent of the dense product, 2*M*N*K / time. ratio = NumPy time / kernel time (> 1: faster).
@@ -38,11 +43,16 @@ SHAPES = {  # name: (N, K)
 DEFAULT_MODES = ["w1a16", "w2a16", "w3a16", "w4a16", "w8a16", "w8a8", "w4a8", "w2a8", "w4a4"]
 
 
-def random_linear(rng, N, K, bits, group=128, offsets=False) -> PackedLinear:
+def random_linear(rng, N, K, bits, group=128, offsets=False, half=False) -> PackedLinear:
     Kp = -(-K // group) * group
     planes = rng.integers(0, 2**32, (bits, N, Kp // 32), dtype=np.uint64).astype(np.uint32)
     scales = rng.uniform(0.001, 0.01, (N, Kp // group)).astype(np.float32)
     off = rng.uniform(-0.01, 0.01, scales.shape).astype(np.float32) if offsets else None
+    if half:      # s = d/2, o = m + 7.5 d with float16 d, m (GGUF Q4_1 imported at any p >= 4)
+        d = (2 * scales).astype(np.float16)
+        scales = (d.astype(np.float64) / 2).astype(np.float32)
+        if offsets:
+            off = (off.astype(np.float16).astype(np.float64) + 7.5 * d.astype(np.float64)).astype(np.float32)
     return PackedLinear(planes, scales, off, bits, group, K, N)
 
 
@@ -68,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.2)
     ap.add_argument("--quant", default=None, choices=["bytes", "popcount"],
                     help="quantized-activation kernel (default: the backend's choice)")
+    ap.add_argument("--offsets", action="store_true", help="asymmetric weights (group offsets)")
+    ap.add_argument("--params", default="float32", choices=["float32", "float16", "both"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     shapes = SHAPES["smol"] + SHAPES["llama"] if a.shapes == "all" else SHAPES[a.shapes]
@@ -77,7 +89,7 @@ def main(argv=None) -> int:
     rows = []
     with CpuBackend(threads=a.threads, isa=a.isa, quant=a.quant) as be:
         print(f"isa={be.isa} threads={be.threads} group={a.group} quant={be.quant}")
-        hdr = (f"{'shape':24} {'mode':7} {'M':>4} {'us':>10} {'GB/s':>7} {'GFLOP/s':>8} "
+        hdr = (f"{'shape':24} {'mode':7} {'params':7} {'M':>4} {'us':>10} {'GB/s':>7} {'GFLOP/s':>8} "
                f"{'numpy us':>10} {'ratio':>6}")
         print(hdr)
         print("-" * len(hdr))
@@ -87,21 +99,26 @@ def main(argv=None) -> int:
                 x = rng.standard_normal((M, K)).astype(np.float32)
                 t_np = timeit(lambda: np.matmul(x, wf.T), a.min_time)
                 for wb, ab in modes:
-                    lin = random_linear(rng, N, K, wb, a.group)
-                    h = be.prepare_linear(lin)
-                    out = np.empty((M, N), np.float32)
-                    t = timeit(lambda: be.linear(h, x, abits=ab, out=out), a.min_time)
-                    gbs = lin.nbytes / t / 1e9
-                    gfl = 2.0 * M * N * K / t / 1e9
-                    row = dict(shape=name, N=N, K=K, M=M, mode=f"w{wb}a{ab}", us=t * 1e6, gbs=gbs, gflops=gfl,
-                               numpy_us=t_np * 1e6, ratio=t_np / t, weight_bytes=lin.nbytes)
-                    rows.append(row)
-                    print(f"{name:24} {row['mode']:7} {M:>4} {t * 1e6:>10.1f} {gbs:>7.2f} {gfl:>8.1f} "
-                          f"{t_np * 1e6:>10.1f} {t_np / t:>6.2f}", flush=True)
-                    del h, lin
+                    seed = int(rng.integers(2**31))
+                    for half in ([False, True] if a.params == "both" else [a.params == "float16"]):
+                        lin = random_linear(np.random.default_rng(seed), N, K, wb, a.group, a.offsets, half)
+                        h = be.prepare_linear(lin)
+                        out = np.empty((M, N), np.float32)
+                        t = timeit(lambda: be.linear(h, x, abits=ab, out=out), a.min_time)
+                        gbs = lin.nbytes / t / 1e9
+                        gfl = 2.0 * M * N * K / t / 1e9
+                        pb = h.wsc.nbytes + (0 if h.woff is None else h.woff.nbytes)
+                        row = dict(shape=name, N=N, K=K, M=M, mode=f"w{wb}a{ab}", params=h.param_dtype, us=t * 1e6,
+                                   gbs=gbs, gflops=gfl, numpy_us=t_np * 1e6, ratio=t_np / t, weight_bytes=lin.nbytes,
+                                   param_bytes=pb)
+                        rows.append(row)
+                        print(f"{name:24} {row['mode']:7} {h.param_dtype[5:]:7} {M:>4} {t * 1e6:>10.1f} {gbs:>7.2f} "
+                              f"{gfl:>8.1f} {t_np * 1e6:>10.1f} {t_np / t:>6.2f}", flush=True)
+                        del h, lin
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(isa=be.isa, threads=a.threads, group=a.group, quant=be.quant, rows=rows), f, indent=1)
+            json.dump(dict(isa=be.isa, threads=a.threads, group=a.group, quant=be.quant, offsets=a.offsets,
+                           params=a.params, rows=rows), f, indent=1)
     return 0
 
 

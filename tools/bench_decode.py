@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default=None, choices=["bytes", "popcount"],
                     help="quantized-activation kernel (default: the backend's QUANT_KERNEL); popcount also "
                          "takes the per-op path, as before the byte kernel existed")
+    ap.add_argument("--params", default="auto", choices=["auto", "float32"],
+                    help="per-group weight parameters: auto (float16 where exact, runtime/cpu/backend.py "
+                         "f16_params) or float32 (as before float16 parameters existed)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
     from tools.eval import parse_config
 
     llama = None if a.no_llama else LlamaRunner(a.gguf, a.threads, a.llama_python)
-    be = CpuBackend(threads=a.threads, quant=a.quant)
+    be = CpuBackend(threads=a.threads, quant=a.quant, params=a.params)
     rows, llama_runs = [], []
     try:
         for spec in a.configs.split(","):
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
             llama.close()
         be.close()
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-           "threads": a.threads, "isa": be.isa, "quant_kernel": be.quant, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
+           "threads": a.threads, "isa": be.isa, "quant_kernel": be.quant, "params": be.params, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
            "gguf": a.gguf, "llama_cpp_version": llama.version if llama else None, "rows": rows}
     out = Path(a.out) if a.out else (Path(__file__).resolve().parent.parent / "bench" / "results" /
                                      f"cpu-decode-{datetime.date.today().isoformat()}.json")

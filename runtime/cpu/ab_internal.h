@@ -20,15 +20,90 @@ int ab_a16_run(ab_pool *pool, int isa, const uint8_t *wl, const float *wsc, cons
                int p, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
 
 size_t ab_i8_scratch(int M, int Kp);
-int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
 
 size_t ab_qd_scratch(int M, int Kp);
-int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const float *wsc, const float *woff,
-              int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
+int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc, const void *woff,
+              int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
               int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch);
 
 #define AB_INLINE static inline __attribute__((always_inline))
 #define AB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi,avx512vnni,popcnt")))
-#define AB_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#define AB_AVX2 __attribute__((target("avx2,fma,popcnt,f16c")))
+
+/* Group parameters of 64 tiled rows (index `at` into the [Nt][ng][64] arrays) as float32 scale s and
+ * offset o (*wo NULL when symmetric). f16 = 0: float32 arrays, used in place. f16 = r > 0 (an odd
+ * integer <= 255): float16 arrays of a = 2s and z = o - r*s, half the bytes (z is the weight of code
+ * (P1 - r)/2: r = P1 for code 0; a Q4_1 source imported at p = 8 has codes shifted by 120 and takes
+ * r = 15, z = m). backend.py (f16_params) picks this only where s = 0.5f*a and o = z + r*s (r*s exact in
+ * float32: 8 x 11 significant bits, then one rounding) reproduce the stored float32 s and o bit for bit,
+ * so f16 and f32 handles give the same y, and every isa converts exactly (F16C / AVX-512 cvtph, or the
+ * portable converter below). */
+#include <string.h>
+#include <immintrin.h>
+AB_INLINE float ab_h2f(uint16_t h) {
+    uint32_t e = h >> 10 & 31, m = h & 1023u, bits;
+    float v;
+    if (e == 0) {                         /* zero or subnormal: m * 2^-24 is exact in float32 */
+        v = (float)m * 0x1p-24f;
+        return h & 0x8000 ? -v : v;
+    }
+    bits = (uint32_t)(h & 0x8000) << 16 | (e == 31 ? 0x7f800000u : (e + 112) << 23) | m << 13;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+AB_INLINE const float *ab_gp_portable(const void *sc, const void *off, int f16, size_t at,
+                                      float *sb, float *ob, const float **wo) {
+    if (!f16) {
+        *wo = off ? (const float *)off + at : NULL;
+        return (const float *)sc + at;
+    }
+    const uint16_t *a = (const uint16_t *)sc + at, *z = off ? (const uint16_t *)off + at : NULL;
+    float p1 = (float)f16;
+    for (int i = 0; i < 64; i++) {
+        float s = 0.5f * ab_h2f(a[i]);
+        sb[i] = s;
+        if (z) ob[i] = ab_h2f(z[i]) + p1 * s;
+    }
+    *wo = z ? ob : NULL;
+    return sb;
+}
+
+AB_AVX2 static inline const float *ab_gp_avx2(const void *sc, const void *off, int f16, size_t at,
+                                              float *sb, float *ob, const float **wo) {
+    if (!f16) {
+        *wo = off ? (const float *)off + at : NULL;
+        return (const float *)sc + at;
+    }
+    const uint16_t *a = (const uint16_t *)sc + at, *z = off ? (const uint16_t *)off + at : NULL;
+    const __m256 half = _mm256_set1_ps(0.5f), p1 = _mm256_set1_ps((float)f16);
+    for (int i = 0; i < 64; i += 8) {
+        __m256 s = _mm256_mul_ps(half, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i))));
+        _mm256_storeu_ps(sb + i, s);
+        if (z) _mm256_storeu_ps(ob + i, _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + i))),
+                                                      _mm256_mul_ps(p1, s)));
+    }
+    *wo = z ? ob : NULL;
+    return sb;
+}
+
+AB_AVX512 static inline const float *ab_gp_avx512(const void *sc, const void *off, int f16, size_t at,
+                                                  float *sb, float *ob, const float **wo) {
+    if (!f16) {
+        *wo = off ? (const float *)off + at : NULL;
+        return (const float *)sc + at;
+    }
+    const uint16_t *a = (const uint16_t *)sc + at, *z = off ? (const uint16_t *)off + at : NULL;
+    const __m512 half = _mm512_set1_ps(0.5f), p1 = _mm512_set1_ps((float)f16);
+    for (int i = 0; i < 64; i += 16) {
+        __m512 s = _mm512_mul_ps(half, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a + i))));
+        _mm512_storeu_ps(sb + i, s);
+        if (z) _mm512_storeu_ps(ob + i, _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + i))),
+                                                      _mm512_mul_ps(p1, s)));
+    }
+    *wo = z ? ob : NULL;
+    return sb;
+}
 #endif

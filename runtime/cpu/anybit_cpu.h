@@ -24,8 +24,9 @@ int ab_build_lut(const float *x, int K, int Kp, int G, int8_t *lut, float *lscal
 
 /* A16 by integer dot products (kernels_int8.c; backend.py I8_MIN_BITS says from which p it replaces the
  * tables): codes packed cw = 2, 4 or 8 bits each in tiles uint8 [Nt][Q][64][4] (runtime/cpu/layout.py
- * codes_tiles), same tiled scales/offsets; x quantized to 16 bits per table block. */
-int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+ * codes_tiles), same tiled scales/offsets (f16 = 0: float32 s, o; f16 = r in 1..255: float16 a = 2s and
+ * z = o - r*s, see ab_internal.h); x quantized to 16 bits per table block. */
+int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
                  int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y);
 int ab_i8_quantize(const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs);
 
@@ -39,11 +40,12 @@ int ab_linear_quant(ab_pool *pool, int isa, const uint32_t *planes, const uint16
 
 /* Quantized activations by byte dot products (kernels_quant.c): weight codes in the codes_tiles layout
  * (cw = container bits), wpw int32 [Nt][Kp/32][64] = 2 * code sum per word (ab_qd_word_sums); x is
- * quantized here (q bits, groups of Ga lanes, optional smooth divisor); blocks of L = min(G, Ga) lanes.
+ * quantized here (q bits, groups of Ga lanes, optional smooth divisor); blocks of L = min(G, Ga) lanes;
+ * wsc / woff / f16 as in ab_linear_i8.
  * dbg_I / dbg_U (M, N, Kp/L), or NULL: the exact block integers (computed on the portable path). */
 void ab_qd_word_sums(const uint32_t *planes, int p, int N, int W, int32_t *out);
-int ab_linear_qd(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const float *wsc,
-                 const float *woff, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x,
+int ab_linear_qd(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc,
+                 const void *woff, int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x,
                  const float *smooth, int M, int K, float *y, int64_t *dbg_I, int64_t *dbg_U);
 
 void ab_rmsnorm(ab_pool *pool, const float *x, const float *w, int M, int d, float eps, float *out);
@@ -63,8 +65,9 @@ int64_t ab_argmax(const float *x, int64_t n);
 typedef struct {
     const uint8_t *wl;          /* table-kernel planes, or NULL when codes is set */
     const uint8_t *codes;       /* byte-code tiles (kernels_int8.c), or NULL */
-    const float *wsc;
-    const float *woff;
+    const void *wsc;            /* float32 s, o; or (f16 = r > 0, byte-code kernels only) float16 a = 2s, z = o - r*s */
+    const void *woff;
+    int f16;
     int p, N, Kp, G, K;
     int cw;                     /* bits per code container in codes: 2, 4 or 8 */
     const int32_t *wpw;         /* quantized activations: word code sums (ab_qd_word_sums), else NULL */

@@ -50,12 +50,18 @@ class LinearHandle:
     lin: PackedLinear
     wl: np.ndarray | None     # uint8 (Nt, p, Kp/8, 64)   layout.preprocess(planes); None when codes is set
     codes: np.ndarray | None  # uint8 (Nt, Q, 64, 4)   layout.codes_tiles(planes), for p >= i8_min_bits
-    wsc: np.ndarray           # float32 (Nt, Kp/G, 64)    layout.tile_rows(scales)
-    woff: np.ndarray | None
+    wsc: np.ndarray           # float32 (Nt, Kp/G, 64)    layout.tile_rows(scales); float16 a = 2s, see f16_params
+    woff: np.ndarray | None   # float32 offsets o, or float16 z = o - r s (the weight of code (2^p - 1 - r)/2)
     planes: np.ndarray        # uint32 (p, N, Kp/32) canonical, C-contiguous
     wcsum: np.ndarray         # uint16 (N, Kp/32) code sum per word (weighted row popcounts)
     qcodes: np.ndarray | None = None   # codes tiles for the quantized-activation byte kernel (lazy)
     wpw: np.ndarray | None = None      # int32 (Nt, Kp/32, 64): 2 * code sum per word, tiled (lazy)
+    f16: int = 0              # 0: wsc/woff float32 s, o; r > 0: float16 a = 2s, z = o - r*s (f16_params)
+
+    @property
+    def param_dtype(self) -> str:
+        """"float16" when the kernels read half-size group parameters (exact, see f16_params), else "float32"."""
+        return "float16" if self.wsc.dtype == np.float16 else "float32"
 
     @property
     def N(self) -> int:
@@ -76,6 +82,55 @@ class FusedModel:
     V: int
 
 
+def f16_params(scales: np.ndarray, offsets: np.ndarray | None, bits: int):
+    """(a, z, r): float16 a = 2s and z = o - r*s (None when symmetric) with an odd r in 1..2^p - 1, or None
+    when no r makes them exact.
+
+    Why: decode is memory-bound and float32 s, o are 8 of every ~24 bytes read per 32 weights at W4. Every
+    exact GGUF import has float16 d (and m), so a = d and, at r = 2^p - 1 (z = the weight of code 0),
+    Q4_1: z = m, Q4_0: z = -8d, Q8_0: z = -128d. Imported at p > 4 the codes are shifted (a Q4_1 code c
+    becomes c + 120 at p = 8) and z = o - 255 s = m - 120 d is usually not a float16, but the weight of
+    the shifted code 120 is m again: r = 2^k - 1 (z = weight of code (2^p - 2^k)/2) covers those. The
+    kernels rebuild s = 0.5f*a and o = z + r*s in float32 (ab_internal.h), so this accepts only parameters
+    whose rebuilt values equal the stored float32 ones (bit for bit but for the sign of a zero offset),
+    computed here with the same float32 operations; then f16 and f32 handles give identical outputs on
+    every isa."""
+    s = np.ascontiguousarray(scales, np.float32)
+    P1 = (1 << int(bits)) - 1
+    with np.errstate(over="ignore", invalid="ignore"):
+        a64 = 2.0 * s.astype(np.float64)
+        a = a64.astype(np.float16)
+        if not np.array_equal(a.astype(np.float64), a64):
+            return None
+        s_rec = np.float32(0.5) * a.astype(np.float32)
+        if not np.array_equal(s_rec.view(np.uint32), s.view(np.uint32)):
+            return None
+        if offsets is None:
+            return a, None, P1
+        o = np.ascontiguousarray(offsets, np.float32)
+        for k in range(int(bits), 0, -1):        # r = P1 first (code 0), then the shifted imports
+            r = (1 << k) - 1
+            z64 = o.astype(np.float64) - r * s.astype(np.float64)
+            z = z64.astype(np.float16)
+            if not np.array_equal(z.astype(np.float64), z64):
+                continue
+            o_rec = z.astype(np.float32) + np.float32(r) * s_rec
+            # by value: an all-zero Q4_0 group stores o = -0.0 and rebuilds +0.0, which changes y only
+            # in the sign of an output that is exactly zero
+            if np.array_equal(o_rec, o):
+                return a, z, r
+    return None
+
+
+def _tile16(a: np.ndarray) -> np.ndarray:
+    """float16 (N, ng) -> (ceil(N/64), ng, 64) like layout.tile_rows (padding rows 0: s = o = 0)."""
+    N, ng = a.shape
+    Nt = -(-N // layout.TILE)
+    pad = np.zeros((Nt * layout.TILE, ng), np.float16)
+    pad[:N] = a
+    return np.ascontiguousarray(pad.reshape(Nt, layout.TILE, ng).transpose(0, 2, 1))
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"CPU kernel {what} failed: {_ERRORS.get(rc, rc)}")
@@ -91,7 +146,7 @@ class CpuBackend:
     name = "cpu"
 
     def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut",
-                 i8_min_bits: int | None = None, quant: str | None = None):
+                 i8_min_bits: int | None = None, quant: str | None = None, params: str = "auto"):
         self._ffi, self._lib = build.load()
         have = available_isas()
         isa = isa or os.environ.get("ANYBIT_CPU_ISA") or None
@@ -108,6 +163,9 @@ class CpuBackend:
         self.quant = quant or QUANT_KERNEL
         if self.quant not in ("bytes", "popcount"):
             raise ValueError(f"quant must be 'bytes' or 'popcount', got {quant!r}")
+        if params not in ("auto", "float32"):
+            raise ValueError(f"params must be 'auto' (float16 where exact) or 'float32', got {params!r}")
+        self.params = params
         self.threads = int(threads or os.cpu_count() or 1)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -149,10 +207,16 @@ class CpuBackend:
         wcsum = np.empty((N, W), np.uint16)
         self._lib.ab_code_sums(self._p("uint32_t *", planes), p, N, W, self._p("uint16_t *", wcsum))
         bytecodes = p >= self.i8_min_bits
+        # float16 group parameters only for the byte-code kernels (the table kernel reads float32)
+        half = f16_params(lin.scales, lin.offsets, lin.bits) if bytecodes and self.params == "auto" else None
+        if half is not None:
+            wsc, woff, r = _tile16(half[0]), None if half[1] is None else _tile16(half[1]), half[2]
+        else:
+            r = 0
+            wsc = layout.tile_rows(np.asarray(lin.scales, np.float32))
+            woff = None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32))
         return LinearHandle(lin, None if bytecodes else layout.preprocess(planes),
-                            layout.codes_tiles(planes) if bytecodes else None, layout.tile_rows(np.asarray(lin.scales, np.float32)),
-                            None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32)),
-                            planes, wcsum)
+                            layout.codes_tiles(planes) if bytecodes else None, wsc, woff, planes, wcsum, f16=r)
 
     def _input(self, h: LinearHandle, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -182,8 +246,8 @@ class CpuBackend:
                     lin.bits, lin.N, lin.Kp, lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
             elif h.codes is not None:
                 rc = self._lib.ab_linear_i8(
-                    self._live_pool, self._isa_code, self._p("uint8_t *", h.codes), self._p("float *", h.wsc),
-                    self._p("float *", h.woff), lin.bits, layout.container_bits(lin.bits), lin.N, lin.Kp,
+                    self._live_pool, self._isa_code, self._p("uint8_t *", h.codes), self._p("void *", h.wsc),
+                    self._p("void *", h.woff), h.f16, lin.bits, layout.container_bits(lin.bits), lin.N, lin.Kp,
                     lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
             else:
                 rc = self._lib.ab_linear_a16(
@@ -249,7 +313,7 @@ class CpuBackend:
         sm = None if lin.smooth is None else np.ascontiguousarray(lin.smooth, dtype=np.float32)
         rc = self._lib.ab_linear_qd(
             self._live_pool, self._isa_code, self._p("uint8_t *", h.qcodes), self._p("int32_t *", h.wpw),
-            self._p("float *", h.wsc), self._p("float *", h.woff), lin.bits, layout.container_bits(lin.bits),
+            self._p("void *", h.wsc), self._p("void *", h.woff), h.f16, lin.bits, layout.container_bits(lin.bits),
             lin.N, lin.Kp, lin.group, int(abits), ga, L, self._p("float *", x), self._p("float *", sm), M, lin.K,
             self._p("float *", y), self._p("int64_t *", dI), self._p("int64_t *", dU))
         _check(rc, "linear_qd")
@@ -321,8 +385,9 @@ class CpuBackend:
             dst.wl = self._p("uint8_t *", h.wl)
             dst.codes = self._p("uint8_t *", h.codes)
             dst.cw = layout.container_bits(h.lin.bits)
-            dst.wsc = self._p("float *", h.wsc)
-            dst.woff = self._p("float *", h.woff)
+            dst.wsc = self._p("void *", h.wsc)
+            dst.woff = self._p("void *", h.woff)
+            dst.f16 = h.f16
             dst.p, dst.N, dst.Kp, dst.G, dst.K = h.lin.bits, h.lin.N, h.lin.Kp, h.lin.group, h.lin.K
             if abits < 16:
                 ga, L = self._agroups(h.lin, agroup)

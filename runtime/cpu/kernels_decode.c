@@ -16,7 +16,8 @@
 #include "ab_internal.h"
 
 static int lin_ok(const ab_lin *l, int K, int N) {
-    return (l->wl || l->codes) && l->wsc && l->K == K && l->N == N && l->p >= 1 && l->p <= 8 && l->G > 0 && l->G % 32 == 0 &&
+    /* float16 group parameters are read by the byte-code kernels only (the table kernel takes float32) */
+    return (l->wl || l->codes) && l->wsc && (!l->f16 || l->codes) && l->K == K && l->N == N && l->p >= 1 && l->p <= 8 && l->G > 0 && l->G % 32 == 0 &&
            l->Kp % l->G == 0 && l->K <= l->Kp;
 }
 
@@ -27,10 +28,10 @@ static int qlin_ok(const ab_lin *l) {
 static int run_lin(ab_pool *pool, int isa, int abits, const ab_lin *l, const float *x, int M, float *y,
                    void *scratch) {
     if (abits < 16)
-        return ab_qd_run(pool, isa, l->codes, l->wpw, l->wsc, l->woff, l->p, l->cw, l->N, l->Kp, l->G, abits,
+        return ab_qd_run(pool, isa, l->codes, l->wpw, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, abits,
                          l->Ga, l->L, x, NULL, M, l->K, y, NULL, NULL, NULL, scratch);
     if (l->codes)
-        return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->p, l->cw, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
+        return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
     return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, l->K, y, scratch);
 }
 

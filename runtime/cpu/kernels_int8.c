@@ -28,8 +28,9 @@
 
 typedef struct {
     const uint8_t *codes;
-    const float *wsc, *woff, *x;
-    int p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa;
+    const void *wsc, *woff;      /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
+    const float *x;
+    int f16, p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa;
     int16_t *x16;
     int8_t *xh, *xl;
     float *sx, *gs;
@@ -69,13 +70,12 @@ static void i8_quantize_row(const i8_ctx *c, int m) {
 }
 
 /* Shared float epilogue of one block for 64 rows (the portable form; SIMD paths do the same per lane). */
-AB_INLINE void i8_finish(const i8_ctx *c, int t, int m, int b, const int32_t *D, float *yacc) {
+AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const float *wo, const int32_t *D,
+                         float *yacc) {
     int g = b * c->L / c->G;
-    const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
     float l = c->sx[(size_t)m * c->nb + b];
     for (int i = 0; i < 64; i++) yacc[i] += (float)D[i] * (ws[i] * l);
-    if (c->woff && ((b + 1) * c->L) % c->G == 0) {
-        const float *wo = c->woff + ((size_t)t * c->ng + g) * 64;
+    if (wo && ((b + 1) * c->L) % c->G == 0) {
         float s = c->gs[(size_t)m * c->ng + g];
         for (int i = 0; i < 64; i++) yacc[i] += wo[i] * s;
     }
@@ -92,6 +92,9 @@ static void i8_tile_portable(const i8_ctx *c, int t, int m0, int mc) {
     int per = 8 / c->cw, qpb = c->L / (4 * per), mask = (1 << c->cw) - 1;
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
+        float sb[64], ob[64];
+        const float *wo, *ws = ab_gp_portable(c->wsc, c->woff, c->f16,
+                                              ((size_t)t * c->ng + (size_t)b * c->L / c->G) * 64, sb, ob, &wo);
         for (int m = m0; m < m0 + mc; m++) {
             const int16_t *q = c->x16 + (size_t)m * c->Kp + (size_t)b * c->L;
             int32_t D[64];
@@ -104,7 +107,7 @@ static void i8_tile_portable(const i8_ctx *c, int t, int m0, int mc) {
                                  q[4 * (per * j + u) + e];
                 D[i] = (int32_t)(uint32_t)(2 * (uint64_t)s - (uint32_t)c->px[(size_t)m * c->nb + b]);
             }
-            i8_finish(c, t, m, b, D, yacc[m - m0]);
+            i8_finish(c, m, b, ws, wo, D, yacc[m - m0]);
         }
     }
     for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
@@ -118,8 +121,9 @@ AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
         int g = b * c->L / c->G;
-        const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
-        int gend = c->woff && ((b + 1) * c->L) % c->G == 0;
+        float sb[64] __attribute__((aligned(32))), ob[64] __attribute__((aligned(32)));
+        const float *wo, *ws = ab_gp_avx2(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
+        int gend = wo && ((b + 1) * c->L) % c->G == 0;
         for (int m = m0; m < m0 + mc; m++) {
             const int16_t *q = c->x16 + (size_t)m * c->Kp + (size_t)b * c->L;
             __m256i pv = _mm256_set1_epi32(c->px[(size_t)m * c->nb + b]);
@@ -151,7 +155,6 @@ AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
                     __m256 ya = _mm256_load_ps(&yacc[m - m0][r]);
                     ya = _mm256_add_ps(ya, _mm256_mul_ps(_mm256_cvtepi32_ps(D), sc));
                     if (gend) {
-                        const float *wo = c->woff + ((size_t)t * c->ng + g) * 64;
                         __m256 s = _mm256_set1_ps(c->gs[(size_t)m * c->ng + g]);
                         ya = _mm256_add_ps(ya, _mm256_mul_ps(_mm256_loadu_ps(wo + r), s));
                     }
@@ -173,8 +176,9 @@ AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int 
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
         int g = b * c->L / c->G;
-        const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
-        int gend = c->woff && ((b + 1) * c->L) % c->G == 0;
+        float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
+        const float *wo, *ws = ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
+        int gend = wo && ((b + 1) * c->L) % c->G == 0;
         for (int m = m0; m < m0 + mc; m++) {
             const int8_t *qh = c->xh + (size_t)m * c->Kp + (size_t)b * c->L;
             const int8_t *ql = c->xl + (size_t)m * c->Kp + (size_t)b * c->L;
@@ -204,7 +208,6 @@ AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int 
                 __m512 ya = _mm512_load_ps(&yacc[m - m0][16 * i]);
                 ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), sc));
                 if (gend) {
-                    const float *wo = c->woff + ((size_t)t * c->ng + g) * 64;
                     __m512 s = _mm512_set1_ps(c->gs[(size_t)m * c->ng + g]);
                     ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), s));
                 }
@@ -243,12 +246,12 @@ static inline void *carve(uintptr_t *s, size_t n) {
     return (void *)p;
 }
 
-int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch) {
-    if (p < 1 || p > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
+    if (p < 1 || p > 8 || f16 < 0 || f16 > 255 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
     if (M == 0 || N == 0) return 0;
     i8_ctx c;
-    c.codes = codes; c.wsc = wsc; c.woff = woff; c.x = x; c.y = y;
+    c.codes = codes; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.x = x; c.y = y;
     c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L;
     c.M = M; c.K = K; c.Nt = (N + 63) / 64; c.isa = isa; c.mbmax = 8;
     void *own = NULL;
@@ -270,10 +273,10 @@ int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, co
     return 0;
 }
 
-int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const float *wsc, const float *woff,
+int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
                  int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y) {
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
-    return ab_i8_run(pool, isa, codes, wsc, woff, p, cw, N, Kp, G, x, M, K, y, NULL);
+    return ab_i8_run(pool, isa, codes, wsc, woff, f16, p, cw, N, Kp, G, x, M, K, y, NULL);
 }
 
 /* The quantized activations of one row, for tests: x16 (Kp), block scales (Kp/L), group sums (Kp/G). */

@@ -28,8 +28,9 @@
 typedef struct {
     const uint8_t *codes;      /* [Nt][Kp/(4*per)][64][4] */
     const int32_t *wpw;        /* [Nt][W][64]: 2 * sum of codes of one 32-lane word */
-    const float *wsc, *woff;   /* [Nt][ng][64] */
-    int p, cw, N, Kp, G, L, ng, nb, M, Nt, mbmax, isa, W;
+    const void *wsc, *woff;    /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
+    int f16, p, cw, N, Kp, G, L, ng, nb, M, Nt, mbmax, isa, W;
+    int pt;                    /* tile whose parameters wsc/woff start at (0: all tiles; see qd_tile_avx512_per) */
     const int8_t *xe;          /* (M, Kp) centred activation codes */
     const int16_t *xe16;       /* the same widened (AVX2) */
     const int32_t *pu;         /* (M, nb) P1 * U, wrapped */
@@ -133,10 +134,9 @@ static void qx_row(const qx_ctx *c, int m) {
 static void qx_task(void *ctx, int m) { qx_row(ctx, m); }
 
 /* ---- one block's recovery for 64 rows (portable form; the SIMD paths do exactly this per lane) ------ */
-AB_INLINE void qd_finish(const qd_ctx *c, int t, int m, int b, const int32_t *D, float *yacc) {
-    int g = b * c->L / c->G, Lw = c->L / 32;
-    const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
-    const float *wo = c->woff ? c->woff + ((size_t)t * c->ng + g) * 64 : NULL;
+AB_INLINE void qd_finish(const qd_ctx *c, int t, int m, int b, const float *ws, const float *wo, const int32_t *D,
+                         float *yacc) {
+    int Lw = c->L / 32;
     const int32_t *pw = c->wpw + ((size_t)t * c->W + (size_t)b * Lw) * 64;
     size_t mb = (size_t)m * c->nb + b;
     uint32_t pu = (uint32_t)c->pu[mb];
@@ -173,6 +173,9 @@ static void qd_tile_portable(const qd_ctx *c, int t, int m0, int mc) {
     int per = 8 / c->cw, qpb = c->L / (4 * per), mask = (1 << c->cw) - 1;
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
+        float sb[64], ob[64];
+        const float *wo, *ws = ab_gp_portable(c->wsc, c->woff, c->f16,
+                                              ((size_t)t * c->ng + (size_t)b * c->L / c->G) * 64, sb, ob, &wo);
         for (int m = m0; m < m0 + mc; m++) {
             const int8_t *e = c->xe + (size_t)m * c->Kp + (size_t)b * c->L;
             int32_t D[64];
@@ -184,7 +187,7 @@ static void qd_tile_portable(const qd_ctx *c, int t, int m0, int mc) {
                             s += (int32_t)(w[(size_t)j * 256 + 4 * i + k] >> (c->cw * u) & mask) * e[4 * (per * j + u) + k];
                 D[i] = s;
             }
-            qd_finish(c, t, m, b, D, yacc[m - m0]);
+            qd_finish(c, t, m, b, ws, wo, D, yacc[m - m0]);
         }
     }
     for (int m = m0; m < m0 + mc; m++) qd_store(c, t, m, yacc[m - m0]);
@@ -199,8 +202,8 @@ AB_AVX2 static void qd_tile_avx2(const qd_ctx *c, int t, int m0, int mc) {
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
         int g = b * c->L / c->G;
-        const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
-        const float *wo = c->woff ? c->woff + ((size_t)t * c->ng + g) * 64 : NULL;
+        float sb[64] __attribute__((aligned(32))), ob[64] __attribute__((aligned(32)));
+        const float *wo, *ws = ab_gp_avx2(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
         const int32_t *pw = c->wpw + ((size_t)t * c->W + (size_t)b * Lw) * 64;
         for (int m = m0; m < m0 + mc; m++) {
             const int16_t *q = c->xe16 + (size_t)m * c->Kp + (size_t)b * c->L;
@@ -251,8 +254,8 @@ AB_AVX512 AB_INLINE void qd_tile_avx512_k(const qd_ctx *c, int t, int m0, const 
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
         int g = b * c->L / c->G;
-        const float *ws = c->wsc + ((size_t)t * c->ng + g) * 64;
-        const float *wo = c->woff ? c->woff + ((size_t)t * c->ng + g) * 64 : NULL;
+        float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
+        const float *wo, *ws = ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)(t - c->pt) * c->ng + g) * 64, sb, ob, &wo);
         const int32_t *pw = c->wpw + ((size_t)t * c->W + (size_t)b * Lw) * 64;
         __m512i acc[4][4];
         for (int m = 0; m < MB; m++)
@@ -293,6 +296,23 @@ AB_AVX512 AB_INLINE void qd_tile_avx512_k(const qd_ctx *c, int t, int m0, const 
 }
 
 AB_AVX512 AB_INLINE void qd_tile_avx512_per(const qd_ctx *c, int t, int m0, int mc, const int PER) {
+    /* float16 parameters with several token chunks: convert this tile's groups once (the same exact
+     * conversion), not once per chunk; the chunks then read float32 as on the f32 path */
+    qd_ctx cc;
+    float buf[2 * 48 * 64] __attribute__((aligned(64)));      /* up to K = 1536 at G = 32, 24 KiB */
+    if (c->f16 && mc > 4 && c->ng <= 48) {
+        cc = *c;
+        const float *wo = NULL;
+        for (int g = 0; g < c->ng; g++) {
+            float *sb = buf + (size_t)g * 64, *ob = buf + ((size_t)c->ng + g) * 64;
+            ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
+        }
+        cc.wsc = buf;
+        cc.woff = c->woff ? buf + (size_t)c->ng * 64 : NULL;
+        cc.f16 = 0;
+        cc.pt = t;
+        c = &cc;
+    }
     while (mc > 0) {
         int mb = mc >= 4 ? 4 : mc;
         switch (mb) {
@@ -344,16 +364,16 @@ static inline void *carve(uintptr_t *s, size_t n) {
     return (void *)p;
 }
 
-int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const float *wsc, const float *woff,
-              int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
+int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc, const void *woff,
+              int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
               int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch) {
-    if (p < 1 || p > 8 || q < 1 || q > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || L <= 0 || L % 32 ||
+    if (p < 1 || p > 8 || f16 < 0 || f16 > 255 || q < 1 || q > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || L <= 0 || L % 32 ||
         L > 32768 || G <= 0 || Ga <= 0 || G % L || Ga % L || Kp % G || K > Kp || M < 0 || N < 0)
         return -3;
     if (M == 0 || N == 0) return 0;
     qd_ctx c;
     memset(&c, 0, sizeof c);
-    c.codes = codes; c.wpw = wpw; c.wsc = wsc; c.woff = woff; c.y = y;
+    c.codes = codes; c.wpw = wpw; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.y = y;
     c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = L; c.ng = Kp / G; c.nb = Kp / L; c.M = M;
     c.Nt = (N + 63) / 64; c.isa = isa; c.W = Kp / 32; c.mbmax = 8;
     c.dbg_I = dbg_I; c.dbg_U = dbg_U;
@@ -380,10 +400,10 @@ int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, 
     return 0;
 }
 
-int ab_linear_qd(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const float *wsc,
-                 const float *woff, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x,
+int ab_linear_qd(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc,
+                 const void *woff, int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x,
                  const float *smooth, int M, int K, float *y, int64_t *dbg_I, int64_t *dbg_U) {
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
-    return ab_qd_run(pool, isa, codes, wpw, wsc, woff, p, cw, N, Kp, G, q, Ga, L, x, smooth, M, K, y, NULL,
+    return ab_qd_run(pool, isa, codes, wpw, wsc, woff, f16, p, cw, N, Kp, G, q, Ga, L, x, smooth, M, K, y, NULL,
                      dbg_I, dbg_U, NULL);
 }
