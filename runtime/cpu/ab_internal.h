@@ -106,4 +106,10 @@ AB_AVX512 static inline const float *ab_gp_avx512(const void *sc, const void *of
     *wo = z ? ob : NULL;
     return sb;
 }
+/* Write one 64-row output tile of token m (the last tile of a row may be partial). */
+AB_INLINE void ab_store_tile(float *y, int N, int t, int m, const float *yacc) {
+    int n0 = t * 64, nn = N - n0 < 64 ? N - n0 : 64;
+    memcpy(y + (size_t)m * N + n0, yacc, (size_t)nn * sizeof(float));
+}
+
 #endif

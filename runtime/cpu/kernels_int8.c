@@ -81,11 +81,6 @@ AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const f
     }
 }
 
-AB_INLINE void i8_store(const i8_ctx *c, int t, int m, const float *yacc) {
-    int n0 = t * 64, nn = c->N - n0 < 64 ? c->N - n0 : 64;
-    memcpy(c->y + (size_t)m * c->N + n0, yacc, (size_t)nn * sizeof(float));
-}
-
 static void i8_tile_portable(const i8_ctx *c, int t, int m0, int mc) {
     float yacc[8][64];
     memset(yacc, 0, sizeof yacc);
@@ -110,7 +105,7 @@ static void i8_tile_portable(const i8_ctx *c, int t, int m0, int mc) {
             i8_finish(c, m, b, ws, wo, D, yacc[m - m0]);
         }
     }
-    for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
+    for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
 AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
@@ -163,7 +158,7 @@ AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
             }
         }
     }
-    for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
+    for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
 /* PER codes per byte (container width 8 / PER bits), a compile-time constant so the unpacking unrolls. */
@@ -215,7 +210,7 @@ AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int 
             }
         }
     }
-    for (int m = m0; m < m0 + mc; m++) i8_store(c, t, m, yacc[m - m0]);
+    for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
 AB_AVX512 static void i8_tile_avx512(const i8_ctx *c, int t, int m0, int mc) {

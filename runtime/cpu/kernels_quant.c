@@ -162,11 +162,6 @@ AB_INLINE void qd_finish(const qd_ctx *c, int t, int m, int b, const float *ws, 
     }
 }
 
-AB_INLINE void qd_store(const qd_ctx *c, int t, int m, const float *yacc) {
-    int n0 = t * 64, nn = c->N - n0 < 64 ? c->N - n0 : 64;
-    memcpy(c->y + (size_t)m * c->N + n0, yacc, (size_t)nn * sizeof(float));
-}
-
 static void qd_tile_portable(const qd_ctx *c, int t, int m0, int mc) {
     float yacc[8][64];
     memset(yacc, 0, sizeof yacc);
@@ -190,7 +185,7 @@ static void qd_tile_portable(const qd_ctx *c, int t, int m0, int mc) {
             qd_finish(c, t, m, b, ws, wo, D, yacc[m - m0]);
         }
     }
-    for (int m = m0; m < m0 + mc; m++) qd_store(c, t, m, yacc[m - m0]);
+    for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
 /* ---- AVX2: codes widened to 16 bits, vpmaddwd with 4 activation lanes broadcast ------------------- */
@@ -241,7 +236,7 @@ AB_AVX2 static void qd_tile_avx2(const qd_ctx *c, int t, int m0, int mc) {
             }
         }
     }
-    for (int m = m0; m < m0 + mc; m++) qd_store(c, t, m, yacc[m - m0]);
+    for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
 /* ---- AVX-512 VNNI: 64 rows x MB tokens per block, weights loaded once per block for all MB tokens --- */
@@ -292,7 +287,7 @@ AB_AVX512 AB_INLINE void qd_tile_avx512_k(const qd_ctx *c, int t, int m0, const 
             }
         }
     }
-    for (int m = 0; m < MB; m++) qd_store(c, t, m0 + m, yacc[m]);
+    for (int m = 0; m < MB; m++) ab_store_tile(c->y, c->N, t, m0 + m, yacc[m]);
 }
 
 AB_AVX512 AB_INLINE void qd_tile_avx512_per(const qd_ctx *c, int t, int m0, int mc, const int PER) {

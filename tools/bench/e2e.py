@@ -141,22 +141,7 @@ def print_report(doc: dict) -> None:
     s, p = doc["settings"], doc["peer"]
     print(f"\ne2e on {doc['machine']['kind']} ({doc['machine']['cpu']['model']}), {s['threads']} threads, "
           f"prompt {s['prompt_tokens']} tokens, {s['max_tokens']} generated, median of {s['reps']} (min-max)")
-    hdr = ["precision", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "weights MB"]
-    if p:
-        hdr += ["prompt x", "decode x", "decode x best"]
-    rows = []
-    for r in doc["rows"]:
-        line = [r["precision"].upper(), _mm(r["prompt_tok_s"]), _mm(r["decode_tok_s"]),
-                f"{r['ttft_s']['median'] * 1e3:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
-                f"{r['weight_bytes'] / 2**20:.1f}"]
-        if p:
-            line += [f"{r['prompt_tok_s_vs_peer']:.2f}", f"{r['decode_tok_s_vs_peer']:.2f}",
-                     f"{r['decode_tok_s']['max'] / p['decode_tok_s']['max']:.2f}"]
-        rows.append(line)
-    if p:
-        rows.append([f"llama.cpp {p.get('version') or ''} (GGUF)".strip(), _mm(p["prompt_tok_s"]),
-                     _mm(p["decode_tok_s"]), f"{p['ttft_s']['median'] * 1e3:.0f}",
-                     f"{p['peak_rss_bytes'] / 2**20:.0f}", f"{p['weight_bytes'] / 2**20:.1f}", "1.00", "1.00", "1.00"])
+    hdr, rows = table(doc, mm=_mm, peer_label=lambda p: f"llama.cpp {p.get('version') or ''} (GGUF)".strip())
     print_table(hdr, rows)
     for n in doc["notes"]:
         print(f"note: {n}")
@@ -166,6 +151,29 @@ def print_report(doc: dict) -> None:
 
 def _mm(s: dict) -> str:
     return f"{s['median']:.1f} ({s['min']:.0f}-{s['max']:.0f})"
+
+
+def table(doc: dict, *, mm, peer_label, x: str = "",
+          ratio_hdr=("prompt x", "decode x", "decode x best")) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the e2e table (our precisions, then the peer), for the terminal and the README."""
+    p = doc.get("peer")
+    hdr = ["precision", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "weights MB"]
+    if p:
+        hdr += list(ratio_hdr)
+
+    def cells(r, name):
+        return [name, mm(r["prompt_tok_s"]), mm(r["decode_tok_s"]), f"{r['ttft_s']['median'] * 1e3:.0f}",
+                f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['weight_bytes'] / 2**20:.1f}"]
+    rows = []
+    for r in doc["rows"]:
+        line = cells(r, r["precision"].upper())
+        if p:
+            line += [f"{r['prompt_tok_s_vs_peer']:.2f}{x}", f"{r['decode_tok_s_vs_peer']:.2f}{x}",
+                     f"{r['decode_tok_s']['max'] / p['decode_tok_s']['max']:.2f}{x}"]
+        rows.append(line)
+    if p:
+        rows.append(cells(p, peer_label(p)) + [f"1.00{x}"] * 3)
+    return hdr, rows
 
 
 def add_args(ap) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from tools.bench.e2e import table
 from tools.bench.stats import REPO, latest, load_results
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -42,27 +43,14 @@ def _mm(s: dict, d: int = 1) -> str:
 
 
 def e2e_section(doc: dict, readme: Path) -> list[str]:
-    s, p = doc["settings"], doc.get("peer")
+    s = doc["settings"]
     out = [f"**End to end** ({s['model']}, {s['device']}, {s['threads']} threads, prompt {s['prompt_tokens']} "
            f"tokens, {s['max_tokens']} generated greedily; median (min-max) of {s['reps']} runs, "
            f"alternating with the peer). Source: `{_rel(doc['_path'], readme)}`", ""]
-    hdr = ["precision", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "weights MB"]
-    if p:
-        hdr += ["prompt vs llama.cpp", "decode vs llama.cpp", "decode, best runs"]
+    hdr, rows = table(doc, mm=_mm, x="x", ratio_hdr=("prompt vs llama.cpp", "decode vs llama.cpp", "decode, best runs"),
+                      peer_label=lambda p: f"llama.cpp {p.get('version') or ''} ({p.get('model')})")
     out += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-    for r in doc["rows"]:
-        cells = [r["precision"].upper(), _mm(r["prompt_tok_s"]), _mm(r["decode_tok_s"]),
-                 f"{r['ttft_s']['median'] * 1e3:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
-                 f"{r['weight_bytes'] / 2**20:.1f}"]
-        if p:
-            cells += [f"{r['prompt_tok_s_vs_peer']:.2f}x", f"{r['decode_tok_s_vs_peer']:.2f}x",
-                      f"{r['decode_tok_s']['max'] / p['decode_tok_s']['max']:.2f}x"]
-        out.append("| " + " | ".join(cells) + " |")
-    if p:
-        out.append("| " + " | ".join([f"llama.cpp {p.get('version') or ''} ({p.get('model')})", _mm(p["prompt_tok_s"]),
-                                      _mm(p["decode_tok_s"]), f"{p['ttft_s']['median'] * 1e3:.0f}",
-                                      f"{p['peak_rss_bytes'] / 2**20:.0f}", f"{p['weight_bytes'] / 2**20:.1f}",
-                                      "1.00x", "1.00x", "1.00x"]) + " |")
+    out += ["| " + " | ".join(cells) + " |" for cells in rows]
     out.append("")
     # local interpreter paths say nothing to a reader: drop "(/abs/path)" from notes
     out += [f"Note: {re.sub(r' ?[(]/[^)]*[)]', '', n)}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
