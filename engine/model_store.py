@@ -50,7 +50,8 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
     src = resolve_source(path, kind)
     if src.is_dir() and is_packed_dir(src):
         pm = read_packed(src)
-        bits = [m["bits"] for m in pm.info.values()] or [16]
+        # the model's precision is that of its layers; the output projection keeps its own (head_bits)
+        bits = [m["bits"] for n, m in pm.info.items() if n != "output"] or [16]
         stored = max(bits)
         if wbits == 16 and stored != 16:
             raise FormatError(f"{src} holds {stored}-bit weights; it cannot run unquantized (--wbits 16)")
