@@ -70,20 +70,36 @@ def attn_ref(q, k, v, n_ctx, qpos, mask):
     return out
 
 
-@pytest.mark.parametrize("M,H,Hkv,T,n_ctx,masked", [(1, 9, 3, 40, 17, False), (5, 4, 4, 8, 8, False),
-                                                    (6, 6, 2, 10, 7, True), (3, 2, 1, 50, 50, False)])
-def test_attention(be, M, H, Hkv, T, n_ctx, masked):
-    rng = np.random.default_rng(M * 100 + T)
-    hd = 32
-    q = rng.standard_normal((M, H, hd)).astype(np.float32)
-    k = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
+@pytest.fixture(scope="module", params=available_isas())
+def isa_be(request):
+    with CpuBackend(threads=2, isa=request.param) as b:
+        yield b
+
+
+@pytest.mark.parametrize("M,H,Hkv,T,n_ctx,masked,hd", [
+    (1, 9, 3, 40, 17, False, 32), (5, 4, 4, 8, 8, False, 64), (6, 6, 2, 10, 7, True, 24),
+    (3, 2, 1, 50, 50, False, 40), (1, 9, 3, 700, 613, False, 64), (2, 3, 1, 300, 300, True, 80),
+    (2, 2, 2, 37, 37, False, 128), (1, 2, 1, 5, 5, False, 6)])
+def test_attention(isa_be, M, H, Hkv, T, n_ctx, masked, hd):
+    """Every isa path (vector exp, masked tails, keys beyond one vector) against float64."""
+    rng = np.random.default_rng(M * 100 + T + hd)
+    q = (rng.standard_normal((M, H, hd)) * 2).astype(np.float32)
+    k = (rng.standard_normal((T, Hkv, hd)) * 2).astype(np.float32)
     v = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
     qpos = np.arange(n_ctx - M, n_ctx, dtype=np.int32)
     mask = None
     if masked:
         mask = np.zeros(T, bool)
         mask[: n_ctx - 2] = True
-    close(be.attention(q, k, v, n_ctx, qpos, mask), attn_ref(q, k, v, n_ctx, qpos, mask), 1e-5)
+        mask[::7] = False
+    close(isa_be.attention(q, k, v, n_ctx, qpos, mask), attn_ref(q, k, v, n_ctx, qpos, mask), 1e-5)
+
+
+def test_attention_all_masked_row_is_zero(isa_be):
+    q = np.ones((1, 2, 16), np.float32)
+    kv = np.ones((4, 1, 16), np.float32)
+    out = isa_be.attention(q, kv, kv, 4, np.array([3], np.int32), np.zeros(4, bool))
+    assert out.shape == (1, 2, 16) and not out.any()
 
 
 def test_elementwise_and_argmax(be):

@@ -72,8 +72,10 @@ def test_fused_quantized_same_on_every_isa():
             fast = FastDecoder(pm, b, abits=8)
             assert fast.fast
             outs.append(fast.forward([4, 8, 15, 16, 23, 42], fast.new_cache(), all_logits=True))
+    # the linears give identical integers on every isa (test_cpu_quant); attention is float SIMD whose
+    # summation order differs per isa, so the logits agree to float tolerance, not bitwise
     for o in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0])
+        np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-4 * np.abs(outs[0]).max())
 
 
 @pytest.mark.parametrize("recipe,abits,quant", [(Recipe(wbits=16), 16, None), (Recipe(wbits=4, group=32), 8, "popcount")])

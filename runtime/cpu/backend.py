@@ -488,7 +488,7 @@ class CpuBackend:
             if mk.shape != (T,) and mk.shape != (n_ctx,):
                 raise ValueError(f"mask must be ({T},), got {mk.shape}")
         out = np.empty_like(q)
-        _check(self._lib.ab_attention(self._live_pool, self._p("float *", q), self._p("float *", k_cache),
+        _check(self._lib.ab_attention(self._live_pool, self._isa_code, self._p("float *", q), self._p("float *", k_cache),
                                       self._p("float *", v_cache), M, H, Hkv, hd, int(n_ctx),
                                       self._p("int32_t *", qp), self._p("uint8_t *", mk), self._p("float *", out)),
                "attention")

@@ -89,7 +89,7 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         }
         ab_rope(pool, q, pos, M, H, hd, m->theta, m->rope_style);
         ab_rope(pool, kl + (size_t)pos0 * kd, pos, M, Hkv, hd, m->theta, m->rope_style);
-        if ((rc = ab_attention(pool, q, kl, vl, M, H, Hkv, hd, pos0 + M, pos, NULL, att))) break;
+        if ((rc = ab_attention(pool, isa, q, kl, vl, M, H, Hkv, hd, pos0 + M, pos, NULL, att))) break;
         if ((rc = run_lin(pool, isa, ab, &L->wo, att, M, tmp, scratch))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
         ab_rmsnorm(pool, x, L->ffn_norm, M, d, m->eps, h);

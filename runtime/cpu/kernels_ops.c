@@ -80,59 +80,6 @@ void ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, 
 }
 
 typedef struct {
-    const float *q, *k, *v;
-    const int32_t *qpos;
-    const uint8_t *mask;
-    float *out;
-    int M, H, Hkv, hd, n_ctx, failed;
-} attn_ctx;
-
-/* One (query, head): two passes over the visible keys (scores, then softmax-weighted values). */
-static void attn_task(void *ctx, int task) {
-    attn_ctx *c = ctx;
-    int m = task / c->H, h = task % c->H, hk = h / (c->H / c->Hkv);
-    const float *q = c->q + ((size_t)m * c->H + h) * c->hd;
-    float *o = c->out + ((size_t)m * c->H + h) * c->hd;
-    int last = c->n_ctx - 1;
-    if (!c->mask && c->qpos[m] < last) last = c->qpos[m];
-    memset(o, 0, (size_t)c->hd * sizeof(float));
-    if (last < 0) return;
-    float *s = malloc((size_t)(last + 1) * sizeof(float));
-    double *acc = calloc((size_t)c->hd, sizeof(double));
-    if (!s || !acc) { free(s); free(acc); c->failed = 1; return; }
-    float scale = 1.0f / sqrtf((float)c->hd), mx = -INFINITY;
-    size_t ks = (size_t)c->Hkv * c->hd;
-    for (int j = 0; j <= last; j++) {
-        if (c->mask && !c->mask[j]) { s[j] = -INFINITY; continue; }
-        const float *k = c->k + j * ks + (size_t)hk * c->hd;
-        float d = 0.0f;
-        for (int i = 0; i < c->hd; i++) d += q[i] * k[i];
-        s[j] = d * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    if (mx == -INFINITY) { free(s); free(acc); return; }
-    double den = 0.0;
-    for (int j = 0; j <= last; j++) {
-        if (s[j] == -INFINITY) continue;
-        float e = expf(s[j] - mx);
-        den += e;
-        const float *v = c->v + j * ks + (size_t)hk * c->hd;
-        for (int i = 0; i < c->hd; i++) acc[i] += e * v[i];
-    }
-    for (int i = 0; i < c->hd; i++) o[i] = (float)(acc[i] / den);
-    free(s);
-    free(acc);
-}
-
-int ab_attention(ab_pool *pool, const float *q, const float *k, const float *v, int M, int H, int Hkv,
-                 int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out) {
-    if (Hkv <= 0 || H % Hkv) return -3;
-    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, 0};
-    ab_pool_run(pool, attn_task, &c, M * H);
-    return c.failed ? -1 : 0;
-}
-
-typedef struct {
     const float *a, *b;
     float *out;
     int64_t n;

@@ -1,0 +1,343 @@
+/* Attention over a float32 KV cache (n_ctx keys of layout [T][Hkv][hd]): causal by query position, or
+ * bidirectional over the unmasked keys. Grouped heads: head h reads kv head h / (H / Hkv).
+ *
+ * Work is split like flash-decoding: one task per (query row, kv head, chunk of ATT_CHUNK keys) handles
+ * every query head of the group, so each key and value row is read from memory once per group rather
+ * than once per head, and a single query's long context still spreads over the threads. A task leaves,
+ * per head, its chunk's maximum score, the sum of exp(score - max) and the unnormalised output; a merge
+ * pass rescales the chunks to the global maximum. Scores and exponentials stay in float32.
+ *
+ * Why SIMD: a scalar float dot product is a chain of dependent adds, which made attention a quarter of
+ * the decode step at a few hundred tokens of context. The AVX-512 and AVX2 paths keep hd / 16 (or / 8)
+ * lanes per key, and the exponential is a vector polynomial (Cody-Waite reduction, degree-6 minimax
+ * on [-ln2/2, ln2/2], about 2 ulp). The paths agree to float tolerance, not bitwise: attention is not an
+ * integer product (tests compare every path with a float64 NumPy reference).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ab_internal.h"
+
+#define ATT_CHUNK 128       /* keys per task */
+#define ATT_HB 4            /* query heads per pass over a chunk (register budget of the value pass) */
+
+typedef struct {
+    const float *q, *k, *v;
+    const int32_t *qpos;
+    const uint8_t *mask;
+    float *out;
+    int M, H, Hkv, hd, n_ctx, isa, g, nch, failed;
+    float *part;            /* [M][H][nch][2 + hd]: max, sum, unnormalised output */
+} attn_ctx;
+
+/* Keys visible to query m: indices 0..last (masked ones excluded later); -1 when none. */
+static int attn_last(const attn_ctx *c, int m) {
+    int last = c->n_ctx - 1;
+    if (!c->mask && c->qpos[m] < last) last = c->qpos[m];
+    return last;
+}
+
+static inline float *part_at(const attn_ctx *c, int m, int h, int ch) {
+    return c->part + (((size_t)m * c->H + h) * c->nch + ch) * (size_t)(2 + c->hd);
+}
+
+/* s[hh][j - j0] = scaled scores of heads h0..h0+hb-1 (-inf where masked). */
+static void scores_portable(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
+    size_t ks = (size_t)c->Hkv * c->hd;
+    float scale = 1.0f / sqrtf((float)c->hd);
+    for (int hh = 0; hh < hb; hh++) {
+        const float *q = c->q + ((size_t)m * c->H + h0 + hh) * c->hd;
+        for (int j = j0; j < j1; j++) {
+            float *sj = s + hh * ATT_CHUNK + (j - j0);
+            if (c->mask && !c->mask[j]) { *sj = -INFINITY; continue; }
+            const float *k = c->k + j * ks + (size_t)hk * c->hd;
+            float d = 0.0f;
+            for (int i = 0; i < c->hd; i++) d += q[i] * k[i];
+            *sj = d * scale;
+        }
+    }
+}
+
+/* exp of the scores in place (relative to each head's max) and that head's max and sum in part. */
+static void softmax_portable(const attn_ctx *c, int hb, int n, float *s, float **pp) {
+    for (int hh = 0; hh < hb; hh++) {
+        float *sh = s + hh * ATT_CHUNK, mx = -INFINITY, den = 0.0f;
+        for (int j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;
+        for (int j = 0; j < n; j++) {
+            sh[j] = mx == -INFINITY || sh[j] == -INFINITY ? 0.0f : expf(sh[j] - mx);
+            den += sh[j];
+        }
+        pp[hh][0] = mx;
+        pp[hh][1] = den;
+    }
+}
+
+static void values_portable(const attn_ctx *c, int hk, int hb, int j0, int j1, const float *s, float **pp) {
+    size_t ks = (size_t)c->Hkv * c->hd;
+    for (int hh = 0; hh < hb; hh++) {
+        float *o = pp[hh] + 2;
+        memset(o, 0, (size_t)c->hd * sizeof(float));
+        for (int j = j0; j < j1; j++) {
+            float e = s[hh * ATT_CHUNK + j - j0];
+            if (e == 0.0f) continue;
+            const float *v = c->v + j * ks + (size_t)hk * c->hd;
+            for (int i = 0; i < c->hd; i++) o[i] += e * v[i];
+        }
+    }
+}
+
+/* The exponential's polynomial on [-ln2/2, ln2/2] (Cephes expf coefficients), one body for both widths. */
+#define EXP_POLY(fma, set1, r)                                                                         \
+    fma(fma(fma(fma(fma(set1(1.9875691500e-4f), r, set1(1.3981999507e-3f)), r, set1(8.3334519073e-3f)), \
+                r, set1(4.1665795894e-2f)), r, set1(1.6666665459e-1f)), r, set1(5.0000001201e-1f))
+
+/* exp(x) for x <= 0 (scores minus their maximum); x below -87 gives ~0 (it is clamped there). */
+AB_AVX512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+AB_AVX512 static void scores_avx512(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
+    int hd = c->hd, nv = (hd + 15) / 16;
+    size_t ks = (size_t)c->Hkv * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *q0 = c->q + ((size_t)m * c->H + h0) * hd;
+    for (int j = j0; j < j1; j++) {
+        if (c->mask && !c->mask[j]) {
+            for (int hh = 0; hh < hb; hh++) s[hh * ATT_CHUNK + j - j0] = -INFINITY;
+            continue;
+        }
+        const float *k = c->k + j * ks + (size_t)hk * hd;
+        /* rows are ks floats apart: the hardware prefetcher misses this stride, so ask ahead */
+        for (int i = 0; i < hd; i += 16) _mm_prefetch((const char *)(k + 8 * ks + i), _MM_HINT_T0);
+        __m512 a[ATT_HB];
+        for (int hh = 0; hh < ATT_HB; hh++) a[hh] = _mm512_setzero_ps();
+        for (int i = 0; i < nv; i++) {
+            __mmask16 mk = 16 * i + 16 <= hd ? 0xFFFF : (__mmask16)((1u << (hd - 16 * i)) - 1);
+            __m512 kv = _mm512_maskz_loadu_ps(mk, k + 16 * i);
+            for (int hh = 0; hh < ATT_HB; hh++)
+                if (hh < hb) a[hh] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + (size_t)hh * hd + 16 * i), kv, a[hh]);
+        }
+        for (int hh = 0; hh < hb; hh++) s[hh * ATT_CHUNK + j - j0] = _mm512_reduce_add_ps(a[hh]) * scale;
+    }
+}
+
+AB_AVX512 static void softmax_avx512(int hb, int n, float *s, float **pp) {
+    for (int hh = 0; hh < hb; hh++) {
+        float *sh = s + hh * ATT_CHUNK;
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < n; j += 16) {
+            __mmask16 mk = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            vm = _mm512_mask_max_ps(vm, mk, vm, _mm512_maskz_loadu_ps(mk, sh + j));
+        }
+        float mx = _mm512_reduce_max_ps(vm);
+        __m512 vmx = _mm512_set1_ps(mx), vden = _mm512_setzero_ps();
+        for (int j = 0; j < n; j += 16) {
+            __mmask16 mk = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(mk, sh + j);
+            /* a masked key (-inf), or a chunk with no visible key, gives exactly 0 */
+            __mmask16 live = _mm512_mask_cmp_ps_mask(mk, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, vmx)));
+            _mm512_mask_storeu_ps(sh + j, mk, e);
+            vden = _mm512_add_ps(vden, e);
+        }
+        pp[hh][0] = mx;
+        pp[hh][1] = _mm512_reduce_add_ps(vden);
+    }
+}
+
+/* Four vectors (64 dims) of up to ATT_HB heads at a time: 16 accumulators in registers. */
+AB_AVX512 static void values_avx512(const attn_ctx *c, int hk, int hb, int j0, int j1, const float *s, float **pp) {
+    int hd = c->hd;
+    size_t ks = (size_t)c->Hkv * hd;
+    static const float zero[ATT_CHUNK];
+    const float *sh[ATT_HB];
+    for (int hh = 0; hh < ATT_HB; hh++) sh[hh] = hh < hb ? s + hh * ATT_CHUNK : zero;
+    for (int d0 = 0; d0 < hd; d0 += 64) {
+        __mmask16 mk[4];
+        for (int u = 0; u < 4; u++) {
+            int r = hd - d0 - 16 * u;
+            mk[u] = r >= 16 ? 0xFFFF : r <= 0 ? 0 : (__mmask16)((1u << r) - 1);
+        }
+        __m512 acc[ATT_HB][4];
+        for (int hh = 0; hh < ATT_HB; hh++)
+            for (int u = 0; u < 4; u++) acc[hh][u] = _mm512_setzero_ps();
+        for (int j = j0; j < j1; j++) {
+            const float *v = c->v + j * ks + (size_t)hk * hd + d0;
+            for (int i = 0; i < 64 && d0 + i < hd; i += 16) _mm_prefetch((const char *)(v + 8 * ks + i), _MM_HINT_T0);
+            __m512 vv[4];
+            for (int u = 0; u < 4; u++) vv[u] = _mm512_maskz_loadu_ps(mk[u], v + 16 * u);
+            for (int hh = 0; hh < ATT_HB; hh++) {
+                __m512 e = _mm512_set1_ps(sh[hh][j - j0]);
+                for (int u = 0; u < 4; u++) acc[hh][u] = _mm512_fmadd_ps(e, vv[u], acc[hh][u]);
+            }
+        }
+        for (int hh = 0; hh < hb; hh++)
+            for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(pp[hh] + 2 + d0 + 16 * u, mk[u], acc[hh][u]);
+    }
+}
+
+AB_AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r);
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n by the exponent field: n >= -126 here, so the result stays normal */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AB_AVX2 static inline float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* hd a multiple of 8 (attn_task checks; other head sizes take the portable path). */
+AB_AVX2 static void scores_avx2(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
+    int hd = c->hd, nv = hd / 8;
+    size_t ks = (size_t)c->Hkv * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *q0 = c->q + ((size_t)m * c->H + h0) * hd;
+    for (int j = j0; j < j1; j++) {
+        if (c->mask && !c->mask[j]) {
+            for (int hh = 0; hh < hb; hh++) s[hh * ATT_CHUNK + j - j0] = -INFINITY;
+            continue;
+        }
+        const float *k = c->k + j * ks + (size_t)hk * hd;
+        for (int hh = 0; hh < hb; hh++) {
+            const float *q = q0 + (size_t)hh * hd;
+            __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+            int i = 0;
+            for (; i + 2 <= nv; i += 2) {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(k + 8 * i), a);
+                b = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), _mm256_loadu_ps(k + 8 * i + 8), b);
+            }
+            if (i < nv) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(k + 8 * i), a);
+            s[hh * ATT_CHUNK + j - j0] = hsum256(_mm256_add_ps(a, b)) * scale;
+        }
+    }
+}
+
+AB_AVX2 static void softmax_avx2(int hb, int n, float *s, float **pp) {
+    for (int hh = 0; hh < hb; hh++) {
+        float *sh = s + hh * ATT_CHUNK, mx = -INFINITY;
+        for (int j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;
+        __m256 vmx = _mm256_set1_ps(mx), vden = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            __m256 x = _mm256_loadu_ps(sh + j);
+            __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m256 e = _mm256_and_ps(live, exp256(_mm256_sub_ps(x, vmx)));
+            _mm256_storeu_ps(sh + j, e);
+            vden = _mm256_add_ps(vden, e);
+        }
+        float den = hsum256(vden);
+        for (; j < n; j++) {
+            sh[j] = sh[j] == -INFINITY ? 0.0f : expf(sh[j] - mx);
+            den += sh[j];
+        }
+        pp[hh][0] = mx;
+        pp[hh][1] = den;
+    }
+}
+
+AB_AVX2 static void values_avx2(const attn_ctx *c, int hk, int hb, int j0, int j1, const float *s, float **pp) {
+    int hd = c->hd;
+    size_t ks = (size_t)c->Hkv * hd;
+    for (int hh = 0; hh < hb; hh++) {
+        const float *sh = s + hh * ATT_CHUNK;
+        for (int d0 = 0; d0 < hd; d0 += 32) {
+            int cnt = (hd - d0) / 8 < 4 ? (hd - d0) / 8 : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int j = j0; j < j1; j++) {
+                if (sh[j - j0] == 0.0f) continue;
+                __m256 e = _mm256_set1_ps(sh[j - j0]);
+                const float *v = c->v + j * ks + (size_t)hk * hd + d0;
+                for (int u = 0; u < cnt; u++) acc[u] = _mm256_fmadd_ps(e, _mm256_loadu_ps(v + 8 * u), acc[u]);
+            }
+            for (int u = 0; u < cnt; u++) _mm256_storeu_ps(pp[hh] + 2 + d0 + 8 * u, acc[u]);
+        }
+    }
+}
+
+static void attn_task(void *ctx, int task) {
+    attn_ctx *c = ctx;
+    int ch = task % c->nch, hk = task / c->nch % c->Hkv, m = task / (c->nch * c->Hkv);
+    int j0 = ch * ATT_CHUNK, j1 = j0 + ATT_CHUNK, last = attn_last(c, m);
+    j1 = j1 <= last + 1 ? j1 : last + 1;
+    int n = j1 > j0 ? j1 - j0 : 0;
+    float s[ATT_HB * ATT_CHUNK] __attribute__((aligned(64)));
+    int isa = c->isa == AB_ISA_AVX2 && c->hd % 8 ? AB_ISA_PORTABLE : c->isa;
+    for (int h0 = hk * c->g; h0 < (hk + 1) * c->g; h0 += ATT_HB) {
+        int hb = (hk + 1) * c->g - h0 < ATT_HB ? (hk + 1) * c->g - h0 : ATT_HB;
+        float *pp[ATT_HB];
+        for (int hh = 0; hh < hb; hh++) pp[hh] = part_at(c, m, h0 + hh, ch);
+        if (n == 0) {           /* nothing visible in this chunk: weight 0 in the merge */
+            for (int hh = 0; hh < hb; hh++) { pp[hh][0] = -INFINITY; pp[hh][1] = 0.0f; }
+            continue;
+        }
+        if (isa == AB_ISA_AVX512) {
+            scores_avx512(c, m, hk, h0, hb, j0, j1, s);
+            softmax_avx512(hb, n, s, pp);
+            values_avx512(c, hk, hb, j0, j1, s, pp);
+        } else if (isa == AB_ISA_AVX2) {
+            scores_avx2(c, m, hk, h0, hb, j0, j1, s);
+            softmax_avx2(hb, n, s, pp);
+            values_avx2(c, hk, hb, j0, j1, s, pp);
+        } else {
+            scores_portable(c, m, hk, h0, hb, j0, j1, s);
+            softmax_portable(c, hb, n, s, pp);
+            values_portable(c, hk, hb, j0, j1, s, pp);
+        }
+    }
+}
+
+/* out[m][h] = sum over chunks of o_c * exp(mx_c - mx) / sum of den_c * exp(mx_c - mx); 0 if no key. */
+static void merge_task(void *ctx, int task) {
+    attn_ctx *c = ctx;
+    int m = task / c->H, h = task % c->H, hd = c->hd;
+    float *o = c->out + ((size_t)m * c->H + h) * hd, mx = -INFINITY;
+    for (int ch = 0; ch < c->nch; ch++) {
+        float cm = part_at(c, m, h, ch)[0];
+        mx = cm > mx ? cm : mx;
+    }
+    memset(o, 0, (size_t)hd * sizeof(float));
+    if (mx == -INFINITY) return;
+    float den = 0.0f;
+    for (int ch = 0; ch < c->nch; ch++) {
+        const float *pc = part_at(c, m, h, ch);
+        if (pc[0] == -INFINITY) continue;
+        float w = c->nch == 1 ? 1.0f : expf(pc[0] - mx);
+        den += w * pc[1];
+        for (int i = 0; i < hd; i++) o[i] += w * pc[2 + i];
+    }
+    float inv = 1.0f / den;
+    for (int i = 0; i < hd; i++) o[i] *= inv;
+}
+
+int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
+                 int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out) {
+    if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
+    if (Hkv <= 0 || H % Hkv || hd < 1 || hd > 4096 || M < 0 || n_ctx < 0) return -3;
+    if (M == 0 || H == 0) return 0;
+    int nch = n_ctx > 0 ? (n_ctx + ATT_CHUNK - 1) / ATT_CHUNK : 1;
+    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, 0, NULL};
+    c.part = malloc((size_t)M * H * nch * (2 + (size_t)hd) * sizeof(float));
+    if (!c.part) return -1;
+    ab_pool_run(pool, attn_task, &c, M * Hkv * nch);
+    ab_pool_run(pool, merge_task, &c, M * H);
+    free(c.part);
+    return c.failed ? -1 : 0;
+}
