@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from loader.bipolar import (PackedLinear, pack_planes, quantize_activations, quantize_weights,
                             ref_linear_a16, ref_linear_quant, unpack_planes, values_of)
 from runtime.cpu import CpuBackend, a16_block, available_isas
-from runtime.cpu import build, layout
+from runtime.cpu import backend as cpu_backend, build, layout
 
 ISAS = available_isas()
 _backends = {}
@@ -178,7 +178,7 @@ def test_bytecode_integers(isa, bits, group, K):
         q16 = np.empty(lin.Kp, np.int16)
         sxc = np.empty(lin.Kp // L, np.float32)
         gs = np.empty(lin.Kp // lin.group, np.float32)
-        assert lib.ab_i8_quantize(ffi.cast("float *", x[m].ctypes.data), K, lin.Kp, lin.group,
+        assert lib.ab_i8_quantize(cpu_backend.ISAS.index(isa), ffi.cast("float *", x[m].ctypes.data), K, lin.Kp, lin.group,
                                   ffi.cast("int16_t *", q16.ctypes.data), ffi.cast("float *", sxc.ctypes.data),
                                   ffi.cast("float *", gs.ctypes.data)) == 0
         np.testing.assert_array_equal(q16, q)

@@ -20,6 +20,10 @@ int ab_a16_run(ab_pool *pool, int isa, const uint8_t *wl, const float *wsc, cons
                int p, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
 
 size_t ab_i8_scratch(int M, int Kp);
+#ifndef AB_RANGES_PER_THREAD
+#define AB_RANGES_PER_THREAD 1
+#endif
+int ab_i8_ranges(ab_pool *pool, int Nt, int M);
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
 
@@ -27,6 +31,10 @@ size_t ab_qd_scratch(int M, int Kp);
 int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc, const void *woff,
               int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
               int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch);
+
+/* RoPE split in two (kernels_ops.c): the table once per forward, then applied per layer. */
+void ab_rope_table(const int32_t *pos, int M, int hd, float theta, double *cs, double *sn);
+void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, const double *cs, const double *sn);
 
 #define AB_INLINE static inline __attribute__((always_inline))
 #define AB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi,avx512vnni,popcnt")))

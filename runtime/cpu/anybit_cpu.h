@@ -28,7 +28,7 @@ int ab_build_lut(const float *x, int K, int Kp, int G, int8_t *lut, float *lscal
  * z = o - r*s, see ab_internal.h); x quantized to 16 bits per table block. */
 int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
                  int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y);
-int ab_i8_quantize(const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs);
+int ab_i8_quantize(int isa, const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs);
 
 void ab_code_sums(const uint32_t *planes, int p, int rows, int W, uint16_t *out);
 int ab_quantize_acts(ab_pool *pool, const float *x, int M, int K, int Kp, int q, int Ga,
@@ -51,7 +51,7 @@ int ab_linear_qd(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wp
 void ab_rmsnorm(ab_pool *pool, const float *x, const float *w, int M, int d, float eps, float *out);
 void ab_layernorm(ab_pool *pool, const float *x, const float *w, const float *b, int M, int d, float eps,
                   float *out);
-void ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style);
+int ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style);
 int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
                  int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out);
 void ab_swiglu(ab_pool *pool, const float *g, const float *u, int64_t n, float *out);

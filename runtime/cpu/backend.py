@@ -468,8 +468,8 @@ class CpuBackend:
         pos = np.ascontiguousarray(pos, dtype=np.int32)
         if pos.shape != (M,):
             raise ValueError(f"rope positions must be ({M},), got {pos.shape}")
-        self._lib.ab_rope(self._live_pool, self._p("float *", x), self._p("int32_t *", pos), M, H, hd,
-                          float(theta), 0 if style == "adjacent" else 1)
+        _check(self._lib.ab_rope(self._live_pool, self._p("float *", x), self._p("int32_t *", pos), M, H, hd,
+                                 float(theta), 0 if style == "adjacent" else 1), "rope")
 
     def attention(self, q, k_cache, v_cache, n_ctx: int, q_pos, mask=None) -> np.ndarray:
         """Causal (query i sees keys 0..q_pos[i]) or, with mask (T,) bool (True = real token), bidirectional

@@ -71,8 +71,11 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
     float *tmp = att + (size_t)M * qd, *gu = tmp + (size_t)M * d, *act = gu + (size_t)M * 2 * F;
     void *scratch = (void *)(act + (size_t)M * F + 16);
     int32_t *pos = malloc((size_t)M * sizeof(int32_t));
-    if (!pos) { free(buf); return -1; }
+    double *rot = malloc((size_t)M * (hd / 2) * 2 * sizeof(double));
+    if (!pos || !rot) { free(pos); free(rot); free(buf); return -1; }
     for (int i = 0; i < M; i++) pos[i] = pos0 + i;
+    double *cs = rot, *sn = rot + (size_t)M * (hd / 2);
+    ab_rope_table(pos, M, hd, m->theta, cs, sn);
 
     int rc = 0;
     size_t layer_kv = (size_t)T * kd;
@@ -87,8 +90,8 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
             memcpy(kl + (size_t)(pos0 + i) * kd, row + qd, (size_t)kd * sizeof(float));
             memcpy(vl + (size_t)(pos0 + i) * kd, row + qd + kd, (size_t)kd * sizeof(float));
         }
-        ab_rope(pool, q, pos, M, H, hd, m->theta, m->rope_style);
-        ab_rope(pool, kl + (size_t)pos0 * kd, pos, M, Hkv, hd, m->theta, m->rope_style);
+        ab_rope_apply(pool, q, M, H, hd, m->rope_style, cs, sn);
+        ab_rope_apply(pool, kl + (size_t)pos0 * kd, M, Hkv, hd, m->rope_style, cs, sn);
         if ((rc = ab_attention(pool, isa, q, kl, vl, M, H, Hkv, hd, pos0 + M, pos, NULL, att))) break;
         if ((rc = run_lin(pool, isa, ab, &L->wo, att, M, tmp, scratch))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
@@ -105,6 +108,7 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         ab_rmsnorm(pool, xs, m->norm, Mo, d, m->eps, h);
         rc = run_lin(pool, isa, ab, &m->out, h, Mo, logits, scratch);
     }
+    free(rot);
     free(pos);
     free(buf);
     return rc;

@@ -350,16 +350,19 @@ AB_AVX512 static void a16_tile_avx512(const a16_ctx *c, int t, int m0, int mc) {
     }
 }
 
-typedef struct { a16_ctx c; int isa; } a16_job;
+typedef struct { a16_ctx c; int isa, nr; } a16_job;
 
 static void a16_task(void *ctx, int task) {
     a16_job *j = ctx;
     const a16_ctx *c = &j->c;
-    int t = task % c->Nt, mb = task / c->Nt;
+    int r = task % j->nr, mb = task / j->nr;
     int m0 = mb * c->mbmax, mc = c->M - m0 < c->mbmax ? c->M - m0 : c->mbmax;
-    if (j->isa == AB_ISA_AVX512) a16_tile_avx512(c, t, m0, mc);
-    else if (j->isa == AB_ISA_AVX2) a16_tile_avx2(c, t, m0, mc);
-    else a16_tile_portable(c, t, m0, mc);
+    int t0 = (int)((int64_t)c->Nt * r / j->nr), t1 = (int)((int64_t)c->Nt * (r + 1) / j->nr);
+    for (int t = t0; t < t1; t++) {   /* contiguous tile ranges: ab_i8_ranges */
+        if (j->isa == AB_ISA_AVX512) a16_tile_avx512(c, t, m0, mc);
+        else if (j->isa == AB_ISA_AVX2) a16_tile_avx2(c, t, m0, mc);
+        else a16_tile_portable(c, t, m0, mc);
+    }
 }
 
 static void lut_task(void *ctx, int m) {
@@ -400,7 +403,8 @@ int ab_a16_run(ab_pool *pool, int isa, const uint8_t *wl, const float *wsc, cons
     c->ls = (float *)(s + (size_t)M * c->C * AB_LUT_BYTES);
     c->gs = c->ls + (size_t)M * c->nb;
     ab_pool_run(pool, lut_task, &j, M);
-    ab_pool_run(pool, a16_task, &j, c->Nt * c->nmb);
+    j.nr = ab_i8_ranges(pool, c->Nt, c->M);
+    ab_pool_run(pool, a16_task, &j, j.nr * c->nmb);
     free(own);
     return 0;
 }

@@ -46,23 +46,32 @@ void ab_layernorm(ab_pool *pool, const float *x, const float *w, const float *b,
     ab_pool_run(pool, ln_task, &c, M);
 }
 
+/* Rotation table of M positions: cs/sn (M, hd/2) = cos/sin(pos * theta^(-2i/hd)) in double. Built once per
+ * forward call and shared by the q and k of every layer (ab_forward), so the pow/sin/cos cost is paid
+ * per token, not per layer and head. */
+void ab_rope_table(const int32_t *pos, int M, int hd, float theta, double *cs, double *sn) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        double f = pow((double)theta, -2.0 * i / hd);
+        for (int m = 0; m < M; m++) {
+            double a = (double)pos[m] * f;
+            cs[(size_t)m * half + i] = cos(a);
+            sn[(size_t)m * half + i] = sin(a);
+        }
+    }
+}
+
 typedef struct {
     float *x;
-    const int32_t *pos;
+    const double *cs, *sn;
     int M, H, hd, style;
-    float theta;
 } rope_ctx;
 
-/* Pair i rotates by pos * theta^(-2i/hd); style 0 pairs (2i, 2i+1), style 1 pairs (i, i + hd/2). */
+/* Pair i of every head of row m rotates by the table angle; style 0 pairs (2i, 2i+1), style 1 (i, i + hd/2). */
 static void rope_task(void *ctx, int m) {
     rope_ctx *c = ctx;
     int half = c->hd / 2;
-    double cs[512], sn[512];
-    for (int i = 0; i < half && i < 512; i++) {
-        double a = (double)c->pos[m] * pow((double)c->theta, -2.0 * i / c->hd);
-        cs[i] = cos(a);
-        sn[i] = sin(a);
-    }
+    const double *cs = c->cs + (size_t)m * half, *sn = c->sn + (size_t)m * half;
     for (int h = 0; h < c->H; h++) {
         float *x = c->x + ((size_t)m * c->H + h) * c->hd;
         for (int i = 0; i < half; i++) {
@@ -74,9 +83,19 @@ static void rope_task(void *ctx, int m) {
     }
 }
 
-void ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style) {
-    rope_ctx c = {x, pos, M, H, hd, style, theta};
+void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, const double *cs, const double *sn) {
+    rope_ctx c = {x, cs, sn, M, H, hd, style};
     ab_pool_run(pool, rope_task, &c, M);
+}
+
+int ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style) {
+    if (M <= 0 || hd < 2) return 0;
+    double *t = malloc((size_t)M * (hd / 2) * 2 * sizeof(double));
+    if (!t) return -1;
+    ab_rope_table(pos, M, hd, theta, t, t + (size_t)M * (hd / 2));
+    ab_rope_apply(pool, x, M, H, hd, style, t, t + (size_t)M * (hd / 2));
+    free(t);
+    return 0;
 }
 
 typedef struct {

@@ -29,7 +29,7 @@ typedef struct {
     const uint8_t *codes;      /* [Nt][Kp/(4*per)][64][4] */
     const int32_t *wpw;        /* [Nt][W][64]: 2 * sum of codes of one 32-lane word */
     const void *wsc, *woff;    /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
-    int f16, p, cw, N, Kp, G, L, ng, nb, M, Nt, mbmax, isa, W;
+    int f16, p, cw, N, Kp, G, L, ng, nb, M, Nt, mbmax, isa, W, nr;
     int pt;                    /* tile whose parameters wsc/woff start at (0: all tiles; see qd_tile_avx512_per) */
     const int8_t *xe;          /* (M, Kp) centred activation codes */
     const int16_t *xe16;       /* the same widened (AVX2) */
@@ -329,11 +329,14 @@ AB_AVX512 static void qd_tile_avx512(const qd_ctx *c, int t, int m0, int mc) {
 
 static void qd_task(void *ctx, int task) {
     const qd_ctx *c = ctx;
-    int t = task % c->Nt, mbi = task / c->Nt;
+    int r = task % c->nr, mbi = task / c->nr;
     int m0 = mbi * c->mbmax, mc = c->M - m0 < c->mbmax ? c->M - m0 : c->mbmax;
-    if (c->dbg_I || c->isa == AB_ISA_PORTABLE) qd_tile_portable(c, t, m0, mc);
-    else if (c->isa == AB_ISA_AVX512) qd_tile_avx512(c, t, m0, mc);
-    else qd_tile_avx2(c, t, m0, mc);
+    int t0 = (int)((int64_t)c->Nt * r / c->nr), t1 = (int)((int64_t)c->Nt * (r + 1) / c->nr);
+    for (int t = t0; t < t1; t++) {   /* contiguous tile ranges: ab_i8_ranges */
+        if (c->dbg_I || c->isa == AB_ISA_PORTABLE) qd_tile_portable(c, t, m0, mc);
+        else if (c->isa == AB_ISA_AVX512) qd_tile_avx512(c, t, m0, mc);
+        else qd_tile_avx2(c, t, m0, mc);
+    }
 }
 
 /* 2 * code sum per 32-lane word, tiled [Nt][W][64] (rows past N zero). */
@@ -390,7 +393,8 @@ int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, 
     c.xe = qx.xe; c.xe16 = qx.xe16; c.pu = qx.pu; c.fu = qx.fu; c.sa = qx.sa;
     if (M == 1) qx_row(&qx, 0);
     else ab_pool_run(pool, qx_task, &qx, M);
-    ab_pool_run(pool, qd_task, &c, c.Nt * ((M + c.mbmax - 1) / c.mbmax));
+    c.nr = ab_i8_ranges(pool, c.Nt, M);
+    ab_pool_run(pool, qd_task, &c, c.nr * ((M + c.mbmax - 1) / c.mbmax));
     free(own);
     return 0;
 }
