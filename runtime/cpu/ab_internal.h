@@ -114,6 +114,39 @@ AB_AVX512 static inline const float *ab_gp_avx512(const void *sc, const void *of
     *wo = z ? ob : NULL;
     return sb;
 }
+/* Vector exponentials (kernels_attn.c softmax, kernels_ops.c SwiGLU): Cody-Waite reduction and a
+ * degree-6 polynomial. */
+/* The exponential's polynomial on [-ln2/2, ln2/2] (Cephes expf coefficients), one body for both widths. */
+#define EXP_POLY(fma, set1, r)                                                                         \
+    fma(fma(fma(fma(fma(set1(1.9875691500e-4f), r, set1(1.3981999507e-3f)), r, set1(8.3334519073e-3f)), \
+                r, set1(4.1665795894e-2f)), r, set1(1.6666665459e-1f)), r, set1(5.0000001201e-1f))
+
+/* exp(x), about 2 ulp: x below -87 gives ~0 (clamped there), above 88.7 gives inf (scalef). */
+AB_AVX512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* exp(x) clamped to [-87, 88]: 2^n is built in the exponent field, which must stay normal. */
+AB_AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r);
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n by the exponent field: n >= -126 here, so the result stays normal */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 /* Write one 64-row output tile of token m (the last tile of a row may be partial). */
 AB_INLINE void ab_store_tile(float *y, int N, int t, int m, const float *yacc) {
     int n0 = t * 64, nn = N - n0 < 64 ? N - n0 : 64;

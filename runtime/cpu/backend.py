@@ -499,8 +499,8 @@ class CpuBackend:
         if gate.shape != up.shape:
             raise ValueError(f"swiglu shapes differ: {gate.shape} vs {up.shape}")
         out = np.empty_like(gate)
-        self._lib.ab_swiglu(self._live_pool, self._p("float *", gate), self._p("float *", up), gate.size,
-                            self._p("float *", out))
+        _check(self._lib.ab_swiglu(self._live_pool, self._isa_code, self._p("float *", gate), self._p("float *", up),
+                                   gate.size, self._p("float *", out)), "swiglu")
         return out
 
     def gelu(self, x) -> np.ndarray:

@@ -19,7 +19,7 @@
 #include <string.h>
 #include "ab_internal.h"
 
-#define ATT_CHUNK 128       /* keys per task */
+#define ATT_CHUNK 128       /* most keys per task (the score buffer's size) */
 #define ATT_HB 4            /* query heads per pass over a chunk (register budget of the value pass) */
 
 typedef struct {
@@ -27,7 +27,7 @@ typedef struct {
     const int32_t *qpos;
     const uint8_t *mask;
     float *out;
-    int M, H, Hkv, hd, n_ctx, isa, g, nch, failed;
+    int M, H, Hkv, hd, n_ctx, isa, g, nch, chunk, failed;
     float *part;            /* [M][H][nch][2 + hd]: max, sum, unnormalised output */
 } attn_ctx;
 
@@ -85,23 +85,6 @@ static void values_portable(const attn_ctx *c, int hk, int hb, int j0, int j1, c
             for (int i = 0; i < c->hd; i++) o[i] += e * v[i];
         }
     }
-}
-
-/* The exponential's polynomial on [-ln2/2, ln2/2] (Cephes expf coefficients), one body for both widths. */
-#define EXP_POLY(fma, set1, r)                                                                         \
-    fma(fma(fma(fma(fma(set1(1.9875691500e-4f), r, set1(1.3981999507e-3f)), r, set1(8.3334519073e-3f)), \
-                r, set1(4.1665795894e-2f)), r, set1(1.6666665459e-1f)), r, set1(5.0000001201e-1f))
-
-/* exp(x) for x <= 0 (scores minus their maximum); x below -87 gives ~0 (it is clamped there). */
-AB_AVX512 static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 
 AB_AVX512 static void scores_avx512(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
@@ -184,19 +167,6 @@ AB_AVX512 static void values_avx512(const attn_ctx *c, int hk, int hb, int j0, i
     }
 }
 
-AB_AVX2 static inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r);
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* 2^n by the exponent field: n >= -126 here, so the result stays normal */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 AB_AVX2 static inline float hsum256(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -275,7 +245,7 @@ AB_AVX2 static void values_avx2(const attn_ctx *c, int hk, int hb, int j0, int j
 static void attn_task(void *ctx, int task) {
     attn_ctx *c = ctx;
     int ch = task % c->nch, hk = task / c->nch % c->Hkv, m = task / (c->nch * c->Hkv);
-    int j0 = ch * ATT_CHUNK, j1 = j0 + ATT_CHUNK, last = attn_last(c, m);
+    int j0 = ch * c->chunk, j1 = j0 + c->chunk, last = attn_last(c, m);
     j1 = j1 <= last + 1 ? j1 : last + 1;
     int n = j1 > j0 ? j1 - j0 : 0;
     float s[ATT_HB * ATT_CHUNK] __attribute__((aligned(64)));
@@ -332,8 +302,15 @@ int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const f
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
     if (Hkv <= 0 || H % Hkv || hd < 1 || hd > 4096 || M < 0 || n_ctx < 0) return -3;
     if (M == 0 || H == 0) return 0;
+    /* Equal chunks of at most ATT_CHUNK keys, and enough of them that a single query (decode) gives every
+     * thread about two tasks: 160 keys on 3 kv heads and 2 threads run as 6 tasks of 80, not 128 + 32. */
     int nch = n_ctx > 0 ? (n_ctx + ATT_CHUNK - 1) / ATT_CHUNK : 1;
-    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, 0, NULL};
+    int want = (2 * ab_pool_threads(pool) + M * Hkv - 1) / (M * Hkv), most = (n_ctx + 15) / 16;
+    if (nch < want) nch = want < most ? want : (most > 0 ? most : 1);
+    int chunk = n_ctx > 0 ? ((n_ctx + nch - 1) / nch + 15) / 16 * 16 : ATT_CHUNK;
+    chunk = chunk < ATT_CHUNK ? chunk : ATT_CHUNK;
+    nch = n_ctx > 0 ? (n_ctx + chunk - 1) / chunk : 1;
+    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, chunk, 0, NULL};
     c.part = malloc((size_t)M * H * nch * (2 + (size_t)hd) * sizeof(float));
     if (!c.part) return -1;
     ab_pool_run(pool, attn_task, &c, M * Hkv * nch);

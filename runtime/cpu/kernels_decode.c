@@ -98,7 +98,7 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         ab_rmsnorm(pool, x, L->ffn_norm, M, d, m->eps, h);
         if ((rc = run_lin(pool, isa, ab, &L->gate_up, h, M, gu, scratch))) break;
         for (int i = 0; i < M; i++)
-            ab_swiglu(pool, gu + (size_t)i * 2 * F, gu + (size_t)i * 2 * F + F, F, act + (size_t)i * F);
+            ab_swiglu(pool, isa, gu + (size_t)i * 2 * F, gu + (size_t)i * 2 * F + F, F, act + (size_t)i * F);
         if ((rc = run_lin(pool, isa, ab, &L->down, act, M, tmp, scratch))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
     }

@@ -102,10 +102,33 @@ typedef struct {
     const float *a, *b;
     float *out;
     int64_t n;
-    int op;
+    int op, isa;
 } ew_ctx;
 
 #define EW_CHUNK 16384
+
+/* silu(g) * u = g / (1 + exp(-g)) * u, sixteen or eight lanes at a time (vector exp: ab_internal.h). */
+AB_AVX512 static void swiglu_avx512(const float *g, const float *u, float *o, int64_t i0, int64_t i1) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = i0; i < i1; i += 16) {
+        __mmask16 mk = i1 - i >= 16 ? 0xFFFF : (__mmask16)((1u << (i1 - i)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(mk, g + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), a));
+        __m512 y = _mm512_mul_ps(_mm512_div_ps(a, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(mk, u + i));
+        _mm512_mask_storeu_ps(o + i, mk, y);
+    }
+}
+
+AB_AVX2 static int64_t swiglu_avx2(const float *g, const float *u, float *o, int64_t i0, int64_t i1) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        __m256 a = _mm256_loadu_ps(g + i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), a));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    return i;           /* the tail is left to the scalar loop */
+}
 
 static void ew_task(void *ctx, int task) {
     ew_ctx *c = ctx;
@@ -115,20 +138,26 @@ static void ew_task(void *ctx, int task) {
     if (c->op == 0) {
         for (int64_t i = i0; i < i1; i++) o[i] = a[i] + b[i];
     } else if (c->op == 1) {
+        if (c->isa == AB_ISA_AVX512) { swiglu_avx512(a, b, o, i0, i1); return; }
+        if (c->isa == AB_ISA_AVX2) i0 = swiglu_avx2(a, b, o, i0, i1);
         for (int64_t i = i0; i < i1; i++) o[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
     } else {
         for (int64_t i = i0; i < i1; i++) o[i] = 0.5f * a[i] * (1.0f + erff(a[i] * 0.70710678118654752f));
     }
 }
 
-static void ew_run(ab_pool *pool, const float *a, const float *b, int64_t n, float *out, int op) {
-    ew_ctx c = {a, b, out, n, op};
+static void ew_run(ab_pool *pool, const float *a, const float *b, int64_t n, float *out, int op, int isa) {
+    ew_ctx c = {a, b, out, n, op, isa};
     ab_pool_run(pool, ew_task, &c, (int)((n + EW_CHUNK - 1) / EW_CHUNK));
 }
 
-void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out) { ew_run(pool, a, b, n, out, 0); }
-void ab_swiglu(ab_pool *pool, const float *g, const float *u, int64_t n, float *out) { ew_run(pool, g, u, n, out, 1); }
-void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out) { ew_run(pool, x, NULL, n, out, 2); }
+void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out) { ew_run(pool, a, b, n, out, 0, 0); }
+int ab_swiglu(ab_pool *pool, int isa, const float *g, const float *u, int64_t n, float *out) {
+    if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
+    ew_run(pool, g, u, n, out, 1, isa);
+    return 0;
+}
+void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out) { ew_run(pool, x, NULL, n, out, 2, 0); }
 
 /* First index of the maximum (NumPy's argmax rule; a NaN wins, as there). */
 int64_t ab_argmax(const float *x, int64_t n) {
