@@ -15,7 +15,7 @@ from loader.errors import FormatError
 from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
 from loader.packed import VERSION, is_packed_dir, read_packed, write_packed
 
-QUANT_REVISION = 2          # bump when quantize_model's output changes for the same recipe
+QUANT_REVISION = 3          # bump when quantize_model's output changes for the same recipe
 
 
 def cache_root() -> Path:

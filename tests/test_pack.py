@@ -127,3 +127,16 @@ def test_real_q4_1_tensor_imports_exactly(default_gguf):
     q8 = exact_import(out.blocks(), "Q8_0")
     rows = slice(0, 200)
     np.testing.assert_allclose(q8.dequantize()[rows], out.load()[rows], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("wbits,source,head", [(2, "Q8_0", 4), (3, None, 4), (1, "Q8_0", 4), (4, "Q8_0", 8),
+                                               (6, "Q8_0", 8), (8, "Q8_0", 8), (4, None, 4), (5, "Q4_1", 5)])
+def test_default_head_bits(wbits, source, head):
+    """The documented policy: never below 4 bits; a Q8_0 head stays 8-bit from 4 bits on."""
+    from loader.pack import default_head_bits
+    assert default_head_bits(wbits, source) == head
+
+
+def test_low_bit_recipe_packs_head_at_four_bits():
+    pm = quantize_model(tiny_llama(), Recipe(wbits=2, group=32))
+    assert pm.info["output"]["bits"] == 4 and pm.info["layers.0.wq"]["bits"] == 2
