@@ -77,16 +77,38 @@ def lazy_zeros(shape) -> np.ndarray:
 
 
 class KVCache:
-    """Preallocated keys and values: per layer (T, Hkv, hd) float32. Build/free as a pair."""
+    """Preallocated keys and values: per layer (T, Hkv, hd) float32. Build/free as a pair.
 
-    def __init__(self, n_layers: int, T: int, n_kv_heads: int, head_dim: int):
+    With a backend that offers kv_store (the GPU backend) the cache lives on the device, one array per
+    layer: a step then sends only its new rows, instead of every layer's whole cache to each attention
+    call. Rows past n are never read, so the device arrays need no clearing."""
+
+    def __init__(self, n_layers: int, T: int, n_kv_heads: int, head_dim: int, backend=None):
         self.T = T
-        self.k = lazy_zeros((n_layers, T, n_kv_heads, head_dim))
-        self.v = lazy_zeros((n_layers, T, n_kv_heads, head_dim))
+        self.device = backend is not None and hasattr(backend, "kv_store")
+        if self.device:
+            self.k = [backend.empty((T, n_kv_heads, head_dim)) for _ in range(n_layers)]
+            self.v = [backend.empty((T, n_kv_heads, head_dim)) for _ in range(n_layers)]
+        else:
+            self.k = lazy_zeros((n_layers, T, n_kv_heads, head_dim))
+            self.v = lazy_zeros((n_layers, T, n_kv_heads, head_dim))
         self.n = 0      # positions filled
 
+    def store(self, backend, li: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Rows start .. start+M-1 of layer li."""
+        if self.device:
+            pos = np.arange(start, start + len(k), dtype=np.int32)
+            backend.kv_store(self.k[li], k, pos)
+            backend.kv_store(self.v[li], v, pos)
+        else:
+            self.k[li, start:start + len(k)] = k
+            self.v[li, start:start + len(v)] = v
+
     def close(self) -> None:
-        self.k = self.v = None      # the mappings go with the last view
+        if self.device:
+            for a in self.k + self.v:
+                a.close()
+        self.k = self.v = None      # host mappings go with the last view
 
 
 class ContextOverflow(ValueError):
@@ -156,7 +178,7 @@ class Decoder:
 
     def new_cache(self) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, self.context, c.n_kv_heads, c.head_dim)
+        return KVCache(c.n_layers, self.context, c.n_kv_heads, c.head_dim, self.backend)
 
     def _qkv(self, layer: Layer, h: np.ndarray):
         c = self.cfg
@@ -195,8 +217,7 @@ class Decoder:
             k = np.ascontiguousarray(k).reshape(M, Hkv, hd)
             be.rope(q, pos, c.rope_theta, c.rope_style)
             be.rope(k, pos, c.rope_theta, c.rope_style)
-            cache.k[li, start:start + M] = k
-            cache.v[li, start:start + M] = v.reshape(M, Hkv, hd)
+            cache.store(be, li, start, k, np.ascontiguousarray(v).reshape(M, Hkv, hd))
             a = be.attention(q, cache.k[li], cache.v[li], start + M, pos)   # (M, H, hd)
             x = be.add(x, L.wo(np.ascontiguousarray(a).reshape(M, H * hd)))
             h = be.rmsnorm(x, L.ffn_norm, c.norm_eps)

@@ -120,7 +120,8 @@ def test_engine_on_gpu_backend_in_interpreter_matches_cpu(wbits, abits, group, n
     ref_dec = Decoder(pm, NumpyBackend(), abits=abits)
     gpu = GpuBackend(dev=kc.SimDevice())
     gpu_dec = Decoder(pm, gpu, abits=abits)
-    ref = ref_dec.forward(ids, ref_dec.new_cache(), all_logits=True)
+    ref_cache = ref_dec.new_cache()
+    ref = ref_dec.forward(ids, ref_cache, all_logits=True)
     paths = []
     real_linear = gpu.linear
 
@@ -129,7 +130,13 @@ def test_engine_on_gpu_backend_in_interpreter_matches_cpu(wbits, abits, group, n
         paths.append(gpu.last_path)
         return y
     gpu.linear = spy
-    got = gpu_dec.forward(ids, gpu_dec.new_cache(), all_logits=True)
+    cache = gpu_dec.new_cache()
+    assert cache.device          # keys and values stay on the device; a step sends its new rows only
+    got = gpu_dec.forward(ids, cache, all_logits=True)
+    for dev, host in ((cache.k[0], ref_cache.k[0]), (cache.v[0], ref_cache.v[0])):
+        n = len(ids)
+        np.testing.assert_allclose(gpu.download(dev)[:n], host[:n], rtol=1e-4, atol=1e-4 * np.abs(host[:n]).max())
+    cache.close()
     expect = {(16, 3): "gemv_a16", (8, 3): "gemv_q", (8, 10): "bgemm_b1"}[(abits, n_ids)]
     assert any(p.startswith(expect) for p in paths), paths
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
