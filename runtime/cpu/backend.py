@@ -53,7 +53,7 @@ class LinearHandle:
     wsc: np.ndarray           # float32 (Nt, Kp/G, 64)    layout.tile_rows(scales); float16 a = 2s, see f16_params
     woff: np.ndarray | None   # float32 offsets o, or float16 z = o - r s (the weight of code (2^p - 1 - r)/2)
     planes: np.ndarray        # uint32 (p, N, Kp/32) canonical, C-contiguous
-    wcsum: np.ndarray         # uint16 (N, Kp/32) code sum per word (weighted row popcounts)
+    wcsum: np.ndarray | None  # uint16 (N, Kp/32) code sum per word (popcount path; built on first use)
     qcodes: np.ndarray | None = None   # codes tiles for the quantized-activation byte kernel (lazy)
     wpw: np.ndarray | None = None      # int32 (Nt, Kp/32, 64): 2 * code sum per word, tiled (lazy)
     f16: int = 0              # 0: wsc/woff float32 s, o; r > 0: float16 a = 2s, z = o - r*s (f16_params)
@@ -203,9 +203,7 @@ class CpuBackend:
     # ---- linears --------------------------------------------------------------------------------
     def prepare_linear(self, lin: PackedLinear) -> LinearHandle:
         planes = np.ascontiguousarray(lin.planes, dtype=np.uint32)
-        p, N, W = planes.shape
-        wcsum = np.empty((N, W), np.uint16)
-        self._lib.ab_code_sums(self._p("uint32_t *", planes), p, N, W, self._p("uint16_t *", wcsum))
+        p = planes.shape[0]
         bytecodes = p >= self.i8_min_bits
         # float16 group parameters only for the byte-code kernels (the table kernel reads float32)
         half = f16_params(lin.scales, lin.offsets, lin.bits) if bytecodes and self.params == "auto" else None
@@ -216,7 +214,7 @@ class CpuBackend:
             wsc = layout.tile_rows(np.asarray(lin.scales, np.float32))
             woff = None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32))
         return LinearHandle(lin, None if bytecodes else layout.preprocess(planes),
-                            layout.codes_tiles(planes) if bytecodes else None, wsc, woff, planes, wcsum, f16=r)
+                            layout.codes_tiles(planes) if bytecodes else None, wsc, woff, planes, None, f16=r)
 
     def _input(self, h: LinearHandle, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -323,6 +321,10 @@ class CpuBackend:
         if (kernel or self.quant) == "bytes" and h.lin.Kp <= 32768:
             return self._linear_bytes(h, x, abits, agroup, y, debug)
         lin = h.lin
+        if h.wcsum is None:
+            p, N, W = h.planes.shape
+            h.wcsum = np.empty((N, W), np.uint16)
+            self._lib.ab_code_sums(self._p("uint32_t *", h.planes), p, N, W, self._p("uint16_t *", h.wcsum))
         ga, L = self._agroups(lin, agroup)
         aplanes, ascales, acsum = self.quantize_activations(x, abits, ga, lin.Kp, lin.smooth)
         M = x.shape[0]
