@@ -15,6 +15,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear, unpack_planes, values_of
 from loader.errors import FormatError
+from loader.rotation import hadamard_blocks
 from loader.pack import PackedModel
 
 
@@ -60,6 +61,7 @@ class Layer:
     ffn_norm: np.ndarray    # (d,)
     gate_up: list           # [Linear (2F, d)] fused, or [w_gate, w_up]
     w_down: Linear          # (d, F)
+    down_rotate: int = 0    # Hadamard block applied to w_down's input (the packer stored W R), 0: none
 
 
 def lazy_zeros(shape) -> np.ndarray:
@@ -154,6 +156,7 @@ class Decoder:
                 ffn_norm=np.asarray(pm.linear(p + "ffn_norm"), np.float32),
                 gate_up=fused([p + "w_gate", p + "w_up"]),
                 w_down=lin(get(p + "w_down")),
+                down_rotate=int((pm.info.get(p + "w_down") or {}).get("rotate") or 0),
             ))
         self.norm = np.asarray(pm.linear("norm"), np.float32)          # (d,)
         self.output = lin(pm.linear("output"))                          # (V, d), kept at its packed bits
@@ -222,7 +225,10 @@ class Decoder:
             x = be.add(x, L.wo(np.ascontiguousarray(a).reshape(M, H * hd)))
             h = be.rmsnorm(x, L.ffn_norm, c.norm_eps)
             g, u = self._gate_up(L, h)
-            x = be.add(x, L.w_down(be.swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u))))
+            act = be.swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u))
+            if L.down_rotate:
+                act = hadamard_blocks(np.asarray(act, np.float32), L.down_rotate)
+            x = be.add(x, L.w_down(act))
         cache.n = start + M
         if not all_logits:
             x = x[-1:]

@@ -7,7 +7,7 @@ ab_forward) runs the same math - the same kernels in the same order - in one cal
 logits are bitwise equal to Decoder's on that backend. Quantized activations (abits 1..8) are covered
 when the backend runs them on its byte-code kernel (CpuBackend.quant == "bytes"): the C forward quantizes
 each linear's input per token and group exactly as the per-op call does. Anything the fused path does not
-cover (unquantized weights, unfused q/k/v, smoothing, another backend) falls back to Decoder.forward, so
+cover (unquantized weights, unfused q/k/v, smoothing, rotations, another backend) falls back to Decoder.forward, so
 FastDecoder can replace Decoder everywhere:
 
     from engine.fast_decode import FastDecoder
@@ -40,7 +40,7 @@ class FastDecoder(Decoder):
         qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         layers = []
         for L in self.layers:
-            if len(L.qkv) != 1 or len(L.gate_up) != 1:
+            if len(L.qkv) != 1 or len(L.gate_up) != 1 or L.down_rotate:
                 return None
             lins = {"qkv": L.qkv[0], "wo": L.wo, "gate_up": L.gate_up[0], "down": L.w_down}
             if any(f.h is None or f.h.lin.smooth is not None for f in lins.values()):

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from loader.errors import FormatError
 from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
-from loader.packed import VERSION, is_packed_dir, read_packed, write_packed
+from loader.packed import is_packed_dir, read_packed, write_packed
 
+ROTATE_BLOCK = 256          # lanes per Hadamard block on w_down's input for per-token activation scales
 QUANT_REVISION = 3          # bump when quantize_model's output changes for the same recipe
 
 
@@ -35,7 +36,8 @@ def resolve_source(path, kind: str = "decoder") -> Path:
 def _cache_key(src: Path, recipe: Recipe) -> str:
     files = [src] if src.is_file() else sorted(src.glob("*"))
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    blob = json.dumps([str(src.resolve()), stamp, recipe.to_dict(), VERSION, QUANT_REVISION], sort_keys=True)
+    # no format version here: a cached pack this anybit cannot read fails read_packed and is packed again
+    blob = json.dumps([str(src.resolve()), stamp, recipe.to_dict(), 1, QUANT_REVISION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -61,7 +63,9 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         return pm, wbits
     # smoothing is calibrated through the decoder; the encoder's per-token path runs unsmoothed
     smooth = abits != 16 and agroup == "token" and kind == "decoder"
-    recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, smooth=smooth)
+    # with one scale per token the SwiGLU output feeding w_down is rotated instead (loader/rotation.py)
+    recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, smooth=smooth,
+                    rotate=ROTATE_BLOCK if smooth else 0)
     if wbits == 16:
         return quantize_model(_read_source(src), recipe), 16
     out = cache_root() / "packed" / f"{src.stem}-w{wbits}-{_cache_key(src, recipe)}"

@@ -21,6 +21,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
 from loader.errors import FormatError
+from loader.rotation import check_block, hadamard_blocks
 from loader.source import ModelConfig, SourceModel
 
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -48,6 +49,7 @@ class Recipe:
     abits: int = 16
     agroup: int | str | None = None     # None -> = weight group; "token" -> one scale per token
     smooth: bool = False
+    rotate: int = 0                     # block Hadamard on the input of w_down (loader/rotation.py); 0: none
 
     def __post_init__(self):
         if self.wbits != 16 and not 1 <= self.wbits <= 8:
@@ -62,8 +64,14 @@ class Recipe:
         if isinstance(self.agroup, int) and (self.agroup <= 0 or self.agroup % 32):
             raise ValueError(f"agroup must be a positive multiple of 32, got {self.agroup}")
 
+        if self.rotate:
+            check_block(self.rotate)
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if not d["rotate"]:
+            del d["rotate"]             # recipes from before rotations existed keep their cache keys
+        return d
 
 
 @dataclass
@@ -160,12 +168,17 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
             bits = recipe.head_bits or default_head_bits(bits, t.ggml_type)
         group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
         s = smooth.get(name)
-        if exact and s is None and t.blocks is not None:
+        rot = recipe.rotate if recipe.rotate and name.endswith(".w_down") and t.shape[-1] % recipe.rotate == 0 else 0
+        if rot:
+            s = None                    # the rotation replaces smoothing for this input
+        if exact and s is None and not rot and t.blocks is not None:
             q = exact_import(t.blocks(), t.ggml_type, bits)
             w_ref = None
         else:
             exact = False
             w_ref = t.load().astype(np.float64)
+            if rot:
+                w_ref = hadamard_blocks(w_ref, rot)          # W R: the decoder feeds R x
             w_in = w_ref * s[None, :] if s is not None else w_ref
             q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
         lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32))
@@ -175,7 +188,7 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
             err = float(np.linalg.norm(deq - w_ref) / max(np.linalg.norm(w_ref), 1e-30))
         out[name] = lin
         info[name] = {"bits": bits, "group": group, "exact": exact, "rel_err": err,
-                      "source_type": t.ggml_type or "float"}
+                      "source_type": t.ggml_type or "float", "rotate": rot}
     if progress:
         progress(len(names), len(names), "done")
     return PackedModel(cfg, out, src.tokenizer_json, recipe.to_dict(), info)

@@ -25,7 +25,8 @@ from loader.pack import PackedModel
 from loader.source import ModelConfig
 
 FORMAT = "anybit-packed"
-VERSION = 1
+VERSION = 2                 # 2 adds a per-tensor "rotate" (loader/rotation.py); models without one are written as 1
+READABLE = (1, 2)
 _DTYPES = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
 
 
@@ -65,14 +66,15 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
             tensors[name] = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
                              "offsets": t.offsets is not None, "smooth": t.smooth is not None,
                              "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
-                             "source_type": meta.get("source_type")}
+                             "source_type": meta.get("source_type"), "rotate": int(meta.get("rotate") or 0)}
         else:
             arrays[name] = np.ascontiguousarray(t, np.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(arrays, str(tmp / "model.safetensors"))
         (tmp / "tokenizer.json").write_text(model.tokenizer_json)
-        config = {"format": FORMAT, "version": VERSION, "architecture": model.config.arch,
+        rotated = any(m.get("rotate") for m in tensors.values() if isinstance(m, dict))
+        config = {"format": FORMAT, "version": VERSION if rotated else 1, "architecture": model.config.arch,
                   "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
                   "sha256": sha256_file(tmp / "model.safetensors")}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -136,9 +138,9 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
         raise FormatError(f"{d}/config.json: not valid JSON ({e})") from None
     if config.get("format") != FORMAT:
         raise FormatError(f"{d}: not an anybit packed model (format {config.get('format')!r})")
-    if config.get("version") != VERSION:
+    if config.get("version") not in READABLE:
         raise FormatError(f"{d}: packed format version {config.get('version')!r}; this anybit reads "
-                          f"version {VERSION}: re-pack the model with `python -m tools.pack`")
+                          f"versions {', '.join(map(str, READABLE))}: re-pack the model with `python -m tools.pack`")
     st = d / "model.safetensors"
     if not st.is_file():
         raise FormatError(f"{d}: model.safetensors is missing")
@@ -161,5 +163,6 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
         except KeyError as e:
             raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}
+        info[name]["rotate"] = int(meta.get("rotate") or 0)
     tensors.update(arrays)
     return PackedModel(cfg, tensors, tokenizer_json, config.get("recipe", {}), info)

@@ -1,0 +1,77 @@
+"""Block Hadamard rotation of w_down's input (loader/rotation.py): the transform, the packed W R, the
+decoder's run-time R x, and the packed directory that records it."""
+import json
+
+import numpy as np
+import pytest
+
+from engine.decoder import Decoder
+from loader.pack import Recipe, quantize_model
+from loader.packed import read_packed, write_packed
+from loader.rotation import hadamard_blocks
+from runtime.numpy_backend import NumpyBackend
+from tests.test_pack import tiny_llama
+
+
+def sylvester(n):
+    """Hadamard matrix by its definition: H_1 = [1], H_2n = [[H, H], [H, -H]]."""
+    H = np.array([[1.0]])
+    while H.shape[0] < n:
+        H = np.block([[H, H], [H, -H]])
+    return H
+
+
+@pytest.mark.parametrize("b,K", [(2, 6), (8, 8), (64, 192), (256, 1536)])
+def test_hadamard_blocks_is_x_times_blockdiag(b, K):
+    x = np.random.default_rng(b).standard_normal((5, K))
+    R = np.kron(np.eye(K // b), sylvester(b)) / np.sqrt(b)
+    np.testing.assert_allclose(hadamard_blocks(x, b), x @ R, atol=1e-12)
+    np.testing.assert_allclose(hadamard_blocks(hadamard_blocks(x, b), b), x, atol=1e-12)   # R R = I
+    y32 = hadamard_blocks(x.astype(np.float32), b)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, x @ R, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("b,K", [(3, 9), (0, 8), (8192, 8192), (64, 96)])
+def test_bad_blocks_are_refused(b, K):
+    with pytest.raises(ValueError, match="rotation block"):
+        hadamard_blocks(np.zeros((1, K)), b)
+    if b in (3, 8192):
+        with pytest.raises(ValueError, match="rotation block"):
+            Recipe(wbits=8, rotate=b)
+
+
+def _logits(pm, ids, **kw):
+    d = Decoder(pm, NumpyBackend(), **kw)
+    return d, d.forward(ids, d.new_cache(), all_logits=True)
+
+
+def test_rotated_w_down_keeps_the_product():
+    """W R packed, R x at run time: the same logits as the unrotated pack to quantization noise, and far
+    from them if the decoder forgot the run-time half."""
+    src = tiny_llama(layers=2, d=128, F=256, V=40, seed=11)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    _, ref = _logits(quantize_model(src, Recipe(wbits=16)), ids)
+    rotated = quantize_model(src, Recipe(wbits=8, group=32, rotate=64))
+    assert rotated.info["layers.0.w_down"]["rotate"] == 64 and rotated.info["layers.0.wq"]["rotate"] == 0
+    dec, got = _logits(rotated, ids)
+    _, plain = _logits(quantize_model(src, Recipe(wbits=8, group=32)), ids)
+    err, err_plain = np.abs(got - ref).max(), np.abs(plain - ref).max()
+    assert err < 2 * err_plain + 1e-3 * np.abs(ref).max()
+    for L in dec.layers:
+        L.down_rotate = 0
+    wrong = dec.forward(ids, dec.new_cache(), all_logits=True)
+    assert np.abs(wrong - ref).max() > 10 * np.abs(got - ref).max()
+
+
+def test_rotation_round_trips_through_the_packed_directory(tmp_path):
+    src = tiny_llama(layers=1, d=128, F=128, V=40, seed=12)
+    pm = quantize_model(src, Recipe(wbits=4, group=32, rotate=128))
+    out = write_packed(pm, tmp_path / "rot")
+    assert json.loads((out / "config.json").read_text())["version"] == 2
+    back = read_packed(out)
+    assert back.info["layers.0.w_down"]["rotate"] == 128
+    ids = [1, 2, 3]
+    np.testing.assert_array_equal(_logits(back, ids)[1], _logits(pm, ids)[1])
+    plain = write_packed(quantize_model(src, Recipe(wbits=4, group=32)), tmp_path / "plain")
+    assert json.loads((plain / "config.json").read_text())["version"] == 1     # readable by older anybit
