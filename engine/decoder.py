@@ -23,15 +23,15 @@ def _concat(lins: list[PackedLinear]) -> PackedLinear | None:
     """Stack linears along N when they share K, bits, group, offset presence and smoothing."""
     a = lins[0]
     for x in lins:
-        if (x.K, x.bits, x.group, x.offsets is None, x.smooth is None) != \
-                (a.K, a.bits, a.group, a.offsets is None, a.smooth is None):
+        if (x.K, x.bits, x.group, x.offsets is None, x.smooth is None, x.rotate) != \
+                (a.K, a.bits, a.group, a.offsets is None, a.smooth is None, a.rotate):
             return None
         if x.smooth is not None and not np.array_equal(x.smooth, a.smooth):
             return None
     return PackedLinear(np.concatenate([x.planes for x in lins], axis=1),
                         np.concatenate([x.scales for x in lins], axis=0),
                         None if a.offsets is None else np.concatenate([x.offsets for x in lins], axis=0),
-                        a.bits, a.group, a.K, sum(x.N for x in lins), a.smooth)
+                        a.bits, a.group, a.K, sum(x.N for x in lins), a.smooth, a.rotate)
 
 
 class Linear:
@@ -41,15 +41,19 @@ class Linear:
         self.backend, self.abits = backend, abits
         if isinstance(w, PackedLinear):
             self.h, self.float_w = backend.prepare_linear(w), None
+            self.rotate = w.rotate
             self.N = w.N
             self.agroup = w.Kp if agroup == "token" else agroup
         else:
             self.h, self.float_w = None, np.ascontiguousarray(w, np.float32)
+            self.rotate = 0
             self.N = w.shape[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.float_w is not None:
             return self.backend.linear_float(self.float_w, x)
+        if self.rotate:         # the weight holds W R (loader/rotation.py): feed it R x
+            x = hadamard_blocks(np.asarray(x, np.float32), self.rotate)
         return self.backend.linear(self.h, x, abits=self.abits, agroup=self.agroup)
 
 
@@ -61,7 +65,6 @@ class Layer:
     ffn_norm: np.ndarray    # (d,)
     gate_up: list           # [Linear (2F, d)] fused, or [w_gate, w_up]
     w_down: Linear          # (d, F)
-    down_rotate: int = 0    # Hadamard block applied to w_down's input (the packer stored W R), 0: none
 
 
 def lazy_zeros(shape) -> np.ndarray:
@@ -156,7 +159,6 @@ class Decoder:
                 ffn_norm=np.asarray(pm.linear(p + "ffn_norm"), np.float32),
                 gate_up=fused([p + "w_gate", p + "w_up"]),
                 w_down=lin(get(p + "w_down")),
-                down_rotate=int((pm.info.get(p + "w_down") or {}).get("rotate") or 0),
             ))
         self.norm = np.asarray(pm.linear("norm"), np.float32)          # (d,)
         self.output = lin(pm.linear("output"))                          # (V, d), kept at its packed bits
@@ -177,6 +179,8 @@ class Decoder:
         w = w[:, :e.K]
         if e.smooth is not None:          # a smoothed tied output holds W * s: undo it for the rows
             w = w / e.smooth
+        if e.rotate:                      # a rotated one holds W R, and R R = I
+            w = hadamard_blocks(w, e.rotate)
         return np.ascontiguousarray(w, np.float32)
 
     def new_cache(self) -> KVCache:
@@ -225,10 +229,7 @@ class Decoder:
             x = be.add(x, L.wo(np.ascontiguousarray(a).reshape(M, H * hd)))
             h = be.rmsnorm(x, L.ffn_norm, c.norm_eps)
             g, u = self._gate_up(L, h)
-            act = be.swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u))
-            if L.down_rotate:
-                act = hadamard_blocks(np.asarray(act, np.float32), L.down_rotate)
-            x = be.add(x, L.w_down(act))
+            x = be.add(x, L.w_down(be.swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u))))
         cache.n = start + M
         if not all_logits:
             x = x[-1:]

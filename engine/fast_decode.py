@@ -40,17 +40,17 @@ class FastDecoder(Decoder):
         qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         layers = []
         for L in self.layers:
-            if len(L.qkv) != 1 or len(L.gate_up) != 1 or L.down_rotate:
+            if len(L.qkv) != 1 or len(L.gate_up) != 1:
                 return None
             lins = {"qkv": L.qkv[0], "wo": L.wo, "gate_up": L.gate_up[0], "down": L.w_down}
-            if any(f.h is None or f.h.lin.smooth is not None for f in lins.values()):
+            if any(f.h is None or f.h.lin.smooth is not None or f.h.lin.rotate for f in lins.values()):
                 return None
             if lins["qkv"].N != qd + 2 * kd or lins["gate_up"].N % 2:
                 return None
             layers.append(dict(attn_norm=L.attn_norm, ffn_norm=L.ffn_norm,
                                **{k: f.h for k, f in lins.items()}))
         out = self.output
-        if out.h is None or out.h.lin.smooth is not None:
+        if out.h is None or out.h.lin.smooth is not None or out.h.lin.rotate:
             return None
         F = layers[0]["gate_up"].lin.N // 2 if layers else 0
         if any(L["gate_up"].lin.N != 2 * F or L["down"].lin.K != F for L in layers):

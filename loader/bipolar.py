@@ -177,6 +177,7 @@ class PackedLinear:
     K: int
     N: int
     smooth: np.ndarray | None = None   # float32 (K,): activations are divided by it
+    rotate: int = 0                    # W R stored: the engine feeds R x (loader/rotation.py); 0: none
 
     def __post_init__(self):
         p, N, W = self.planes.shape
@@ -197,10 +198,10 @@ class PackedLinear:
         return self.planes.shape[2] * LANES
 
     @classmethod
-    def from_quant(cls, q: QuantTensor, smooth: np.ndarray | None = None) -> "PackedLinear":
+    def from_quant(cls, q: QuantTensor, smooth: np.ndarray | None = None, rotate: int = 0) -> "PackedLinear":
         return cls(pack_planes(q.codes, q.bits), q.scales.astype(np.float32),
                    None if q.offsets is None else q.offsets.astype(np.float32),
-                   q.bits, q.group, q.K, q.codes.shape[0], smooth)
+                   q.bits, q.group, q.K, q.codes.shape[0], smooth, rotate)
 
     def to_quant(self) -> QuantTensor:
         return QuantTensor(unpack_planes(self.planes), self.scales, self.offsets, self.bits, self.group, self.K)
@@ -213,7 +214,7 @@ class PackedLinear:
         if k == self.bits:
             return self
         return PackedLinear(self.planes[:k], (self.scales * (1 << (self.bits - k))).astype(np.float32),
-                            self.offsets, k, self.group, self.K, self.N, self.smooth)
+                            self.offsets, k, self.group, self.K, self.N, self.smooth, self.rotate)
 
     def dequantize(self) -> np.ndarray:
         return self.to_quant().dequantize()

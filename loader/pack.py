@@ -132,6 +132,22 @@ def default_head_bits(wbits: int, ggml_type: str | None) -> int:
     return 8 if ggml_type == "Q8_0" and wbits < 8 else wbits
 
 
+# linears whose input a recipe's `rotate` applies to: every Llama linear (measured on the default model at
+# W8A8, G = 128, one scale per token: w_down alone KL 0.0135, all of them 0.0068 and perplexity -0.15%)
+ROTATED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")
+
+
+def rotation_block(name: str, K: int, most: int) -> int:
+    """The Hadamard block for linear `name` of K inputs under a recipe's rotate = most: the largest power
+    of two up to `most` that divides K (at least 32), for the linears in ROTATED; else 0."""
+    if not most or name.rsplit(".", 1)[-1] not in ROTATED:
+        return 0
+    b = most
+    while b >= 32 and K % b:
+        b //= 2
+    return b if b >= 32 else 0
+
+
 def _resolve_group(recipe_group, bits: int, ggml_type: str | None, K: int) -> tuple[int, bool]:
     """(group, exact) for one tensor of K input columns."""
     exact_possible = ggml_type in EXACT_BITS and EXACT_BITS[ggml_type] <= bits
@@ -168,7 +184,7 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
             bits = recipe.head_bits or default_head_bits(bits, t.ggml_type)
         group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
         s = smooth.get(name)
-        rot = recipe.rotate if recipe.rotate and name.endswith(".w_down") and t.shape[-1] % recipe.rotate == 0 else 0
+        rot = rotation_block(name, t.shape[-1], recipe.rotate)
         if rot:
             s = None                    # the rotation replaces smoothing for this input
         if exact and s is None and not rot and t.blocks is not None:
@@ -181,7 +197,7 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
                 w_ref = hadamard_blocks(w_ref, rot)          # W R: the decoder feeds R x
             w_in = w_ref * s[None, :] if s is not None else w_ref
             q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
-        lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32))
+        lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32), rot)
         err = 0.0
         if w_ref is not None:
             deq = q.dequantize() / (s[None, :] if s is not None else 1.0)

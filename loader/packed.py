@@ -66,7 +66,7 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
             tensors[name] = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
                              "offsets": t.offsets is not None, "smooth": t.smooth is not None,
                              "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
-                             "source_type": meta.get("source_type"), "rotate": int(meta.get("rotate") or 0)}
+                             "source_type": meta.get("source_type"), "rotate": t.rotate}
         else:
             arrays[name] = np.ascontiguousarray(t, np.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -159,7 +159,7 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
             tensors[name] = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
                                          arrays.pop(f"{name}.offsets", None), int(meta["bits"]),
                                          int(meta["group"]), int(meta["K"]), int(meta["N"]),
-                                         arrays.pop(f"{name}.smooth", None))
+                                         arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0))
         except KeyError as e:
             raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}

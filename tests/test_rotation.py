@@ -46,22 +46,33 @@ def _logits(pm, ids, **kw):
     return d, d.forward(ids, d.new_cache(), all_logits=True)
 
 
-def test_rotated_w_down_keeps_the_product():
-    """W R packed, R x at run time: the same logits as the unrotated pack to quantization noise, and far
-    from them if the decoder forgot the run-time half."""
+def test_rotated_linears_keep_the_product():
+    """W R packed, R x at run time (every linear, the tied output/embedding table too): the same logits
+    as the unrotated pack to quantization noise, and far from them if the decoder forgot the run-time
+    half."""
     src = tiny_llama(layers=2, d=128, F=256, V=40, seed=11)
+    assert "tok_embeddings" not in src.tensors          # tied: embed() must undo the output's rotation
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     _, ref = _logits(quantize_model(src, Recipe(wbits=16)), ids)
-    rotated = quantize_model(src, Recipe(wbits=8, group=32, rotate=64))
-    assert rotated.info["layers.0.w_down"]["rotate"] == 64 and rotated.info["layers.0.wq"]["rotate"] == 0
+    rotated = quantize_model(src, Recipe(wbits=8, group=32, rotate=256))
+    assert rotated.info["layers.0.w_down"]["rotate"] == 256          # F = 256
+    assert rotated.info["layers.0.wq"]["rotate"] == 128 and rotated.info["output"]["rotate"] == 128
     dec, got = _logits(rotated, ids)
     _, plain = _logits(quantize_model(src, Recipe(wbits=8, group=32)), ids)
     err, err_plain = np.abs(got - ref).max(), np.abs(plain - ref).max()
     assert err < 2 * err_plain + 1e-3 * np.abs(ref).max()
     for L in dec.layers:
-        L.down_rotate = 0
+        L.w_down.rotate = 0
     wrong = dec.forward(ids, dec.new_cache(), all_logits=True)
-    assert np.abs(wrong - ref).max() > 10 * np.abs(got - ref).max()
+    assert np.abs(wrong - ref).max() > 10 * err
+
+
+@pytest.mark.parametrize("name,K,most,block", [("layers.3.w_down", 1536, 256, 256), ("layers.0.wq", 576, 256, 64),
+                                               ("output", 576, 256, 64), ("layers.0.wq", 576, 0, 0),
+                                               ("layers.0.wq", 48, 256, 0), ("layers.0.w_in", 384, 256, 0)])
+def test_rotation_block_rule(name, K, most, block):
+    from loader.pack import rotation_block
+    assert rotation_block(name, K, most) == block
 
 
 def test_rotation_round_trips_through_the_packed_directory(tmp_path):

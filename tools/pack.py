@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search")
     p.add_argument("--head-bits", type=_bits, default=None, help="bits of the output projection")
     p.add_argument("--smooth", action="store_true", help="calibrate SmoothQuant factors (decoders)")
+    p.add_argument("--rotate", type=int, default=0, metavar="B",
+                   help="block Hadamard rotation of the decoder's linear inputs, at most B lanes per block "
+                        "(a power of two; 256 is what `--agroup token` models use); rotated inputs are "
+                        "not smoothed")
     args = p.parse_args(argv)
 
     from engine.model_store import resolve_source
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
         src_path = resolve_source(None if kind else args.src, kind or "decoder")
         src = read_source(src_path)
         recipe = Recipe(wbits=args.wbits, group=args.group, asymmetric=not args.symmetric, clip=not args.no_clip,
-                        head_bits=args.head_bits, smooth=args.smooth)
+                        head_bits=args.head_bits, smooth=args.smooth, rotate=args.rotate)
         smooth = None
         if args.smooth:
             from engine.calibrate import smoothing_factors
