@@ -22,6 +22,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear, quantize_activations
 from loader.errors import FormatError
+from loader.rotation import hadamard_blocks
 
 _LINEARS = (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo"), ("w_in", "b_in"), ("w_out", "b_out"))
 
@@ -35,6 +36,7 @@ class _Linear:
     bias: np.ndarray | None
     N: int
     K: int
+    rotate: int = 0                 # the packed weight holds W R: feed it R x (loader/rotation.py)
 
 
 class Encoder:
@@ -96,7 +98,7 @@ class Encoder:
     def _prepare(self, w, bias, name: str) -> _Linear:
         if isinstance(w, PackedLinear):
             agroup = w.Kp if self.agroup == "token" else self.agroup
-            return _Linear(self.backend.prepare_linear(w), agroup, None, bias, w.N, w.K)
+            return _Linear(self.backend.prepare_linear(w), agroup, None, bias, w.N, w.K, w.rotate)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise FormatError(f"linear {name!r} must be 2-D, got shape {w.shape}")
@@ -106,6 +108,8 @@ class Encoder:
 
     def _linear(self, lin: _Linear, x: np.ndarray) -> np.ndarray:
         if lin.handle is not None:
+            if lin.rotate:
+                x = hadamard_blocks(np.asarray(x, np.float32), lin.rotate)
             y = self.backend.linear(lin.handle, x, abits=self.abits, agroup=lin.agroup)
         else:
             if self.abits != 16:

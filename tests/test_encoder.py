@@ -293,3 +293,25 @@ def test_retrieval_ranking_unchanged_at_w8a8(minilm, float_emb):
         assert retrieval_top1(e) == want
     finally:
         e.close()
+
+
+def test_rotated_bert_linears_embed_like_the_plain_pack(minilm, float_vectors):
+    """A BERT packed with --rotate stores W R for wq/wk/wv/wo (K = 384 -> 128-lane blocks); the encoder
+    must feed them R x: the embeddings then match the float ones as well as the unrotated W8 pack does,
+    and are far off if the encoder skipped the rotation."""
+    from loader.pack import Recipe, quantize_model
+    from loader.sources import read_source
+    src = read_source(minilm)
+    pm = quantize_model(src, Recipe(wbits=8, group=32, rotate=256))
+    assert pm.info["layers.0.wq"]["rotate"] == 128 and pm.info["layers.0.w_in"]["rotate"] == 0
+    e = embedder(pm)
+    try:
+        good = cos(e.embed(SENTENCES[:8]), float_vectors[:8])
+        assert good.min() > 0.999
+        for layer in e.encoder.layers:
+            for lin in layer.values():
+                if hasattr(lin, "rotate"):
+                    lin.rotate = 0
+        assert cos(e.embed(SENTENCES[:8]), float_vectors[:8]).min() < 0.9
+    finally:
+        e.close()
