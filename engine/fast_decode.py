@@ -7,7 +7,7 @@ ab_forward) runs the same math - the same kernels in the same order - in one cal
 logits are bitwise equal to Decoder's on that backend. Quantized activations (abits 1..8) are covered
 when the backend runs them on its byte-code kernel (CpuBackend.quant == "bytes"): the C forward quantizes
 each linear's input per token and group exactly as the per-op call does. Anything the fused path does not
-cover (unquantized weights, unfused q/k/v, smoothing, rotations, another backend) falls back to Decoder.forward, so
+cover (unquantized weights, unfused q/k/v, smoothing, another backend) falls back to Decoder.forward, so
 FastDecoder can replace Decoder everywhere:
 
     from engine.fast_decode import FastDecoder
@@ -43,14 +43,14 @@ class FastDecoder(Decoder):
             if len(L.qkv) != 1 or len(L.gate_up) != 1:
                 return None
             lins = {"qkv": L.qkv[0], "wo": L.wo, "gate_up": L.gate_up[0], "down": L.w_down}
-            if any(f.h is None or f.h.lin.smooth is not None or f.h.lin.rotate for f in lins.values()):
+            if any(f.h is None or f.h.lin.smooth is not None for f in lins.values()):
                 return None
             if lins["qkv"].N != qd + 2 * kd or lins["gate_up"].N % 2:
                 return None
             layers.append(dict(attn_norm=L.attn_norm, ffn_norm=L.ffn_norm,
                                **{k: f.h for k, f in lins.items()}))
         out = self.output
-        if out.h is None or out.h.lin.smooth is not None or out.h.lin.rotate:
+        if out.h is None or out.h.lin.smooth is not None:
             return None
         F = layers[0]["gate_up"].lin.N // 2 if layers else 0
         if any(L["gate_up"].lin.N != 2 * F or L["down"].lin.K != F for L in layers):

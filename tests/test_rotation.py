@@ -86,3 +86,31 @@ def test_rotation_round_trips_through_the_packed_directory(tmp_path):
     np.testing.assert_array_equal(_logits(back, ids)[1], _logits(pm, ids)[1])
     plain = write_packed(quantize_model(src, Recipe(wbits=4, group=32)), tmp_path / "plain")
     assert json.loads((plain / "config.json").read_text())["version"] == 1     # readable by older anybit
+
+
+@pytest.mark.parametrize("abits,agroup", [(16, None), (8, "token")])
+def test_fused_cpu_forward_rotates_like_the_decoder(abits, agroup):
+    """The one-call C forward rotates with ab_hadamard_rows: bitwise the per-op decoder's logits."""
+    from engine.fast_decode import FastDecoder
+    from runtime.cpu import CpuBackend
+    src = tiny_llama(layers=2, d=128, F=256, V=40, seed=13)
+    pm = quantize_model(src, Recipe(wbits=8, group=128, rotate=256))
+    ids = [5, 7, 11, 13, 17]
+    with CpuBackend(threads=2) as be:
+        per_op, fast = Decoder(pm, be, abits=abits, agroup=agroup), FastDecoder(pm, be, abits=abits, agroup=agroup)
+        assert fast.fast
+        c0, c1 = per_op.new_cache(), fast.new_cache()
+        np.testing.assert_array_equal(fast.forward(ids, c1, all_logits=True),
+                                      per_op.forward(ids, c0, all_logits=True))
+        np.testing.assert_array_equal(fast.forward([3], c1), per_op.forward([3], c0))
+
+
+def test_c_hadamard_is_numpys_bit_for_bit():
+    from runtime.cpu import build
+    ffi, lib = build.load()
+    x = np.random.default_rng(3).standard_normal((3, 768)).astype(np.float32)
+    for b in (2, 64, 256):
+        y = x.copy()
+        assert lib.ab_hadamard_rows(ffi.cast("float *", y.ctypes.data), 3, 768, b) == 0
+        np.testing.assert_array_equal(y, hadamard_blocks(x, b))
+    assert lib.ab_hadamard_rows(ffi.cast("float *", x.ctypes.data), 3, 768, 96) == -3

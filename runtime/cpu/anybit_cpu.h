@@ -72,6 +72,7 @@ typedef struct {
     int cw;                     /* bits per code container in codes: 2, 4 or 8 */
     const int32_t *wpw;         /* quantized activations: word code sums (ab_qd_word_sums), else NULL */
     int Ga, L;                  /* quantized activations: activation group and block lanes */
+    int rotate;                 /* > 0: the weight is W R; the input is rotated first (ab_hadamard_rows) */
 } ab_lin;
 
 typedef struct {
@@ -88,6 +89,10 @@ typedef struct {
     const float *norm;
     ab_lin out;
 } ab_model;
+
+/* x R in place for M rows of K floats: blocks of b lanes (a power of two dividing K) times H_b / sqrt(b),
+ * by the butterfly of loader/rotation.py in the same order, so the results are bitwise NumPy's. */
+int ab_hadamard_rows(float *x, int M, int K, int b);
 
 int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int pos0, float *kc, float *vc,
                int T, int all_logits, float *logits);

@@ -391,6 +391,7 @@ class CpuBackend:
             dst.woff = self._p("void *", h.woff)
             dst.f16 = h.f16
             dst.p, dst.N, dst.Kp, dst.G, dst.K = h.lin.bits, h.lin.N, h.lin.Kp, h.lin.group, h.lin.K
+            dst.rotate = h.lin.rotate
             if abits < 16:
                 ga, L = self._agroups(h.lin, agroup)
                 if h.lin.Kp > 32768:

@@ -11,6 +11,7 @@
  * product of kernels_quant.c (the same ab_qd_run the per-op backend calls). Smoothed linears are not
  * handled here; the engine falls back to per-op calls for those.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "ab_internal.h"
@@ -25,8 +26,31 @@ static int qlin_ok(const ab_lin *l) {
     return l->codes && l->wpw && l->L > 0 && l->Ga > 0;
 }
 
+int ab_hadamard_rows(float *x, int M, int K, int b) {
+    if (b < 2 || (b & (b - 1)) || K % b || M < 0) return -3;
+    float sc = (float)(1.0 / sqrt((double)b));
+    for (size_t r = 0; r < (size_t)M * (K / b); r++) {
+        float *v = x + r * b;
+        for (int h = 1; h < b; h *= 2)
+            for (int i = 0; i < b; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    float a = v[j], c = v[j + h];
+                    v[j] = a + c;
+                    v[j + h] = a - c;
+                }
+        for (int i = 0; i < b; i++) v[i] *= sc;
+    }
+    return 0;
+}
+
 static int run_lin(ab_pool *pool, int isa, int abits, const ab_lin *l, const float *x, int M, float *y,
-                   void *scratch) {
+                   void *scratch, float *xr) {
+    if (l->rotate) {            /* xr: M * K floats of the caller's buffer */
+        memcpy(xr, x, (size_t)M * l->K * sizeof(float));
+        int rc = ab_hadamard_rows(xr, M, l->K, l->rotate);
+        if (rc) return rc;
+        x = xr;
+    }
     if (abits < 16)
         return ab_qd_run(pool, isa, l->codes, l->wpw, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, abits,
                          l->Ga, l->L, x, NULL, M, l->K, y, NULL, NULL, NULL, scratch);
@@ -58,9 +82,8 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         }
     }
     if (!lin_ok(&m->out, d, m->out.N) || (ab < 16 && !qlin_ok(&m->out))) return -3;
-    (void)maxK;
 
-    size_t fl = (size_t)M * ((size_t)d * 2 + nqkv + (size_t)qd * 2 + (size_t)F * 3) + 64;
+    size_t fl = (size_t)M * ((size_t)d * 2 + nqkv + (size_t)qd * 2 + (size_t)F * 3 + (size_t)maxK) + 64;
     size_t sc = ab_a16_scratch(M, maxKp), sc8 = ab_i8_scratch(M, maxKp);
     sc = sc > sc8 ? sc : sc8;
     size_t scq = ab_qd_scratch(M, maxKp);
@@ -69,7 +92,8 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
     if (posix_memalign((void **)&buf, 64, fl * sizeof(float) + sc + 64)) return -1;
     float *h = buf, *qkv = h + (size_t)M * d, *q = qkv + (size_t)M * nqkv, *att = q + (size_t)M * qd;
     float *tmp = att + (size_t)M * qd, *gu = tmp + (size_t)M * d, *act = gu + (size_t)M * 2 * F;
-    void *scratch = (void *)(act + (size_t)M * F + 16);
+    float *xr = act + (size_t)M * F;                     /* rotated linear inputs (ab_lin.rotate) */
+    void *scratch = (void *)(xr + (size_t)M * maxK + 16);
     int32_t *pos = malloc((size_t)M * sizeof(int32_t));
     double *rot = malloc((size_t)M * (hd / 2) * 2 * sizeof(double));
     if (!pos || !rot) { free(pos); free(rot); free(buf); return -1; }
@@ -83,7 +107,7 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         const ab_layer *L = &m->layers[li];
         float *kl = kc + li * layer_kv, *vl = vc + li * layer_kv;
         ab_rmsnorm(pool, x, L->attn_norm, M, d, m->eps, h);
-        if ((rc = run_lin(pool, isa, ab, &L->qkv, h, M, qkv, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->qkv, h, M, qkv, scratch, xr))) break;
         for (int i = 0; i < M; i++) {
             const float *row = qkv + (size_t)i * nqkv;
             memcpy(q + (size_t)i * qd, row, (size_t)qd * sizeof(float));
@@ -93,20 +117,20 @@ int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int p
         ab_rope_apply(pool, q, M, H, hd, m->rope_style, cs, sn);
         ab_rope_apply(pool, kl + (size_t)pos0 * kd, M, Hkv, hd, m->rope_style, cs, sn);
         if ((rc = ab_attention(pool, isa, q, kl, vl, M, H, Hkv, hd, pos0 + M, pos, NULL, att))) break;
-        if ((rc = run_lin(pool, isa, ab, &L->wo, att, M, tmp, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->wo, att, M, tmp, scratch, xr))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
         ab_rmsnorm(pool, x, L->ffn_norm, M, d, m->eps, h);
-        if ((rc = run_lin(pool, isa, ab, &L->gate_up, h, M, gu, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->gate_up, h, M, gu, scratch, xr))) break;
         for (int i = 0; i < M; i++)
             ab_swiglu(pool, isa, gu + (size_t)i * 2 * F, gu + (size_t)i * 2 * F + F, F, act + (size_t)i * F);
-        if ((rc = run_lin(pool, isa, ab, &L->down, act, M, tmp, scratch))) break;
+        if ((rc = run_lin(pool, isa, ab, &L->down, act, M, tmp, scratch, xr))) break;
         ab_add(pool, x, tmp, (int64_t)M * d, x);
     }
     if (!rc) {
         const float *xs = all_logits ? x : x + (size_t)(M - 1) * d;
         int Mo = all_logits ? M : 1;
         ab_rmsnorm(pool, xs, m->norm, Mo, d, m->eps, h);
-        rc = run_lin(pool, isa, ab, &m->out, h, Mo, logits, scratch);
+        rc = run_lin(pool, isa, ab, &m->out, h, Mo, logits, scratch, xr);
     }
     free(rot);
     free(pos);
