@@ -106,7 +106,9 @@ def test_kernels_tiny_run_schema(tmp_path):
 def test_e2e_precision_parsing_and_report(capsys):
     assert e2e.parse_precision("W4A8g32") == {"name": "w4a8g32", "wbits": 4, "abits": 8, "group": 32, "agroup": 32}
     assert e2e.parse_precision("w8a16")["group"] is None
-    for bad in ("4a16", "w9a16", "wxa8", "w4"):
+    assert e2e.parse_precision("w8a8g128t") == {"name": "w8a8g128t", "wbits": 8, "abits": 8, "group": 128,
+                                                "agroup": "token"}
+    for bad in ("4a16", "w9a16", "wxa8", "w4", "w8a8gt1"):
         with pytest.raises(ValueError):
             e2e.parse_precision(bad)
     e2e.print_report(fixture_docs()["e2e"])

@@ -14,21 +14,25 @@ import sys
 from tools.bench import machine, peers
 from tools.bench.stats import print_table, result_path, summarize, write_result
 
-DEFAULT_PRECISIONS = "w8a16,w4a16,w2a16,w8a8g32,w4a8g32"
+DEFAULT_PRECISIONS = "w8a16,w4a16,w2a16,w8a8g32,w4a8g32,w8a8g128t"
 
 
 def parse_precision(s: str) -> dict:
-    """'w4a8g32' -> wbits 4, abits 8, group = agroup = 32; 'w4a16' -> groups left to the engine."""
+    """'w4a8g32' -> wbits 4, abits 8, group = agroup = 32; 'w8a8g128t' -> weight group 128 and one
+    activation scale per token (as tools.eval names it); 'w4a16' -> groups left to the engine."""
     t = s.strip().lower()
     try:
         if not t.startswith("w") or "a" not in t:
             raise ValueError
         w, rest = t[1:].split("a", 1)
         a, _, g = rest.partition("g")
+        per_token = g.endswith("t")
+        g = g[:-1] if per_token else g
         cfg = {"name": t, "wbits": int(w), "abits": int(a), "group": int(g) if g else None,
-               "agroup": int(g) if g else None}
+               "agroup": "token" if per_token else (int(g) if g else None)}
     except ValueError:
-        raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>], e.g. w4a16 or w4a8g32") from None
+        raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>[t]], e.g. w4a16, w4a8g32 or "
+                         "w8a8g128t") from None
     if not (1 <= cfg["wbits"] <= 8 or cfg["wbits"] == 16) or not (1 <= cfg["abits"] <= 8 or cfg["abits"] == 16):
         raise ValueError(f"precision {s!r}: bits must be 1..8 or 16")
     return cfg
