@@ -8,8 +8,9 @@
  * -> k, v into the cache -> attention -> wo -> residual -> rmsnorm -> fused gate/up -> swiglu -> down ->
  * residual, for every layer, then the final norm and the output product. Linears run A16 (tables or
  * byte codes) or, with m->abits 1..8, quantize their input per token and group and run the byte-code
- * product of kernels_quant.c (the same ab_qd_run the per-op backend calls). Smoothed linears are not
- * handled here; the engine falls back to per-op calls for those.
+ * product of kernels_quant.c (the same ab_qd_run the per-op backend calls). A rotated linear (ab_lin.rotate,
+ * loader/rotation.py) gets its input rotated first by ab_hadamard_rows, bitwise as the decoder's NumPy
+ * rotation. Smoothed linears are not handled here; the engine falls back to per-op calls for those.
  */
 #include <math.h>
 #include <stdlib.h>
