@@ -112,8 +112,13 @@ def render(docs: list[dict], readme: Path) -> str:
         per = {b: latest(docs, b).get(kind) for b in ("e2e", "kernels", "embed")}
         anyd = next(d for d in per.values() if d)
         lines += [f"### Machine: {kind}", "", f"Measured on {_machine_line(anyd)}.", ""]
-        if per["e2e"]:
-            lines += e2e_section(per["e2e"], readme)
+        # end to end: the newest run at each thread count, most threads first
+        by_threads: dict[int, dict] = {}
+        for d in docs:
+            if d["bench"] == "e2e" and d["machine"]["kind"] == kind:
+                by_threads[int(d["settings"].get("threads") or 0)] = d     # sorted: the last one wins
+        for t in sorted(by_threads, reverse=True):
+            lines += e2e_section(by_threads[t], readme)
         if per["kernels"]:
             lines += kernels_section(per["kernels"], readme)
         if per["embed"]:
