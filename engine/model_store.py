@@ -65,7 +65,12 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
     # measured far better than SmoothQuant here (W8A8 G128: KL 0.0068 against 0.025; SmoothQuant stays
     # available as `tools.pack --smooth`); the encoder's per-token path runs plain
     rotate = ROTATE_BLOCK if abits != 16 and agroup == "token" and kind == "decoder" else 0
-    recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, rotate=rotate)
+    # a 4-bit or narrower embedder (float activations) is rounded by GPTQ on rotated inputs, calibrated on
+    # the calibration text (engine/calibrate.py): round-to-nearest left a short sentence at cosine 0.904
+    gptq = kind == "embedder" and wbits <= 4 and abits == 16
+    if gptq:
+        rotate = ROTATE_BLOCK
+    recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, rotate=rotate, gptq=gptq)
     if wbits == 16:
         return quantize_model(_read_source(src), recipe), 16
     out = cache_root() / "packed" / f"{src.stem}-w{wbits}-{_cache_key(src, recipe)}"
@@ -75,7 +80,13 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         except FormatError as e:
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
     source = _read_source(src)
+    hessians = None
+    if gptq:
+        from engine.calibrate import encoder_hessians
+        if progress:
+            print("anybit: calibrating (GPTQ) on the calibration text ...", file=sys.stderr)
+        hessians = encoder_hessians(source, recipe)
     show = progress_bar(f"packing {src.name} at W{wbits}") if progress else None
-    pm = quantize_model(source, recipe, progress=show)
+    pm = quantize_model(source, recipe, hessians=hessians, progress=show)
     write_packed(pm, out)
     return read_packed(out, verify=False), wbits

@@ -21,6 +21,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
 from loader.errors import FormatError
+from loader.gptq import gptq_quantize
 from loader.rotation import check_block, hadamard_blocks
 from loader.source import ModelConfig, SourceModel
 
@@ -49,7 +50,8 @@ class Recipe:
     abits: int = 16
     agroup: int | str | None = None     # None -> = weight group; "token" -> one scale per token
     smooth: bool = False
-    rotate: int = 0                     # block Hadamard on the input of w_down (loader/rotation.py); 0: none
+    rotate: int = 0                     # most lanes per block Hadamard on linear inputs (loader/rotation.py)
+    gptq: bool = False                  # error-compensating rounding with calibration Hessians (loader/gptq.py)
 
     def __post_init__(self):
         if self.wbits != 16 and not 1 <= self.wbits <= 8:
@@ -69,8 +71,9 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
-        if not d["rotate"]:
-            del d["rotate"]             # recipes from before rotations existed keep their cache keys
+        for k in ("rotate", "gptq"):
+            if not d[k]:
+                del d[k]                # recipes from before these existed keep their cache keys
         return d
 
 
@@ -134,7 +137,7 @@ def default_head_bits(wbits: int, ggml_type: str | None) -> int:
 
 # linears whose input a recipe's `rotate` applies to: every Llama linear (measured on the default model at
 # W8A8, G = 128, one scale per token: w_down alone KL 0.0135, all of them 0.0068 and perplexity -0.15%)
-ROTATED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")
+ROTATED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output", "w_in", "w_out")   # + BERT's
 
 
 def rotation_block(name: str, K: int, most: int) -> int:
@@ -159,12 +162,15 @@ def _resolve_group(recipe_group, bits: int, ggml_type: str | None, K: int) -> tu
 
 def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
                    smooth: dict[str, np.ndarray] | None = None,
+                   hessians: dict[str, np.ndarray] | None = None,
                    progress: Callable[[int, int, str], None] | None = None) -> PackedModel:
     """Quantize every linear of `src` by `recipe` (wbits 16: keep float32).
 
     smooth: per linear name, factors s (K,) from calibration; the weight is multiplied by s along K
     before quantization and the backend divides activations by s (SPEC.md section 1). Smoothing
     rewrites weights, so those tensors are never exact imports.
+    hessians: per linear name, X^T X of its (rotated, when the recipe rotates it) calibration inputs;
+    with recipe.gptq those linears are rounded by GPTQ (loader/gptq.py) instead of to nearest.
     """
     recipe = recipe or Recipe()
     smooth = smooth or {}
@@ -196,7 +202,11 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
             if rot:
                 w_ref = hadamard_blocks(w_ref, rot)          # W R: the decoder feeds R x
             w_in = w_ref * s[None, :] if s is not None else w_ref
-            q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
+            H = (hessians or {}).get(name) if recipe.gptq else None
+            if H is not None and w_in.shape[1] % group == 0:
+                q = gptq_quantize(w_in, H, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
+            else:
+                q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
         lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32), rot)
         err = 0.0
         if w_ref is not None:

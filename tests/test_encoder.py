@@ -251,7 +251,8 @@ def test_bad_inputs_raise_clear_errors(float_emb, float_model):
 # groups (W8: 128; W4: 32, engine.embed.default_group). W8A8 meets the issue's target as a minimum
 # (min >= 0.99). W4A16 meets 0.97 as a mean over the set (measured mean 0.974) but not as a minimum
 # (measured 0.904, on "Yes."): the floor guards against regressions, test_w4a16_min_target records the gap.
-QUALITY = {(8, 8): (0.99, 0.997), (4, 16): (0.89, 0.97)}
+# (min, mean) cosine to the float embeddings: the issue's targets (W8A8 0.99, W4A16 0.97 on every sentence)
+QUALITY = {(8, 8): (0.99, 0.997), (4, 16): (0.97, 0.98)}
 
 
 def quantized_cosines(minilm, float_vectors, wbits, abits):
@@ -270,11 +271,6 @@ def test_quantized_embeddings_stay_close(minilm, float_vectors, wbits, abits):
     c = quantized_cosines(minilm, float_vectors, wbits, abits)
     lo, mean = QUALITY[(wbits, abits)]
     assert c.min() >= lo and c.mean() >= mean
-
-
-@pytest.mark.xfail(strict=True, reason="W4A16 (RTN, G=32) reaches min cosine 0.904, not 0.97 on every sentence")
-def test_w4a16_min_target(minilm, float_vectors):
-    assert quantized_cosines(minilm, float_vectors, 4, 16).min() >= 0.97
 
 
 def retrieval_top1(e) -> list[int]:
@@ -296,14 +292,14 @@ def test_retrieval_ranking_unchanged_at_w8a8(minilm, float_emb):
 
 
 def test_rotated_bert_linears_embed_like_the_plain_pack(minilm, float_vectors):
-    """A BERT packed with --rotate stores W R for wq/wk/wv/wo (K = 384 -> 128-lane blocks); the encoder
+    """A BERT packed with --rotate stores W R (K = 384 -> 128-lane blocks, w_out's 1536 -> 256); the encoder
     must feed them R x: the embeddings then match the float ones as well as the unrotated W8 pack does,
     and are far off if the encoder skipped the rotation."""
     from loader.pack import Recipe, quantize_model
     from loader.sources import read_source
     src = read_source(minilm)
     pm = quantize_model(src, Recipe(wbits=8, group=32, rotate=256))
-    assert pm.info["layers.0.wq"]["rotate"] == 128 and pm.info["layers.0.w_in"]["rotate"] == 0
+    assert pm.info["layers.0.wq"]["rotate"] == 128 and pm.info["layers.0.w_out"]["rotate"] == 256
     e = embedder(pm)
     try:
         good = cos(e.embed(SENTENCES[:8]), float_vectors[:8])

@@ -69,7 +69,8 @@ def test_rotated_linears_keep_the_product():
 
 @pytest.mark.parametrize("name,K,most,block", [("layers.3.w_down", 1536, 256, 256), ("layers.0.wq", 576, 256, 64),
                                                ("output", 576, 256, 64), ("layers.0.wq", 576, 0, 0),
-                                               ("layers.0.wq", 48, 256, 0), ("layers.0.w_in", 384, 256, 0)])
+                                               ("layers.0.wq", 48, 256, 0), ("layers.0.w_in", 384, 256, 128),
+                                               ("layers.0.w_norm", 384, 256, 0)])
 def test_rotation_block_rule(name, K, most, block):
     from loader.pack import rotation_block
     assert rotation_block(name, K, most) == block
