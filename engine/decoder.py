@@ -15,7 +15,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear, unpack_planes, values_of
 from loader.errors import FormatError
-from loader.rotation import hadamard_blocks
+from loader.rotation import hadamard_blocks, rotate_rows
 from loader.pack import PackedModel
 
 
@@ -53,7 +53,7 @@ class Linear:
         if self.float_w is not None:
             return self.backend.linear_float(self.float_w, x)
         if self.rotate:         # the weight holds W R (loader/rotation.py): feed it R x
-            x = hadamard_blocks(np.asarray(x, np.float32), self.rotate)
+            x = rotate_rows(self.backend, x, self.rotate)
         return self.backend.linear(self.h, x, abits=self.abits, agroup=self.agroup)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear, quantize_activations
 from loader.errors import FormatError
-from loader.rotation import hadamard_blocks
+from loader.rotation import rotate_rows
 
 _LINEARS = (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo"), ("w_in", "b_in"), ("w_out", "b_out"))
 
@@ -109,7 +109,7 @@ class Encoder:
     def _linear(self, lin: _Linear, x: np.ndarray) -> np.ndarray:
         if lin.handle is not None:
             if lin.rotate:
-                x = hadamard_blocks(np.asarray(x, np.float32), lin.rotate)
+                x = rotate_rows(self.backend, x, lin.rotate)
             y = self.backend.linear(lin.handle, x, abits=self.abits, agroup=lin.agroup)
         else:
             if self.abits != 16:

@@ -46,3 +46,10 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
         h *= 2
     y *= dt.type(1.0 / np.sqrt(b))
     return y.reshape(x.shape)
+
+
+def rotate_rows(backend, x, block: int) -> np.ndarray:
+    """x R for a linear's input at run time: the backend's own transform where it has one (the CPU
+    backend's C loop, bitwise this module's result), else hadamard_blocks."""
+    fn = getattr(backend, "hadamard", None)
+    return fn(x, block) if fn is not None else hadamard_blocks(np.asarray(x, np.float32), block)

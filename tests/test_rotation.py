@@ -115,3 +115,9 @@ def test_c_hadamard_is_numpys_bit_for_bit():
         assert lib.ab_hadamard_rows(ffi.cast("float *", y.ctypes.data), 3, 768, b) == 0
         np.testing.assert_array_equal(y, hadamard_blocks(x, b))
     assert lib.ab_hadamard_rows(ffi.cast("float *", x.ctypes.data), 3, 768, 96) == -3
+    from runtime.cpu import CpuBackend
+    with CpuBackend(threads=1) as be:              # the op the decoder and encoder call (rotate_rows)
+        x3 = x.reshape(3, 2, 384)
+        np.testing.assert_array_equal(be.hadamard(x3, 128), hadamard_blocks(x3, 128))
+        with pytest.raises(RuntimeError, match="hadamard"):
+            be.hadamard(x3, 96)

@@ -497,6 +497,13 @@ class CpuBackend:
                "attention")
         return out
 
+    def hadamard(self, x, block: int) -> np.ndarray:
+        """x R for the rotated linears (loader/rotation.py: hadamard_blocks), in C; bitwise the NumPy result."""
+        y = np.array(x, dtype=np.float32, order="C", copy=True)
+        K = y.shape[-1] if y.ndim else 0
+        _check(self._lib.ab_hadamard_rows(self._p("float *", y), y.size // max(K, 1), K, int(block)), "hadamard")
+        return y
+
     def swiglu(self, gate, up) -> np.ndarray:
         gate, up = self._f32(gate), self._f32(up)
         if gate.shape != up.shape:
