@@ -60,7 +60,7 @@ static void scores_portable(const attn_ctx *c, int m, int hk, int h0, int hb, in
 }
 
 /* exp of the scores in place (relative to each head's max) and that head's max and sum in part. */
-static void softmax_portable(const attn_ctx *c, int hb, int n, float *s, float **pp) {
+static void softmax_portable(int hb, int n, float *s, float **pp) {
     for (int hh = 0; hh < hb; hh++) {
         float *sh = s + hh * ATT_CHUNK, mx = -INFINITY, den = 0.0f;
         for (int j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;
@@ -268,7 +268,7 @@ static void attn_task(void *ctx, int task) {
             values_avx2(c, hk, hb, j0, j1, s, pp);
         } else {
             scores_portable(c, m, hk, h0, hb, j0, j1, s);
-            softmax_portable(c, hb, n, s, pp);
+            softmax_portable(hb, n, s, pp);
             values_portable(c, hk, hb, j0, j1, s, pp);
         }
     }
