@@ -46,6 +46,25 @@ def _read_source(src: Path):
     return read_source(src)
 
 
+def default_recipe(kind: str, wbits: int, abits: int, group=None, agroup=None) -> Recipe:
+    """The recipe a source is packed with for these precisions (the cache key includes it)."""
+    # quantized activations on a decoder: linear inputs are rotated (loader/rotation.py) with one scale
+    # per token (measured far better than SmoothQuant: W8A8 G128 KL 0.0068 against 0.025; SmoothQuant
+    # stays available as `tools.pack --smooth`), and with groups too where the weights have 8 bits,
+    # since re-rounding the rotated weights costs nothing there (W8A8 G32: KL 0.0036 rotated against
+    # 0.0128 exact) while below 8 bits it costs more than it saves (W6 rotated KL 0.031, W4 0.39: the
+    # exact import is kept). The encoder's quantized-activation path runs plain.
+    rotate = 0
+    if kind == "decoder" and abits != 16 and (agroup == "token" or wbits == 8):
+        rotate = ROTATE_BLOCK
+    # a 4-bit or narrower embedder (float activations) is rounded by GPTQ on rotated inputs, calibrated on
+    # the calibration text (engine/calibrate.py): round-to-nearest left a short sentence at cosine 0.904
+    gptq = kind == "embedder" and wbits <= 4 and abits == 16
+    if gptq:
+        rotate = ROTATE_BLOCK
+    return Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, rotate=rotate, gptq=gptq)
+
+
 def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None, agroup=None,
                       kind: str = "decoder", progress: bool = True) -> tuple[PackedModel, int]:
     """-> (packed model, the weight bits it runs at). wbits 16 keeps float weights (never cached)."""
@@ -61,16 +80,7 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             print(f"anybit: {src} holds {stored}-bit weights; running at {stored} bits", file=sys.stderr)
             wbits = stored
         return pm, wbits
-    # one activation scale per token: a decoder's linear inputs are rotated (loader/rotation.py), which
-    # measured far better than SmoothQuant here (W8A8 G128: KL 0.0068 against 0.025; SmoothQuant stays
-    # available as `tools.pack --smooth`); the encoder's per-token path runs plain
-    rotate = ROTATE_BLOCK if abits != 16 and agroup == "token" and kind == "decoder" else 0
-    # a 4-bit or narrower embedder (float activations) is rounded by GPTQ on rotated inputs, calibrated on
-    # the calibration text (engine/calibrate.py): round-to-nearest left a short sentence at cosine 0.904
-    gptq = kind == "embedder" and wbits <= 4 and abits == 16
-    if gptq:
-        rotate = ROTATE_BLOCK
-    recipe = Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, rotate=rotate, gptq=gptq)
+    recipe = default_recipe(kind, wbits, abits, group, agroup)
     if wbits == 16:
         return quantize_model(_read_source(src), recipe), 16
     out = cache_root() / "packed" / f"{src.stem}-w{wbits}-{_cache_key(src, recipe)}"
@@ -81,7 +91,7 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
     source = _read_source(src)
     hessians = None
-    if gptq:
+    if recipe.gptq:
         from engine.calibrate import encoder_hessians
         if progress:
             print("anybit: calibrating (GPTQ) on the calibration text ...", file=sys.stderr)

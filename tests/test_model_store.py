@@ -18,3 +18,17 @@ def test_packed_dir_runs_at_its_layer_bits_whatever_the_head(tmp_path, capsys):
     assert bits == 1
     with pytest.raises(FormatError, match="cannot run unquantized"):
         load_packed_model(out, wbits=16)
+
+
+@pytest.mark.parametrize("kind,wbits,abits,agroup,rotate,gptq", [
+    ("decoder", 4, 16, None, 0, False),        # the default: exact import, nothing rewritten
+    ("decoder", 8, 8, 32, 256, False),         # 8-bit weights re-round for free: rotate
+    ("decoder", 4, 8, 32, 0, False),           # keep the exact W4 import
+    ("decoder", 4, 8, "token", 256, False),    # one scale per token: rotate
+    ("embedder", 4, 16, None, 256, True),      # W4A16 embedder: GPTQ on rotated inputs
+    ("embedder", 8, 8, None, 0, False),
+])
+def test_default_recipe_policy(kind, wbits, abits, agroup, rotate, gptq):
+    from engine.model_store import default_recipe
+    r = default_recipe(kind, wbits, abits, None, agroup)
+    assert (r.rotate, r.gptq, r.smooth) == (rotate, gptq, False)
