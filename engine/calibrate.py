@@ -93,11 +93,10 @@ class _HessianRecorder:
 
     def linear_float(self, w, x):
         from loader.rotation import hadamard_blocks
-        xd = np.asarray(x, np.float64)
-        b = self.blocks.get(id(w), 0)
-        if b:
-            xd = hadamard_blocks(xd, b)
         key = id(w)
+        xd = np.asarray(x, np.float64)
+        if self.blocks.get(key):
+            xd = hadamard_blocks(xd, self.blocks[key])
         self.H[key] = self.H[key] + xd.T @ xd if key in self.H else xd.T @ xd
         return self.backend.linear_float(w, x)
 
@@ -109,7 +108,7 @@ def encoder_hessians(src: SourceModel, recipe: Recipe, backend=None) -> dict[str
     from runtime.numpy_backend import NumpyBackend
 
     float_model = quantize_model(src, Recipe(wbits=16))
-    names = [n for n in float_model.tensors if is_linear(n, src.config.arch)]
+    names = {n for n in float_model.tensors if is_linear(n, src.config.arch)}
     rec = _HessianRecorder(backend or NumpyBackend(), {})
     emb = Embedder(float_model, rec)
     by_id = {}

@@ -103,8 +103,8 @@ class KVCache:
         """Rows start .. start+M-1 of layer li."""
         if self.device:
             pos = np.arange(start, start + len(k), dtype=np.int32)
-            backend.kv_store(self.k[li], k, pos)
-            backend.kv_store(self.v[li], v, pos)
+            backend.kv_store(self.k[li], np.ascontiguousarray(k), pos)
+            backend.kv_store(self.v[li], np.ascontiguousarray(v), pos)
         else:
             self.k[li, start:start + len(k)] = k
             self.v[li, start:start + len(v)] = v
@@ -224,7 +224,7 @@ class Decoder:
             k = np.ascontiguousarray(k).reshape(M, Hkv, hd)
             be.rope(q, pos, c.rope_theta, c.rope_style)
             be.rope(k, pos, c.rope_theta, c.rope_style)
-            cache.store(be, li, start, k, np.ascontiguousarray(v).reshape(M, Hkv, hd))
+            cache.store(be, li, start, k, v.reshape(M, Hkv, hd))
             a = be.attention(q, cache.k[li], cache.v[li], start + M, pos)   # (M, H, hd)
             x = be.add(x, L.wo(np.ascontiguousarray(a).reshape(M, H * hd)))
             h = be.rmsnorm(x, L.ffn_norm, c.norm_eps)

@@ -73,7 +73,7 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
     try:
         save_file(arrays, str(tmp / "model.safetensors"))
         (tmp / "tokenizer.json").write_text(model.tokenizer_json)
-        rotated = any(m.get("rotate") for m in tensors.values() if isinstance(m, dict))
+        rotated = any(m["rotate"] for m in tensors.values())
         config = {"format": FORMAT, "version": VERSION if rotated else 1, "architecture": model.config.arch,
                   "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
                   "sha256": sha256_file(tmp / "model.safetensors")}

@@ -24,6 +24,11 @@ size_t ab_i8_scratch(int M, int Kp);
 #define AB_RANGES_PER_THREAD 1
 #endif
 int ab_i8_ranges(ab_pool *pool, int Nt, int M);
+/* Tiles [*t0, *t1) of range r when Nt tiles are split into nr contiguous ranges. */
+static inline void ab_range(int Nt, int nr, int r, int *t0, int *t1) {
+    *t0 = (int)((int64_t)Nt * r / nr);
+    *t1 = (int)((int64_t)Nt * (r + 1) / nr);
+}
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
 

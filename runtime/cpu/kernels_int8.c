@@ -285,7 +285,8 @@ static void i8_task(void *ctx, int task) {
     const i8_ctx *c = ctx;
     int r = task % c->nr, mb = task / c->nr;
     int m0 = mb * c->mbmax, mc = c->M - m0 < c->mbmax ? c->M - m0 : c->mbmax;
-    int t0 = (int)((int64_t)c->Nt * r / c->nr), t1 = (int)((int64_t)c->Nt * (r + 1) / c->nr);
+    int t0, t1;
+    ab_range(c->Nt, c->nr, r, &t0, &t1);
     for (int t = t0; t < t1; t++) {
         if (c->isa == AB_ISA_AVX512) i8_tile_avx512(c, t, m0, mc);
         else if (c->isa == AB_ISA_AVX2) i8_tile_avx2(c, t, m0, mc);

@@ -357,7 +357,8 @@ static void a16_task(void *ctx, int task) {
     const a16_ctx *c = &j->c;
     int r = task % j->nr, mb = task / j->nr;
     int m0 = mb * c->mbmax, mc = c->M - m0 < c->mbmax ? c->M - m0 : c->mbmax;
-    int t0 = (int)((int64_t)c->Nt * r / j->nr), t1 = (int)((int64_t)c->Nt * (r + 1) / j->nr);
+    int t0, t1;
+    ab_range(c->Nt, j->nr, r, &t0, &t1);
     for (int t = t0; t < t1; t++) {   /* contiguous tile ranges: ab_i8_ranges */
         if (j->isa == AB_ISA_AVX512) a16_tile_avx512(c, t, m0, mc);
         else if (j->isa == AB_ISA_AVX2) a16_tile_avx2(c, t, m0, mc);

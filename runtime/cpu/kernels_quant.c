@@ -331,7 +331,8 @@ static void qd_task(void *ctx, int task) {
     const qd_ctx *c = ctx;
     int r = task % c->nr, mbi = task / c->nr;
     int m0 = mbi * c->mbmax, mc = c->M - m0 < c->mbmax ? c->M - m0 : c->mbmax;
-    int t0 = (int)((int64_t)c->Nt * r / c->nr), t1 = (int)((int64_t)c->Nt * (r + 1) / c->nr);
+    int t0, t1;
+    ab_range(c->Nt, c->nr, r, &t0, &t1);
     for (int t = t0; t < t1; t++) {   /* contiguous tile ranges: ab_i8_ranges */
         if (c->dbg_I || c->isa == AB_ISA_PORTABLE) qd_tile_portable(c, t, m0, mc);
         else if (c->isa == AB_ISA_AVX512) qd_tile_avx512(c, t, m0, mc);
