@@ -33,9 +33,7 @@ class FastDecoder(Decoder):
 
     def _build_fused(self):
         be, c = self.backend, self.cfg
-        if not hasattr(be, "fused_model") or getattr(be, "a16", None) != "lut":
-            return None
-        if self.abits != 16 and getattr(be, "quant", None) != "bytes":
+        if not hasattr(be, "fused_model") or not be.fused_supported(self.abits):
             return None
         qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         layers = []
@@ -57,7 +55,8 @@ class FastDecoder(Decoder):
             return None
         return be.fused_model(d=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn=F,
                               eps=c.norm_eps, theta=c.rope_theta, rope_style=c.rope_style, layers=layers,
-                              norm=self.norm, output=out.h, abits=self.abits, agroup=self.agroup)
+                              norm=self.norm, output=out.h, abits=self.abits, agroup=self.agroup,
+                              context=self.context)
 
     def forward(self, ids, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         if self.fused is None:

@@ -127,9 +127,14 @@ class GpuBackend:
         self._rope: dict[tuple, tuple] = {}
         self._linears: list[GpuLinear] = []
         self.last_path = ""
+        self.arena = None       # while set (runtime/gpu_forward.py), empty() takes memory from it
+        self._fused: list = []
 
     # ---- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
+        for m in self._fused:
+            m.close()
+        self._fused.clear()
         for h in self._linears:
             h.close()
         self._linears.clear()
@@ -149,6 +154,8 @@ class GpuBackend:
         return self.dev.upload(a)
 
     def empty(self, shape, dtype=np.float32):
+        if self.arena is not None:
+            return self.arena.empty(shape, dtype)
         return self.dev.empty(shape, dtype)
 
     def download(self, d) -> np.ndarray:
@@ -167,6 +174,8 @@ class GpuBackend:
             if x.dtype != np.dtype(dtype):
                 raise TypeError(f"device array of {x.dtype}, expected {np.dtype(dtype)}")
             return x, False
+        if self.arena is not None:      # a device-resident step must not copy (no copies in a graph)
+            raise RuntimeError(f"host array {np.shape(x)} passed inside a device-resident step")
         return self.upload(np.ascontiguousarray(x, dtype)), True
 
     def _finish(self, out, host: bool, temps=()):
@@ -177,6 +186,21 @@ class GpuBackend:
         r = self.download(out)
         out.close()
         return r
+
+    # ---- the whole forward on the device (runtime/gpu_forward.py; engine/fast_decode.py calls these) --
+    def fused_supported(self, abits: int) -> bool:
+        return abits == 16 or 1 <= abits <= 8
+
+    def fused_model(self, **kw):
+        from runtime.gpu_forward import GpuFusedModel
+        m = GpuFusedModel(self, **kw)
+        self._fused.append(m)
+        return m
+
+    def fused_forward(self, model, x, k_cache, v_cache, start: int, all_logits: bool) -> np.ndarray:
+        """Logits (M, V) of rows x (M, d) at positions start.., or (1, V) of the last one; the caches are
+        the per-layer device arrays of engine.decoder.KVCache."""
+        return model(x, k_cache, v_cache, start, all_logits)
 
     def capture_graph(self, fn):
         """Capture the launches fn() makes on the backend's stream (device-array arguments only)."""
@@ -280,23 +304,30 @@ class GpuBackend:
         cur = self._rope.get(key)
         if cur is None or cur[2] < need:
             n = max(need, 2 * cur[2] if cur else 4096)
-            inv = float(theta) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-            ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
             if cur:
                 cur[0].close()
                 cur[1].close()
-            cur = self._rope[key] = (self.upload(np.cos(ang).astype(np.float32)),
-                                     self.upload(np.sin(ang).astype(np.float32)), n)
+            cur = self._rope[key] = (*self.rope_tables(theta, hd, n), n)
         return cur
 
-    def rope(self, x, pos, theta, style):
-        """In place on x (M, H, hd). Tables of cos/sin (float64 angles) are cached per (theta, hd)."""
+    def rope_tables(self, theta: float, hd: int, n: int):
+        """cos/sin tables (n, hd/2) float32 from float64 angles, as device arrays the caller owns."""
+        inv = float(theta) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
+        return self.upload(np.cos(ang).astype(np.float32)), self.upload(np.sin(ang).astype(np.float32))
+
+    def rope(self, x, pos, theta, style, tables=None):
+        """In place on x (M, H, hd). Tables of cos/sin (float64 angles) are cached per (theta, hd), or
+        given (rope_tables(), covering every position in pos: a device-resident step never reads pos)."""
         if style not in ("adjacent", "half"):
             raise ValueError(f"unknown rope style {style!r}")
         xd, host = self._dev(x)
         M, H, hd = xd.shape
-        pos_h = pos.to_host() if self._is_dev(pos) else np.asarray(pos, np.int32)
-        c, s, _ = self._rope_tables(theta, hd, int(pos_h.max()) + 1 if pos_h.size else 1)
+        if tables is not None:
+            c, s = tables
+        else:
+            pos_h = pos.to_host() if self._is_dev(pos) else np.asarray(pos, np.int32)
+            c, s, _ = self._rope_tables(theta, hd, int(pos_h.max()) + 1 if pos_h.size else 1)
         pd, ph = self._dev(pos, np.int32)
         npairs = M * H * hd // 2
         self._launch("ops.ptx", "rope_f32", (cdiv(npairs, 256), 1, 1), (256, 1, 1),
@@ -386,3 +417,43 @@ class GpuBackend:
         self._launch("ops.ptx", "embed_packed", (M, 1, 1), (128, 1, 1),
                      [out, h.planes, h.scales, h.offsets, idd, h.p, h.N, h.Kw, h.K, h.G, h.ngw])
         return self._finish(out, ih, [idd] if ih else [])
+
+    # ---- layout and rotation (the device-resident forward of runtime/gpu_forward.py) ---------------
+    def reshape(self, x, shape):
+        """The same elements in another shape: a view for a device array, np.reshape for a host one."""
+        if not self._is_dev(x):
+            return np.reshape(x, shape)
+        shape = tuple(int(s) for s in shape)
+        if int(np.prod(shape)) != int(np.prod(x.shape)):
+            raise ValueError(f"cannot reshape {x.shape} to {shape}")
+        return x.view(0, shape)
+
+    def rows(self, x, r0: int, n: int):
+        """Rows r0 .. r0+n-1 of a device array (a view) or a host array (a slice)."""
+        if not self._is_dev(x):
+            return x[r0:r0 + n]
+        row = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        return x.view(r0 * row, (n,) + tuple(x.shape[1:]))
+
+    def columns(self, x, col0: int, width: int):
+        """x[:, col0:col0+width] as a new contiguous (M, width) array (splits fused q|k|v, gate|up)."""
+        xd, host = self._dev(x)
+        M, cols = xd.shape
+        if col0 < 0 or width <= 0 or col0 + width > cols:
+            raise ValueError(f"columns {col0}..{col0 + width} outside {cols}")
+        out = self.empty((M, width))
+        self._launch("rows.ptx", "copy_cols_f32", (cdiv(M * width, 256), 1, 1), (256, 1, 1),
+                     [out, xd, M, cols, col0, width])
+        return self._finish(out, host, [xd] if host else [])
+
+    def hadamard(self, x, block: int):
+        """x R of loader/rotation.py (block Hadamard over the last axis), bitwise hadamard_blocks."""
+        from loader.rotation import check_block
+        xd, host = self._dev(x)
+        K = xd.shape[-1]
+        b = check_block(block, K)
+        rows = int(np.prod(xd.shape[:-1]))
+        out = self.empty(xd.shape)
+        self._launch("rows.ptx", "hadamard_f32", (K // b, rows, 1), (256, 1, 1),
+                     [out, xd, K, b, float(np.float32(1.0 / np.sqrt(b)))], smem=4 * b)
+        return self._finish(out, host, [xd] if host else [])

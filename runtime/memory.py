@@ -253,13 +253,19 @@ class CudaUpstream:
         from runtime.driver import check, driver
         check(driver().cuMemFree(addr), "cuMemFree")
 
-    def htod(self, dst: int, src: np.ndarray) -> None:
+    def htod(self, dst: int, src: np.ndarray, stream=None) -> None:
+        """Copy in, ordered on `stream`. Why not the synchronous copy: it runs on the legacy stream,
+        which does not order itself with the project's non-blocking streams, so a kernel queued on them
+        could still read the memory being overwritten, or start before the copy has landed."""
         from runtime.driver import memcpy_htod
-        memcpy_htod(dst, src)
+        memcpy_htod(dst, src, stream)
 
-    def dtoh(self, dst: np.ndarray, src: int) -> None:
+    def dtoh(self, dst: np.ndarray, src: int, stream=None) -> None:
+        """Copy out after the work queued on `stream`; returns when the host array is filled."""
         from runtime.driver import memcpy_dtoh
-        memcpy_dtoh(dst, src)
+        memcpy_dtoh(dst, src, stream)
+        if stream is not None:
+            stream.synchronize()
 
 
 class CudaEvents:
@@ -286,28 +292,51 @@ def cuda_pool(limit: int | None = None, chunk: int = DEFAULT_CHUNK) -> PoolAlloc
 
 # ---- typed views ---------------------------------------------------------------------------------
 
+def _shape(shape) -> tuple:
+    t = tuple(int(s) for s in np.atleast_1d(shape))
+    if any(s < 0 for s in t):
+        raise ValueError(f"negative dimension in shape {t}")
+    return t
+
+
 class DeviceArray:
-    """An n-d array in pool memory. Host copies go through the pool's upstream (htod/dtoh)."""
+    """An n-d array in pool memory. Host copies go through the pool's upstream (htod/dtoh), ordered
+    on the array's stream. view() gives windows of it (reshapes, rows, arena slices) that never free."""
+
+    _base = None            # set on views: the array that owns the memory
 
     def __init__(self, pool: PoolAllocator, shape, dtype=np.float32, stream=None):
-        self.pool, self.shape, self.dtype = pool, tuple(int(s) for s in np.atleast_1d(shape)), np.dtype(dtype)
-        if any(s < 0 for s in self.shape):
-            raise ValueError(f"negative dimension in shape {self.shape}")
+        self.pool, self.shape, self.dtype = pool, _shape(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.stream = stream
         self.ptr = pool.alloc(max(self.nbytes, 1), stream)
+
+    def view(self, offset: int, shape, dtype=None) -> "DeviceArray":
+        """The bytes offset .. offset + size of this array as a new (shape, dtype) array. A view is valid
+        while its owner is open; closing a view frees nothing."""
+        dt = np.dtype(dtype) if dtype is not None else self.dtype
+        shape = _shape(shape)
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if self.ptr is None:
+            raise ValueError("view of a closed device array")
+        if offset < 0 or offset + n > self.nbytes:
+            raise ValueError(f"view of bytes {offset}..{offset + n} outside a device array of {self.nbytes} bytes")
+        v = object.__new__(DeviceArray)
+        v.pool, v.shape, v.dtype, v.nbytes, v.stream = self.pool, shape, dt, n, self.stream
+        v.ptr, v._base = self.ptr + offset, (self._base or self)
+        return v
 
     def copy_from_host(self, a: np.ndarray) -> "DeviceArray":
         a = np.ascontiguousarray(a)
         if a.shape != self.shape or a.dtype != self.dtype:
             raise ValueError(f"host array {a.shape} {a.dtype} does not match device array "
                              f"{self.shape} {self.dtype}")
-        self.pool.upstream.htod(self.ptr, a)
+        self.pool.upstream.htod(self.ptr, a, self.stream)
         return self
 
     def to_host(self) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
-        self.pool.upstream.dtoh(out, self.ptr)
+        self.pool.upstream.dtoh(out, self.ptr, self.stream)
         return out
 
     @classmethod
@@ -318,7 +347,8 @@ class DeviceArray:
     def close(self) -> None:
         if self.ptr is not None:
             p, self.ptr = self.ptr, None
-            self.pool.free(p, self.stream)
+            if self._base is None:
+                self.pool.free(p, self.stream)
 
     def __enter__(self):
         return self

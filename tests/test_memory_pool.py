@@ -50,11 +50,11 @@ class FakeUpstream:
                 return self.mem[base], addr - base
         raise AssertionError(f"access {addr:#x}+{n} outside every upstream allocation")
 
-    def htod(self, dst, src):
+    def htod(self, dst, src, stream=None):
         buf, off = self._locate(dst, src.nbytes)
         buf[off:off + src.nbytes] = src.tobytes()
 
-    def dtoh(self, dst, src):
+    def dtoh(self, dst, src, stream=None):
         buf, off = self._locate(src, dst.nbytes)
         dst.view(np.uint8).reshape(-1)[:] = np.frombuffer(bytes(buf[off:off + dst.nbytes]), np.uint8)
 
@@ -291,6 +291,30 @@ def test_device_array_roundtrip_and_close():
         with pytest.raises(ValueError, match="does not match"):
             d.copy_from_host(x.astype(np.float64))
     assert pool.stats().used == 0
+
+
+def test_device_array_views_share_memory_and_never_free():
+    pool, up, _ = make()
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    d = DeviceArray.from_host(pool, x)
+    row = d.view(48, (3, 4))                            # the second row, bytes 48..96
+    np.testing.assert_array_equal(row.to_host(), x[1])
+    flat = row.view(16, (2, 4), np.int32)              # a view of a view: offsets add up
+    assert flat.ptr == d.ptr + 64 and flat._base is d
+    row.copy_from_host(np.full((3, 4), 7, np.float32))
+    np.testing.assert_array_equal(d.to_host()[1], 7)
+    used = pool.stats().used
+    row.close()
+    flat.close()
+    assert pool.stats().used == used                   # views give nothing back
+    with pytest.raises(ValueError, match="outside"):
+        d.view(64, (3, 4))
+    with pytest.raises(ValueError, match="outside"):
+        d.view(-4, (1,))
+    d.close()
+    assert pool.stats().used == 0
+    with pytest.raises(ValueError, match="closed"):
+        d.view(0, (1,))
 
 
 def test_kv_cache_blocks():

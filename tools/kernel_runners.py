@@ -18,7 +18,10 @@ def poisoned(shape, dtype):
     dtype = np.dtype(dtype)
     if dtype == np.float32:
         return np.full(shape, np.nan, np.float32)
-    return np.full(shape, POISON_U32 & ((1 << (8 * dtype.itemsize)) - 1), dtype)
+    if dtype.kind == "f":
+        return np.full(shape, np.nan, dtype)
+    bits = POISON_U32 & ((1 << (8 * dtype.itemsize)) - 1)
+    return np.full(shape, bits, np.dtype(f"u{dtype.itemsize}")).view(dtype)
 
 
 class SimRunner:
@@ -57,8 +60,28 @@ class SimArray:
     def __init__(self, dev, ptr, shape, dtype):
         self.dev, self.ptr, self.shape, self.dtype = dev, ptr, tuple(shape), np.dtype(dtype)
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def view(self, offset, shape, dtype=None):
+        """runtime.memory.DeviceArray.view: a window of this array's bytes."""
+        dt = np.dtype(dtype) if dtype is not None else self.dtype
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if offset < 0 or offset + n > self.nbytes:
+            raise ValueError(f"view of bytes {offset}..{offset + n} outside a device array of {self.nbytes} bytes")
+        return SimArray(self.dev, self.ptr + offset, shape, dt)
+
     def to_host(self) -> np.ndarray:
         return self.dev.run.get(self.ptr, self.shape, self.dtype)
+
+    def copy_from_host(self, a):
+        a = np.ascontiguousarray(a)
+        if a.shape != self.shape or a.dtype != self.dtype:
+            raise ValueError(f"host array {a.shape} {a.dtype} does not match device array {self.shape} {self.dtype}")
+        self.dev.run.mem.write(self.ptr, a)
+        return self
 
     def close(self):
         pass                                            # the interpreter's memory is not reused

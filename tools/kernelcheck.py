@@ -385,6 +385,30 @@ def case_attention(run, rng, M, T, H, Hkv, hd, masked):
                    "2e-5 (1+|o|)", note)]
 
 
+def case_rows(run, rng, M, K, block, width):
+    """copy_cols_f32 (a column range of each row) and hadamard_f32 (block rotation, in place and not)."""
+    from loader.rotation import hadamard_blocks
+    x = rng.standard_normal((M, K)).astype(np.float32) * 3
+    res = []
+    col0 = K - width - 1
+    out = run.out((M, width), np.float32)
+    run.launch("rows.ptx", "copy_cols_f32", (cdiv(M * width, 256), 1, 1), (256, 1, 1),
+               [out, run.put(x), M, K, col0, width])
+    ok, note = exact(run.get(out, (M, width), np.float32), x[:, col0:col0 + width], "copy_cols")
+    res.append(Result("copy_cols_f32", f"M{M} K{K} [{col0}:+{width}]", ok, 0.0, "exact", note))
+    ref = hadamard_blocks(x, block)
+    scale = np.float32(1.0 / np.sqrt(block))
+    for inplace in (False, True):
+        xa = run.put(x)
+        out = xa if inplace else run.out((M, K), np.float32)
+        run.launch("rows.ptx", "hadamard_f32", (K // block, M, 1), (256, 1, 1), [out, xa, K, block, scale],
+                   smem=4 * block)
+        ok, note = exact(run.get(out, (M, K), np.float32), ref, "hadamard")
+        res.append(Result("hadamard_f32", f"M{M} K{K} b{block}{' in place' if inplace else ''}", ok, 0.0,
+                          "exact", note))
+    return res
+
+
 # ---- the list of cases ----------------------------------------------------------------------------
 
 def cases(quick: bool):
@@ -417,7 +441,11 @@ def cases(quick: bool):
     add(case_argmax, 3000)
     add(case_attention, 3, 7, 4, 2, 64, False)
     add(case_attention, 2, 6, 3, 3, 32, True)
+    add(case_rows, 3, 192, 64, 37)
+    add(case_rows, 1, 1024, 1024, 100)      # b > block size: each thread takes several pairs
+    add(case_rows, 2, 24, 2, 5)
     if not quick:
+        add(case_rows, 2, 1536, 256, 576)
         add(case_gemv_a16, 8, 72, 1000, 5, 128, False)
         add(case_gemv_q, 8, 72, 1000, 8, 6, 128, 128, False)
         add(case_gemv_a16_m1, 72, 1000, 5, 128, False)

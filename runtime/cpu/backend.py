@@ -355,12 +355,17 @@ class CpuBackend:
         return np.matmul(np.asarray(x, np.float32), np.asarray(w, np.float32).T)
 
     # ---- whole forward in one C call (engine/fast_decode.py) ----------------------------------------
+    def fused_supported(self, abits: int) -> bool:
+        """Whether fused_model covers this configuration (the table-lookup A16 path, the byte kernel)."""
+        return self.a16 == "lut" and (abits == 16 or self.quant == "bytes")
+
     def fused_model(self, *, d: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn: int, eps: float,
                     theta: float, rope_style: str, layers: list[dict], norm: np.ndarray,
-                    output: LinearHandle, abits: int = 16, agroup=None) -> "FusedModel":
+                    output: LinearHandle, abits: int = 16, agroup=None, context=None) -> "FusedModel":
         """Describe a Llama model to the C forward pass. layers: dicts with attn_norm, ffn_norm (d,) and
         LinearHandles qkv (fused q|k|v), wo, gate_up (fused gate|up), down. abits 16 (A16) or 1..8 with
-        agroup as in linear() (the byte-code kernel; needs quant="bytes")."""
+        agroup as in linear() (the byte-code kernel; needs quant="bytes"). context: unused (the C
+        forward builds its RoPE table per call)."""
         abits = int(abits)
         if not (abits == 16 or 1 <= abits <= 8):
             raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
