@@ -3,17 +3,20 @@
 The per-op decoder makes about a dozen backend calls per layer and token; on the CPU their fixed costs
 (cffi argument conversion, NumPy allocations, waking the thread pool) add up to more than the kernels of
 a small model. A backend that offers `fused_model` / `fused_forward` (runtime/cpu: the C function
-ab_forward) runs the same math - the same kernels in the same order - in one call per step, so the
-logits are bitwise equal to Decoder's on that backend. Quantized activations (abits 1..8) are covered
+ab_forward; runtime/gpu_forward.py: every activation on the device, decode steps as CUDA graphs) runs
+the same math - the same kernels in the same order - in one call per step, so the logits are bitwise
+equal to Decoder's on that backend. Quantized activations (abits 1..8) are covered
 when the backend runs them on its byte-code kernel (CpuBackend.quant == "bytes"): the C forward quantizes
 each linear's input per token and group exactly as the per-op call does. Anything the fused path does not
 cover (unquantized weights, unfused q/k/v, smoothing, another backend) falls back to Decoder.forward, so
-FastDecoder can replace Decoder everywhere:
+FastDecoder can replace Decoder everywhere (ANYBIT_FUSED=0 in the environment forces that fallback):
 
     from engine.fast_decode import FastDecoder
     dec = FastDecoder(packed, backend, wbits_run=..., abits=..., agroup=..., context=...)
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -33,6 +36,8 @@ class FastDecoder(Decoder):
 
     def _build_fused(self):
         be, c = self.backend, self.cfg
+        if os.environ.get("ANYBIT_FUSED", "1") == "0":        # the op-by-op path, for comparisons
+            return None
         if not hasattr(be, "fused_model") or not be.fused_supported(self.abits):
             return None
         qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim

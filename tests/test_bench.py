@@ -164,3 +164,29 @@ def test_readme_without_markers_fails_and_writes_nothing(tmp_path, capsys):
     assert "bench:begin" in capsys.readouterr().err and md.read_text() == "# no markers here\n"
     with pytest.raises(ValueError):
         readme.replace_section("<!-- bench:end -->\n<!-- bench:begin -->\n", "x")
+
+
+def test_synth_model_shapes_and_bytes_per_token():
+    from tools.bench.synth import SYNTH, synth_model, weight_bytes_per_token
+    pm = synth_model("smollm2-135m", 2, 64, layers=2)
+    s = SYNTH["smollm2-135m"]
+    d, F, V, hd = s["dim"], s["ffn_dim"], s["vocab_size"], s["dim"] // s["n_heads"]
+    assert pm.config.n_layers == 2 and pm.linear("layers.1.w_down").K == F
+    shapes = [(s["n_heads"] * hd, d), (s["n_kv_heads"] * hd, d), (s["n_kv_heads"] * hd, d), (d, s["n_heads"] * hd),
+              (F, d), (F, d), (d, F)]
+
+    def nbytes(N, K, p, G=64):
+        Kp = -(-K // G) * G
+        return p * N * Kp // 8 + 4 * N * (Kp // G)          # planes + float32 group scales
+    want = 2 * sum(nbytes(N, K, 2) for N, K in shapes) + nbytes(V, d, 4)    # the head at 4 bits below W4
+    assert weight_bytes_per_token(pm) == want
+    with pytest.raises(ValueError, match="unknown shape"):
+        synth_model("gpt-9", 4, 64)
+
+
+def test_synth_bench_runs_on_cpu(capsys):
+    pytest.importorskip("cffi")
+    rc = bench_main(["synth", "--shape", "smollm2-135m", "--layers", "1", "--steps", "2", "--prompt-tokens", "2",
+                     "--precisions", "w4a16", "--no-save", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "w4a16" in out and "of bandwidth" in out

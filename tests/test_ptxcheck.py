@@ -199,3 +199,13 @@ def test_ptxcheck_header_mismatch_fails(capsys, tmp_path):
                                                                  "// params: out:ptr, a:f32"))
     rc, _, err = run_check(capsys, "--no-default", "--arch", "sm_80", str(bad))
     assert rc == 1 and "header" in err
+
+
+def test_markdown_table_lists_registers_per_arch():
+    from tools.ptxcheck import markdown_table
+    rows = [{"file": "a.ptx", "kernel": "k1", "arch": a, "ok": True, "registers": r, "smem": s, "spill_bytes": 0}
+            for a, r, s in (("sm_80", 30, 64), ("sm_90", 28, 64))]
+    rows.append({"file": "a.ptx", "kernel": "-", "arch": "sm_86", "ok": False})
+    md = markdown_table(rows, ("sm_80", "sm_86", "sm_90"), "13.0").splitlines()
+    assert md[2] == "| file | kernel | registers sm_80 / sm_86 / sm_90 | static smem (B) | spill (B) |"
+    assert md[4] == "| a.ptx | `k1` | 30 / - / 28 | 64 | 0 |" and len(md) == 5

@@ -88,7 +88,7 @@ class SimArray:
 
 
 class SimDevice:
-    """runtime.gpu_backend.CudaDevice's interface over the interpreter: GpuBackend(dev=SimDevice()).
+    """runtime.gpu_device.CudaDevice's interface over the interpreter: GpuBackend(dev=SimDevice()).
 
     Fresh outputs are poisoned (NaN / 0xDEADBEEF), so an op that forgets to write shows up.
     capture() records the launches fn() makes and replay() runs them again, like a CUDA graph.

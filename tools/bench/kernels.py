@@ -147,7 +147,7 @@ def _progress(rows, model, name, M):
 def gpu_ceilings(nbytes: int) -> dict:
     """Device-to-device copy bandwidth (read + write) with CUDA events."""
     from runtime import driver
-    from runtime.gpu_backend import CudaDevice
+    from runtime.gpu_device import CudaDevice
     dev = CudaDevice()
     try:
         src, dst = dev.empty((nbytes // 4,), np.float32), dev.empty((nbytes // 4,), np.float32)
