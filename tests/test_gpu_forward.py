@@ -34,26 +34,34 @@ def test_fused_forward_equals_op_by_op_and_replays(wbits, abits, agroup, rotate)
     c_ref, c, c_host = ref.new_cache(), fast.new_cache(), host.new_cache()
     assert c.device
     ids, steps = [3, 7], [5, 9]
-    np.testing.assert_array_equal(fast.forward(ids, c), ref.forward(ids, c_ref))
-    host.forward(ids, c_host)
-    graphs = []
-    for tok in steps:
-        got = fast.forward([tok], c)
-        np.testing.assert_array_equal(got, ref.forward([tok], c_ref))
-        want = host.forward([tok], c_host)
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
-        assert got.argmax() == want.argmax()
-        graphs.append(fast.fused.graph)
-    assert graphs[0] is not None and graphs[0] is graphs[1]      # captured once, then replayed
+    graph = run_and_compare((fast, c), (ref, c_ref), (host, c_host), ids, steps)
     n = len(ids) + len(steps)
     np.testing.assert_array_equal(be.download(c.k[0])[:n], ref_be.download(c_ref.k[0])[:n])
     # a new cache: the graph is bound to the old one's arrays, so it is captured again
     c2 = fast.new_cache()
     fast.forward(ids, c2)
     np.testing.assert_array_equal(fast.forward([steps[0]], c2), ref.forward([steps[0]], _prefilled(ref, ids)))
-    assert fast.fused.graph is not graphs[0]
+    assert fast.fused.graph is not graph
     be.close()
     ref_be.close()
+
+
+def run_and_compare(fast, ref, host, prompt, steps):
+    """(decoder, cache) pairs: the fused one must give bitwise the op-by-op logits on prefill and every
+    step, close to the host backend's with the same argmax, with one graph captured and then replayed."""
+    (fd, c), (rd, c_ref), (hd, c_host) = fast, ref, host
+    np.testing.assert_array_equal(fd.forward(prompt, c), rd.forward(prompt, c_ref))
+    hd.forward(prompt, c_host)
+    graphs = []
+    for tok in steps:
+        got = fd.forward([tok], c)
+        np.testing.assert_array_equal(got, rd.forward([tok], c_ref))
+        want = hd.forward([tok], c_host)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+        assert got.argmax() == want.argmax()
+        graphs.append(fd.fused.graph)
+    assert graphs[0] is not None and all(g is graphs[0] for g in graphs)     # captured once, then replayed
+    return graphs[0]
 
 
 def _prefilled(dec, ids):

@@ -87,6 +87,7 @@ def test_fused_forward_with_graphs_on_gpu_equals_op_by_op(wbits, abits, agroup, 
     from loader.pack import Recipe, quantize_model
     from runtime.gpu_backend import GpuBackend
     from runtime.numpy_backend import NumpyBackend
+    from tests.test_gpu_forward import run_and_compare
     from tests.test_pack import tiny_llama
     src = tiny_llama(layers=2, d=256, F=512, V=300, H=8, Hkv=2, seed=9)
     pm = quantize_model(src, Recipe(wbits=wbits, group=32 if agroup != 128 else 128, rotate=rotate))
@@ -97,16 +98,6 @@ def test_fused_forward_with_graphs_on_gpu_equals_op_by_op(wbits, abits, agroup, 
         assert fast.fast
         c_ref, c, c_host = ref.new_cache(), fast.new_cache(), host.new_cache()
         prompt = [5, 17, 3, 99, 42, 0, 7, 250, 31]          # M = 9: bgemm_b1 where the groups allow
-        np.testing.assert_array_equal(fast.forward(prompt, c), ref.forward(prompt, c_ref))
-        host.forward(prompt, c_host)
-        graphs = []
-        for tok in (11, 12, 13, 14, 15, 16):
-            got = fast.forward([tok], c)
-            np.testing.assert_array_equal(got, ref.forward([tok], c_ref))
-            want = host.forward([tok], c_host)
-            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
-            assert got.argmax() == want.argmax()
-            graphs.append(fast.fused.graph)
-        assert graphs[0] is not None and all(g is graphs[0] for g in graphs)
+        run_and_compare((fast, c), (ref, c_ref), (host, c_host), prompt, [11, 12, 13, 14, 15, 16])
         c.close()
         c_ref.close()

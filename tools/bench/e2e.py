@@ -12,7 +12,7 @@ import os
 import sys
 
 from tools.bench import machine, peers
-from tools.bench.stats import print_table, result_path, summarize, write_result
+from tools.bench.stats import print_table, report_and_save, summarize
 
 DEFAULT_PRECISIONS = "w8a16,w4a16,w2a16,w8a8g32,w4a8g32,w8a8g128t"
 
@@ -199,9 +199,4 @@ def main(a) -> int:
     a.prompt_tokens = a.prompt_tokens or (32 if a.quick else 128)
     a.max_tokens = a.max_tokens or (16 if a.quick else 64)
     a.reps = a.reps or (3 if a.quick else 5)
-    doc = run(a)
-    print_report(doc)
-    if not a.no_save:
-        path = write_result(doc, result_path("e2e", doc["machine"], directory=a.out))
-        print(f"wrote {path}")
-    return 0
+    return report_and_save(a, run(a), "e2e", print_report)

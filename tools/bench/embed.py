@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from tools.bench import machine
-from tools.bench.stats import print_table, result_path, summarize, write_result
+from tools.bench.stats import print_table, report_and_save, summarize
 from tools.bench_embed import _pairs, bench_texts
 
 
@@ -80,8 +80,4 @@ def print_report(doc: dict) -> None:
 
 
 def main(a) -> int:
-    doc = run(a)
-    print_report(doc)
-    if not a.no_save:
-        print(f"wrote {write_result(doc, result_path('embed', doc['machine'], directory=a.out))}")
-    return 0
+    return report_and_save(a, run(a), "embed", print_report)

@@ -74,6 +74,14 @@ def write_result(doc: dict, path: Path) -> Path:
     return path
 
 
+def report_and_save(a, doc: dict, bench: str, print_report) -> int:
+    """The end of every measuring command: print the table, write the JSON unless --no-save."""
+    print_report(doc)
+    if not a.no_save:
+        print(f"wrote {write_result(doc, result_path(bench, doc['machine'], directory=a.out))}")
+    return 0
+
+
 def load_results(directory: Path | None = None) -> list[dict]:
     """Every result file in the directory (oldest first by recorded date), with its path added."""
     docs = []

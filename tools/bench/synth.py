@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from tools.bench import machine
-from tools.bench.stats import print_table, result_path, summarize, write_result
+from tools.bench.stats import print_table, report_and_save, summarize
 
 SYNTH = {   # Llama-family shapes: d, layers, heads, kv heads, ffn, vocab
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000),
@@ -149,9 +149,4 @@ def add_args(ap) -> None:
 
 
 def main(a) -> int:
-    doc = run(a)
-    print_report(doc)
-    if not a.no_save:
-        path = write_result(doc, result_path("synth", doc["machine"], directory=a.out))
-        print(f"recorded {path}")
-    return 0
+    return report_and_save(a, run(a), "synth", print_report)
