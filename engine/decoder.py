@@ -160,8 +160,12 @@ class Decoder:
                 gate_up=fused([p + "w_gate", p + "w_up"]),
                 w_down=lin(get(p + "w_down")),
             ))
+            # the backend holds its own copies now: give back the layer's mapped file pages, so that
+            # the peak memory of loading is one layer of file data, not the whole file
+            pm.release_pages([p + n for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")])
         self.norm = np.asarray(pm.linear("norm"), np.float32)          # (d,)
         self.output = lin(pm.linear("output"))                          # (V, d), kept at its packed bits
+        pm.release_pages(["output"])
         self._embed_src = pm.tensors.get("tok_embeddings", pm.linear("output"))  # (V, d)
 
     # ---- pieces ---------------------------------------------------------------------------------

@@ -84,6 +84,21 @@ class PackedModel:
     tokenizer_json: str
     recipe: dict
     info: dict[str, dict] = field(default_factory=dict)   # per linear: bits, group, exact, rel_err
+    mapping: object = None      # loader.packed.FileMap when the tensors are views of a mapped file
+
+    def release_pages(self, names) -> int:
+        """After a backend has made its own copies of these tensors: let the OS take back the resident
+        pages of their mapped file data (loader.packed.FileMap.release; nothing is lost). Returns bytes."""
+        if self.mapping is None:
+            return 0
+        arrays = []
+        for n in names:
+            t = self.tensors.get(n)
+            if isinstance(t, PackedLinear):
+                arrays += [a for a in (t.planes, t.scales, t.offsets, t.smooth) if a is not None]
+            elif isinstance(t, np.ndarray):
+                arrays.append(t)
+        return self.mapping.release(arrays)
 
     def linear(self, name: str) -> np.ndarray | PackedLinear:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -92,7 +93,41 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
+class FileMap:
+    """One read-only map of a file whose tensors are views of it.
+
+    release(arrays) lets the OS take back this process's resident pages under some of those views, once a
+    backend has made its own copies of them: they are clean file pages, so a later read faults them back
+    in from the page cache and nothing is lost. Measured on a 7B-shaped model, the weights that stayed
+    mapped after the backend had tiled them were 5 GB of the process's 12.5 GB peak."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._base = np.frombuffer(self.mm, np.uint8).ctypes.data
+        self.size = len(self.mm)
+
+    def array(self, offset: int, dtype, shape) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self.mm, dtype=dtype, count=n, offset=offset).reshape(shape)
+
+    def release(self, arrays) -> int:
+        """Drop the resident pages of these views (whole pages they touch); returns the bytes advised."""
+        if not hasattr(self.mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        done = 0
+        for a in arrays:
+            start = a.ctypes.data - self._base
+            if a.nbytes == 0 or start < 0 or start + a.nbytes > self.size:
+                continue                                    # not a view of this map
+            lo = start - start % mmap.PAGESIZE
+            hi = min(self.size, -(-(start + a.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            done += hi - lo
+        return done
+
+
+def _map_safetensors(path: Path) -> tuple[dict[str, np.ndarray], FileMap]:
     """Memory-map every tensor of a safetensors file, checking the header against the file size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -107,6 +142,7 @@ def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
         except ValueError as e:
             raise FormatError(f"{path}: header is not valid JSON ({e})") from None
     base = 8 + n
+    fm = FileMap(path)
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -123,8 +159,8 @@ def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
         if want == 0:
             out[name] = np.zeros(shape, dtype)
             continue
-        out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + begin, shape=shape)
-    return out
+        out[name] = fm.array(base + begin, dtype, shape)
+    return out, fm
 
 
 def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
@@ -150,7 +186,7 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
         tokenizer_json = (d / "tokenizer.json").read_text()
     except FileNotFoundError:
         raise FormatError(f"{d}: tokenizer.json is missing") from None
-    arrays = _map_safetensors(st)
+    arrays, fm = _map_safetensors(st)
     cfg = ModelConfig.from_dict(config["model"])
     tensors: dict[str, np.ndarray | PackedLinear] = {}
     info = {}
@@ -165,4 +201,4 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}
         info[name]["rotate"] = int(meta.get("rotate") or 0)
     tensors.update(arrays)
-    return PackedModel(cfg, tensors, tokenizer_json, config.get("recipe", {}), info)
+    return PackedModel(cfg, tensors, tokenizer_json, config.get("recipe", {}), info, mapping=fm)

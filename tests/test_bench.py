@@ -3,6 +3,7 @@ replacement, machine description. Fast (no model, no llama.cpp build)."""
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from tools.bench import e2e, readme, stats
@@ -190,3 +191,24 @@ def test_synth_bench_runs_on_cpu(capsys):
                      "--precisions", "w4a16", "--no-save", "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0 and "w4a16" in out and "of bandwidth" in out
+
+
+def test_random_gguf_reads_back_with_its_shapes_and_q4_0_values(tmp_path, default_gguf):
+    """The synth GGUF parses as a llama model of the asked shape, with the template's tokenizer, and its
+    Q4_0 blocks decode to (nibble - 8) * scale as the GGML format defines them."""
+    from loader.gguf_reader import GGUFFile, read_gguf
+    from tools.bench.synth_gguf import write_random_gguf
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    path = write_random_gguf(shape, tmp_path / "r.gguf", default_gguf)
+    src = read_gguf(path)
+    c = src.config
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim) == (64, 2, 4, 2, 96)
+    assert c.vocab_size == len(GGUFFile(default_gguf).meta["tokenizer.ggml.tokens"]) and c.tied_embeddings
+    raw = GGUFFile(path).raw("blk.1.ffn_down.weight")                      # (64 rows, 3 blocks of 18 bytes)
+    b = raw.reshape(64, 3, 18)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float64)            # (64, 3, 1)
+    q = b[:, :, 2:]
+    nib = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float64)   # low nibbles: weights 0..15
+    want = ((nib - 8) * d).reshape(64, 96)
+    np.testing.assert_array_equal(src.tensors["layers.1.w_down"].load(), want.astype(np.float32))
+    assert np.all(np.abs(d) < 1) and np.all(d > 0)

@@ -140,3 +140,18 @@ def test_default_head_bits(wbits, source, head):
 def test_low_bit_recipe_packs_head_at_four_bits():
     pm = quantize_model(tiny_llama(), Recipe(wbits=2, group=32))
     assert pm.info["output"]["bits"] == 4 and pm.info["layers.0.wq"]["bits"] == 2
+
+
+def test_released_pages_of_a_packed_file_read_back_unchanged(tmp_path):
+    """FileMap.release drops resident pages only: the tensors read the same afterwards (they fault back
+    in from the file)."""
+    pm = quantize_model(tiny_llama(), Recipe(wbits=4, group=32))
+    back = read_packed(write_packed(pm, tmp_path / "m"))
+    before = {n: (t.planes.copy(), t.scales.copy()) for n, t in back.tensors.items() if isinstance(t, PackedLinear)}
+    names = list(before)
+    n = back.release_pages(names)
+    assert n >= sum(p.nbytes + s.nbytes for p, s in before.values())
+    for name, (planes, scales) in before.items():
+        np.testing.assert_array_equal(back.tensors[name].planes, planes)
+        np.testing.assert_array_equal(back.tensors[name].scales, scales)
+    assert pm.release_pages(names) == 0                   # an in-memory model has nothing mapped

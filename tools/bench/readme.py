@@ -108,7 +108,8 @@ def synth_section(doc: dict, readme: Path) -> list[str]:
            f"{doc['threads']} threads; {doc['steps']} single-token decode steps after a {doc['prompt_tokens']}-token "
            f"prompt; GB/s = packed weight bytes per step / median step time, against a memcpy of "
            f"{doc['bandwidth_gbps']:.1f} GB/s that counts read + write, so a read-only stream can pass 100%; "
-           f"no peer can load these weights). Source: `{_rel(doc['_path'], readme)}`", "",
+           f"no peer reads these packed planes: `synth --write-gguf` writes random Q4_0 weights of the same "
+           f"shapes as a GGUF that the end-to-end bench times beside llama.cpp). Source: `{_rel(doc['_path'], readme)}`", "",
            "| precision | decode tok/s, median (best) | weights MB/token | GB/s | of memcpy | prefill tok/s |",
            "|---|---|---|---|---|---|"]
     out += [f"| {r['precision'].upper()} | {r['decode_tok_s']:.2f} ({r['decode_tok_s_best']:.2f}) | "
@@ -127,13 +128,14 @@ def render(docs: list[dict], readme: Path) -> str:
         per = {b: latest(docs, b).get(kind) for b in ("e2e", "kernels", "embed", "synth")}
         anyd = next(d for d in per.values() if d)
         lines += [f"### Machine: {kind}", "", f"Measured on {_machine_line(anyd)}.", ""]
-        # end to end: the newest run at each thread count, most threads first
-        by_threads: dict[int, dict] = {}
+        # end to end: the newest run per model and thread count; smaller models first, most threads first
+        newest: dict[tuple, dict] = {}
         for d in docs:
             if d["bench"] == "e2e" and d["machine"]["kind"] == kind:
-                by_threads[int(d["settings"].get("threads") or 0)] = d     # sorted: the last one wins
-        for t in sorted(by_threads, reverse=True):
-            lines += e2e_section(by_threads[t], readme)
+                newest[(d["settings"].get("model"), int(d["settings"].get("threads") or 0))] = d   # last wins
+        size = {m: min((r.get("weight_bytes") or 0 for r in d["rows"]), default=0) for (m, _), d in newest.items()}
+        for key in sorted(newest, key=lambda k: (size[k[0]], str(k[0]), -k[1])):
+            lines += e2e_section(newest[key], readme)
         if per["kernels"]:
             lines += kernels_section(per["kernels"], readme)
         if per["embed"]:

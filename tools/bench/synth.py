@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -146,7 +147,18 @@ def add_args(ap) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32, quick 8)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--write-gguf", type=Path, default=None, metavar="PATH",
+                    help="instead of timing: write a random Q4_0 GGUF of --shape (--layers) with the default "
+                         "model's tokenizer, for `tools.bench e2e --model PATH` beside llama.cpp")
 
 
 def main(a) -> int:
+    if a.write_gguf is not None:
+        from loader.fetch import default_model_path
+        from tools.bench.synth_gguf import write_random_gguf
+        shape = dict(SYNTH[a.shape], **({"n_layers": a.layers} if a.layers else {}))
+        path = write_random_gguf(shape, a.write_gguf, default_model_path("decoder"))
+        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB); time it beside llama.cpp with\n"
+              f"  python -m tools.bench e2e --model {path} --precisions w4a16")
+        return 0
     return report_and_save(a, run(a), "synth", print_report)
