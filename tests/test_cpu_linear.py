@@ -381,10 +381,11 @@ def pbackend(isa, params):
     return _pbackends[isa, params]
 
 
-@pytest.mark.parametrize("src,bits,r", [("Q4_1", 4, 15), ("Q4_1", 8, 15), ("Q4_1", 6, 15), ("Q4_0", 4, 15),
-                                        ("Q4_0", 5, 31), ("Q8_0", 8, 255)])
-def test_f16_params_exact_import(src, bits, r):
-    """An exact import takes the float16 path (r as documented) and gives bitwise the float32 path's output on
+@pytest.mark.parametrize("src,bits,r,k", [("Q4_1", 4, 15, 0), ("Q4_1", 8, 15, 0), ("Q4_1", 6, 15, 0),
+                                          ("Q4_0", 4, 15, 8), ("Q4_0", 5, 31, 16), ("Q8_0", 8, 255, 128)])
+def test_f16_params_exact_import(src, bits, r, k):
+    """An exact import takes the float16 path (r as documented; Q4_0 and Q8_0 store no z, since z = -k a
+    with k = 8 d / d at 4 bits, 16 at 5, 128 for Q8_0) and gives bitwise the float32 path's output on
     every isa, A16 and quantized activations, within the float64 reference's bounds."""
     rng = np.random.default_rng(bits * 7 + len(src))
     N, K, M = 130, 320, 3
@@ -397,8 +398,11 @@ def test_f16_params_exact_import(src, bits, r):
             be = pbackend(isa, params)
             h = be.prepare_linear(lin)
             if params == "auto":
-                assert h.param_dtype == "float16" and h.f16 == r and h.wsc.dtype == np.float16
-                assert h.wsc.nbytes + h.woff.nbytes == 2 * 2 * N * (K // 32) + 2 * 2 * (-N % 64) * (K // 32)
+                assert h.param_dtype == "float16" and h.f16 == r | k << 16 and h.wsc.dtype == np.float16
+                nz = 1 if k else 2                      # a alone, or a and z
+                assert h.wsc.nbytes + (0 if h.woff is None else h.woff.nbytes) == \
+                    nz * 2 * (N + -N % 64) * (K // 32)
+                assert (h.woff is None) == (k > 0)
             else:
                 assert h.param_dtype == "float32" and h.f16 == 0
             y, yq = be.linear(h, x), be.linear(h, x, abits=8, agroup=32)

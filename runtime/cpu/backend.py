@@ -56,7 +56,8 @@ class LinearHandle:
     wcsum: np.ndarray | None  # uint16 (N, Kp/32) code sum per word (popcount path; built on first use)
     qcodes: np.ndarray | None = None   # codes tiles for the quantized-activation byte kernel (lazy)
     wpw: np.ndarray | None = None      # int32 (Nt, Kp/32, 64): 2 * code sum per word, tiled (lazy)
-    f16: int = 0              # 0: wsc/woff float32 s, o; r > 0: float16 a = 2s, z = o - r*s (f16_params)
+    f16: int = 0              # 0: wsc/woff float32 s, o; r > 0: float16 a = 2s, z = o - r*s (f16_params);
+                              # r | k << 16: no woff, z = -k a (derived_zero)
 
     @property
     def param_dtype(self) -> str:
@@ -120,6 +121,16 @@ def f16_params(scales: np.ndarray, offsets: np.ndarray | None, bits: int):
             if np.array_equal(o_rec, o):
                 return a, z, r
     return None
+
+
+def derived_zero(a: np.ndarray, z: np.ndarray) -> int:
+    """k > 0 when z = -k a exactly for every group with k a power of two (ab_internal.h AB_F16_ZK): a
+    Q4_0 import has z = -8a, a Q8_0 one -128a. The kernels then rebuild z instead of reading it."""
+    af, zf = a.astype(np.float32), z.astype(np.float32)
+    for k in (8, 128, 1, 2, 4, 16, 32, 64, 256):
+        if np.array_equal(zf, np.float32(-k) * af):
+            return k
+    return 0
 
 
 def _tile16(a: np.ndarray) -> np.ndarray:
@@ -208,7 +219,9 @@ class CpuBackend:
         # float16 group parameters only for the byte-code kernels (the table kernel reads float32)
         half = f16_params(lin.scales, lin.offsets, lin.bits) if bytecodes and self.params == "auto" else None
         if half is not None:
-            wsc, woff, r = _tile16(half[0]), None if half[1] is None else _tile16(half[1]), half[2]
+            k = 0 if half[1] is None else derived_zero(half[0], half[1])
+            wsc, r = _tile16(half[0]), half[2] | k << 16
+            woff = None if half[1] is None or k else _tile16(half[1])
         else:
             r = 0
             wsc = layout.tile_rows(np.asarray(lin.scales, np.float32))

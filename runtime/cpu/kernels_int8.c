@@ -320,7 +320,7 @@ static inline void *carve(uintptr_t *s, size_t n) {
 
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch) {
-    if (p < 1 || p > 8 || f16 < 0 || f16 > 255 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
+    if (p < 1 || p > 8 || f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16)) || !(cw == 2 || cw == 4 || cw == 8) || p > cw || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
     if (M == 0 || N == 0) return 0;
     i8_ctx c;
     c.codes = codes; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.x = x; c.y = y;

@@ -303,7 +303,7 @@ AB_AVX512 AB_INLINE void qd_tile_avx512_per(const qd_ctx *c, int t, int m0, int 
             ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
         }
         cc.wsc = buf;
-        cc.woff = c->woff ? buf + (size_t)c->ng * 64 : NULL;
+        cc.woff = wo ? buf + (size_t)c->ng * 64 : NULL;    /* stored z, or z derived from a (AB_F16_ZK) */
         cc.f16 = 0;
         cc.pt = t;
         c = &cc;
@@ -366,7 +366,7 @@ static inline void *carve(uintptr_t *s, size_t n) {
 int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc, const void *woff,
               int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
               int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch) {
-    if (p < 1 || p > 8 || f16 < 0 || f16 > 255 || q < 1 || q > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || L <= 0 || L % 32 ||
+    if (p < 1 || p > 8 || f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16)) || q < 1 || q > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || L <= 0 || L % 32 ||
         L > 32768 || G <= 0 || Ga <= 0 || G % L || Ga % L || Kp % G || K > Kp || M < 0 || N < 0)
         return -3;
     if (M == 0 || N == 0) return 0;
