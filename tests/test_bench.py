@@ -212,3 +212,11 @@ def test_random_gguf_reads_back_with_its_shapes_and_q4_0_values(tmp_path, defaul
     want = ((nib - 8) * d).reshape(64, 96)
     np.testing.assert_array_equal(src.tensors["layers.1.w_down"].load(), want.astype(np.float32))
     assert np.all(np.abs(d) < 1) and np.all(d > 0)
+
+
+def test_e2e_notes_a_synth_gguf(tmp_path, default_gguf):
+    from tools.bench.e2e import _synth_name
+    from tools.bench.synth_gguf import write_random_gguf
+    path = write_random_gguf(dict(name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64),
+                             tmp_path / "r.gguf", default_gguf)
+    assert "tiny shapes" in _synth_name(str(path)) and _synth_name(str(default_gguf)) == ""

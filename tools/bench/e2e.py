@@ -59,6 +59,18 @@ def _agree(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _synth_name(model: str) -> str:
+    """general.name of a GGUF written by tools/bench/synth_gguf.py, else ''."""
+    if not str(model).endswith(".gguf"):
+        return ""
+    from loader.gguf_reader import GGUFFile
+    try:
+        name = str(GGUFFile(model).meta.get("general.name", ""))
+    except Exception:                       # the worker reports unreadable files with its own error
+        return ""
+    return name if "anybit synth" in name else ""
+
+
 def run(a) -> dict:
     from engine.texts import eval_text
     threads = a.threads or os.cpu_count() or 1
@@ -69,6 +81,10 @@ def run(a) -> dict:
         from loader.fetch import default_model_path
         model = str(default_model_path("decoder"))
     notes = []
+    synth = _synth_name(model)
+    if synth:
+        notes.append(f"{os.path.basename(model)}: random weights ({synth}; `tools.bench synth --write-gguf`): "
+                     "the text is noise, the speed that of a real model of these shapes")
     llama_py, note = (None, "llama.cpp peer skipped: --no-peers") if a.no_peers else \
         peers.find_llama(a.llama_python, a.install_peers)
     notes.append(note)

@@ -156,7 +156,7 @@ def main(a) -> int:
     if a.write_gguf is not None:
         from loader.fetch import default_model_path
         from tools.bench.synth_gguf import write_random_gguf
-        shape = dict(SYNTH[a.shape], **({"n_layers": a.layers} if a.layers else {}))
+        shape = dict(SYNTH[a.shape], name=a.shape, **({"n_layers": a.layers} if a.layers else {}))
         path = write_random_gguf(shape, a.write_gguf, default_model_path("decoder"))
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB); time it beside llama.cpp with\n"
               f"  python -m tools.bench e2e --model {path} --precisions w4a16")

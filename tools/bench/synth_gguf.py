@@ -69,7 +69,7 @@ def write_random_gguf(shape: dict, out: Path, template: Path, seed: int = 0) -> 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), "llama")
-    w.add_name(f"random {L}-layer d{d} (anybit synth)")
+    w.add_name(f"{shape.get('name', 'random')} shapes, {L} layers, vocabulary {V} (anybit synth)")
     w.add_context_length(4096)
     w.add_embedding_length(d)
     w.add_block_count(L)
