@@ -29,20 +29,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def bgemm_geometry(M: int, N: int, p: int, q: int, arch: str = "sm_80") -> tuple[tuple, tuple, int]:
-    """grid, block, dynamic smem of bgemm_b1 (fixed 64 x 32 tile, 4 warps, two cp.async stages).
-
-    Adapter to runtime/staging.py: its planner describes a more general kernel family, while this
-    kernel's tile is fixed by its PTX; only the shared-memory size depends on (p, q), and it is
-    checked against the arch limits that staging.py records.
-    """
-    from runtime.staging import ARCH_LIMITS
-    smem = 2 * (2048 * q + 1024 * p)
-    lim = ARCH_LIMITS.get(arch)
-    if lim is not None and smem > lim.smem_per_block_optin:
-        raise ValueError(f"bgemm_b1 needs {smem} bytes of shared memory, {arch} allows "
-                         f"{lim.smem_per_block_optin}")
-    return (cdiv(N, 32), cdiv(M, 64), 1), (128, 1, 1), smem
+def bgemm_geometry(M: int, N: int, K: int, p: int, q: int, arch: str, group: int, agroup: int
+                   ) -> tuple[tuple, tuple, int]:
+    """grid, block, dynamic smem of bgemm_b1, from its staging plan (runtime/staging.plan_bgemm_b1).
+    An arch the planner does not know (the interpreter's "sim", a newer GPU) is held to the smallest
+    limits it knows (sm_86: 99 KiB per block); the kernel needs at most 48 KiB."""
+    from runtime.staging import ARCH_LIMITS, plan_bgemm_b1
+    plan = plan_bgemm_b1(M, N, K, p, q, arch if arch in ARCH_LIMITS else "sm_86", group=group, agroup=agroup)
+    return plan.grid(), plan.block, plan.smem_bytes
 
 
 class GpuBackend:
@@ -182,7 +176,7 @@ class GpuBackend:
             L = min(h.G, ga)
             exact_range = L * ((1 << h.p) - 1) * ((1 << q) - 1) < 2 ** 31
             if M > GEMV_MAX_M and (L % 128 == 0 or L >= K) and exact_range:
-                grid, block, smem = bgemm_geometry(M, h.N, h.p, q, self.dev.arch)
+                grid, block, smem = bgemm_geometry(M, h.N, K, h.p, q, self.dev.arch, h.G, ga)
                 self._launch("bgemm_b1.ptx", "bgemm_b1", grid, block,
                              [y, ap, asc, acs, h.planes, h.scales, h.offsets, h.csum, M, h.N, K, h.Kw, h.p, q,
                               h.G, ga, L, nga, h.ngw, nch], smem=smem)

@@ -2,7 +2,9 @@
 
 A plan fixes, for one (M, N, K, p, q, arch, mode), everything a kernel needs to agree on with its
 launcher: block tile (BM tokens x BN outputs x BK input lanes), pipeline stages, warp layout, split-K,
-and the byte layout of dynamic shared memory. The PTX kernels read their geometry from these plans.
+and the byte layout of dynamic shared memory. ptx/bgemm_b1.ptx, whose tile is fixed in its PTX, is
+described by plan_bgemm_b1 (GpuBackend launches it from that plan); plan_gemm / plan_gemv search the
+wider family of tiles, stages and recovery buffers below, which the kernels do not implement yet.
 
 Conventions (both modes): the weight plane tile is the MMA A operand (16 output rows per instruction),
 the activation tile the B operand (8 tokens per instruction):
@@ -92,10 +94,17 @@ class SmemBuffer:
     row_bytes: int     # payload per row
     stride: int        # bytes between rows (payload + padding)
     elem: str          # "b1" | "f16" | "f32" | "s32"
+    swizzle: bool = False   # instead of padding: a row's two 16-byte halves swap when (row >> 2) & 1
 
     @property
     def size(self) -> int:
         return self.rows * self.stride
+
+    def word_address(self, row: int, word: int) -> int:
+        """Byte address of 4-byte word `word` of row `row` (after the swizzle, if any)."""
+        if self.swizzle:
+            word ^= 4 * ((row >> 2) & 1)
+        return self.offset + row * self.stride + 4 * word
 
     @property
     def end(self) -> int:
@@ -326,6 +335,30 @@ def plan_gemm(M: int, N: int, K: int, p: int, q: int, arch: str, mode: str = "qu
     bk = 512 if Kp >= 512 else 256
     return _fit("gemm", mode, arch, M, N, K, Kp, p, q, G, Ga, offsets, _candidates(bm, bn, bk, tile),
                 lambda blocks, units, lim: 1, stages)
+
+
+def plan_bgemm_b1(M: int, N: int, K: int, p: int, q: int, arch: str, *, group: int = 128,
+                  agroup: int | None = None) -> StagingPlan:
+    """The plan of ptx/bgemm_b1.ptx, whose tile is fixed in its PTX: 64 tokens x 32 outputs x 256 lanes,
+    4 warps of 16 tokens each, two cp.async stages of [q activation planes: 64 rows x 32 B][p weight planes:
+    32 rows x 32 B], rows swizzled (16-byte halves swapped when (row >> 2) & 1) instead of padded, and no
+    shared-memory recovery buffers (each warp recovers its accumulators in registers). GpuBackend takes its
+    launch geometry from here; refused with the reason where the arch or the groups do not allow it."""
+    Kp, G, Ga = _validate(M, N, K, p, q, "quant", group, agroup)
+    lim = arch_limits(arch)
+    BM, BN, BK, stages = 64, 32, 256, 2
+    a_bytes, w_bytes = q * BM * (BK // 8), p * BN * (BK // 8)
+    bufs = []
+    for st in range(stages):
+        base = st * (a_bytes + w_bytes)
+        bufs.append(SmemBuffer(f"a_planes.s{st}", base, q * BM, BK // 8, BK // 8, "b1", swizzle=True))
+        bufs.append(SmemBuffer(f"w_planes.s{st}", base + a_bytes, p * BN, BK // 8, BK // 8, "b1", swizzle=True))
+    plan = StagingPlan("gemm", "quant", arch, M, N, K, Kp, p, q, G, Ga, BM, BN, BK, 256, stages, 4, 1, 1, 1,
+                       tuple(bufs), lim)
+    if plan.smem_bytes > lim.smem_per_block_optin:
+        raise PlanError(f"bgemm_b1 W{p}A{q} needs {plan.smem_bytes} bytes of shared memory, {arch} allows "
+                        f"{lim.smem_per_block_optin}")
+    return plan
 
 
 def plan_gemv(N: int, K: int, p: int, q: int, arch: str, mode: str = "quant", *, M: int = 1,
