@@ -132,3 +132,36 @@ def test_backend_device_arrays_and_replay(be):
     np.testing.assert_array_equal(be.download(state["y"]), first)
     n = NumpyBackend().rmsnorm(be.download(x), np.ones(64, np.float32), 1e-5)
     np.testing.assert_allclose(first, ref_linear_a16(lin, n), rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_rule_of_the_kernel_is_the_host_samplers():
+    """kernelcheck.ref_sample (what sample_f32 computes) picks the token engine/sampling.Sampler picks
+    for the same seed, since Sampler's choice draws exactly one u = rng.random()."""
+    from engine.sampling import Sampler, SamplingParams
+    rng = np.random.default_rng(5)
+    checked = 0
+    for seed in range(40):
+        x = (rng.standard_normal(500) * 2).astype(np.float32)
+        T, k, p = [(0.8, 0, 1.0), (1.0, 20, 1.0), (0.7, 0, 0.9), (1.2, 50, 0.8)][seed % 4]
+        u = np.random.default_rng(seed).random()
+        tok, _, um, pm = kc.ref_sample(x, T, k, p, u)
+        if min(um, pm) < 1e-6:
+            continue
+        assert Sampler(SamplingParams(temperature=T, top_k=k, top_p=p, seed=seed))(x, []) == tok, seed
+        checked += 1
+    assert checked >= 35
+
+
+def test_backend_sample_matches_host_sampler(be):
+    from engine.sampling import Sampler, SamplingParams
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal(3000) * 2).astype(np.float32)
+    for seed, (T, k, p) in enumerate([(0.9, 0, 1.0), (1.0, 30, 0.9), (0.6, 0, 0.85)]):
+        u = np.random.default_rng(seed).random()
+        if min(kc.ref_sample(x, T, k, p, u)[2:]) < 1e-4:
+            continue
+        want = Sampler(SamplingParams(temperature=T, top_k=k, top_p=p, seed=seed))(x, [])
+        assert be.sample(x, T, k, p, float(u)) == want
+    assert be.sample(x, 0.0) == int(np.argmax(x))
+    with pytest.raises(ValueError, match="top_p"):
+        be.sample(x, 1.0, 0, 1.5, 0.3)

@@ -409,6 +409,52 @@ def case_rows(run, rng, M, K, block, width):
     return res
 
 
+def ref_sample(logits, T, top_k, top_p, u):
+    """(token, kept, u margin, top-p margin) of engine/sampling.Sampler's rule in float64 for a given
+    uniform u. Margins: how far u lies from the nearest boundary of the normalized cdf, and how far top_p
+    lies from the cumulative sums on either side of its crossing (1 when top-p is off)."""
+    z = np.asarray(logits, np.float64) / T
+    keep = np.ones(z.size, bool)
+    if top_k and top_k < z.size:
+        keep = z >= np.partition(z, -top_k)[-top_k]
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p_margin = 1.0
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order]) / p.sum()
+        j = int(np.searchsorted(cum, top_p))
+        keep &= p >= p[order[j]]
+        p_margin = min(cum[j] - top_p, top_p - cum[j - 1] if j else 1.0)
+        p = np.where(keep, p, 0.0)
+    cdf = np.cumsum(p) / p.sum()
+    tok = int(np.searchsorted(cdf, u, side="right"))
+    u_margin = float(np.abs(cdf[p > 0] - u).min())
+    return tok, int(keep.sum()), u_margin, float(p_margin)
+
+
+def case_sample(run, rng, V, T, top_k, top_p, draws=3):
+    """sample_f32 against ref_sample: the same token and the same kept count for fresh u (draws whose u
+    lies within 1e-4 of a boundary, where float32 rounding may decide, are redrawn)."""
+    x = (rng.standard_normal(V) * 2.5).astype(np.float32)
+    xa = run.put(x)
+    while top_p < 1.0 and ref_sample(x, T, top_k, top_p, 0.5)[3] < 1e-4:
+        top_p = round(top_p + 0.001, 6)          # a cumulative sum too close to top_p: move off it
+    res = []
+    for _ in range(draws):
+        while True:
+            u = float(np.float32(rng.random()))
+            tok, kept, margin, _ = ref_sample(x, T, top_k, top_p, u)
+            if margin > 1e-4:
+                break
+        o = run.out((2,), np.uint32)
+        run.launch("sample.ptx", "sample_f32", (1, 1, 1), (1024, 1, 1), [o, xa, V, T, top_k, top_p, u])
+        got = run.get(o, (2,), np.uint32)
+        ok = (int(got[0]), int(got[1])) == (tok, kept)
+        res.append(Result("sample_f32", f"V{V} T{T} k{top_k} p{top_p} u{u:.3f}", ok, 0.0, "exact",
+                          "" if ok else f"token/kept {int(got[0])}/{int(got[1])}, expected {tok}/{kept}"))
+    return res
+
+
 # ---- the list of cases ----------------------------------------------------------------------------
 
 def cases(quick: bool):
@@ -444,7 +490,13 @@ def cases(quick: bool):
     add(case_rows, 3, 192, 64, 37)
     add(case_rows, 1, 1024, 1024, 100)      # b > block size: each thread takes several pairs
     add(case_rows, 2, 24, 2, 5)
+    add(case_sample, 3000, 0.8, 0, 1.0)
+    add(case_sample, 3000, 1.0, 40, 1.0)
+    add(case_sample, 2500, 0.7, 0, 0.9)
+    add(case_sample, 1000, 1.3, 50, 0.8)
+    add(case_sample, 7, 1.0, 3, 1.0)
     if not quick:
+        add(case_sample, 49152, 0.7, 40, 0.95)
         add(case_rows, 2, 1536, 256, 576)
         add(case_gemv_a16, 8, 72, 1000, 5, 128, False)
         add(case_gemv_q, 8, 72, 1000, 8, 6, 128, 128, False)
