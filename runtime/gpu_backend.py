@@ -134,13 +134,22 @@ class GpuBackend:
         self._linears.append(h)
         return h
 
-    def linear(self, h: GpuLinear, x, *, abits: int = 16, agroup: int | None = None, out=None):
+    def linear(self, h: GpuLinear, x, *, abits: int = 16, agroup: int | None = None, out=None, residual=None):
+        """x W^T, or residual + x W^T with residual (M, N): the residual add of a transformer block fused
+        into the GEMV's output store (bgemm_b1: a separate add), bitwise add(residual, x W^T)."""
         xd, host = self._dev(x)
         M, K = xd.shape
         if K != h.K:
             raise ValueError(f"linear: x has {K} columns, the weight expects K = {h.K}")
         y = self.empty((M, h.N))
         temps = []
+        resd = None
+        if residual is not None:
+            resd, rh = self._dev(residual)
+            if tuple(resd.shape) != (M, h.N):
+                raise ValueError(f"linear: residual {tuple(resd.shape)}, expected {(M, h.N)}")
+            if rh:
+                temps.append(resd)
         if abits == 16:
             if h.smooth is not None:
                 xs = self.empty((M, K))
@@ -152,11 +161,11 @@ class GpuBackend:
                 xd_use = xd
             if M == 1:
                 self._launch("gemv.ptx", "gemv_a16_m1", (cdiv(h.N, 4), 1, 1), (128, 1, 1),
-                             [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw])
+                             [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw, resd])
                 self.last_path = "gemv_a16_m1"
             else:
                 self._launch("gemv.ptx", "gemv_a16", (cdiv(h.N, 4), cdiv(M, 4), 1), (128, 1, 1),
-                             [y, xd_use, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, h.G, h.ngw])
+                             [y, xd_use, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, h.G, h.ngw, resd])
                 self.last_path = "gemv_a16"
         elif 1 <= abits <= 8:
             q = int(abits)
@@ -181,10 +190,13 @@ class GpuBackend:
                              [y, ap, asc, acs, h.planes, h.scales, h.offsets, h.csum, M, h.N, K, h.Kw, h.p, q,
                               h.G, ga, L, nga, h.ngw, nch], smem=smem)
                 self.last_path = "bgemm_b1"
+                if resd is not None:
+                    n = M * h.N
+                    self._launch("ops.ptx", "add_f32", (cdiv(n, 256), 1, 1), (256, 1, 1), [y, resd, y, n, n])
             else:
                 self._launch("gemv.ptx", "gemv_q", (cdiv(h.N, 4), M, 1), (128, 1, 1),
                              [y, ap, asc, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, q, h.G, ga,
-                              h.ngw, nga])
+                              h.ngw, nga, resd])
                 self.last_path = "gemv_q"
         else:
             raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")

@@ -7,6 +7,8 @@ GpuBackend - on device arrays: a call uploads the embedded rows and positions an
 nothing else. It is GpuBackend's `fused_model` / `fused_forward`, the interface engine/fast_decode.py
 already uses for the one-call C forward of the CPU backend.
 
+The residual adds are fused into the GEMVs' output stores (bitwise the separate add).
+
 A decode step (one token, last logits) is captured once as a CUDA graph and replayed: one launch call
 instead of ~15 per layer. Replays rely on three things:
 - memory: a step's intermediates come from an Arena, a bump allocator over chunks of pool memory reset
@@ -107,18 +109,19 @@ class GpuFusedModel:
         return v
 
     # ---- one forward on device arrays ----------------------------------------------------------------
-    def _linear(self, h, x):
+    def _linear(self, h, x, residual=None):
+        """x W^T (+ residual, fused into the product's output store)."""
         be = self.be
         if h.lin.rotate:                       # the weight holds W R (loader/rotation.py): feed it R x
             xr = be.hadamard(x, h.lin.rotate)
-            y = self._linear_plain(h, xr)
+            y = self._linear_plain(h, xr, residual)
             xr.close()
             return y
-        return self._linear_plain(h, x)
+        return self._linear_plain(h, x, residual)
 
-    def _linear_plain(self, h, x):
+    def _linear_plain(self, h, x, residual):
         ag = h.lin.Kp if self.agroup == "token" else self.agroup
-        return self.be.linear(h, x, abits=self.abits, agroup=ag)
+        return self.be.linear(h, x, abits=self.abits, agroup=ag, residual=residual)
 
     def forward_device(self, x, pos, M: int, n_ctx: int, ks, vs, last_only: bool):
         """x (M, d) and pos (M,) device arrays (x is consumed: closed unless it is the caller's
@@ -141,10 +144,8 @@ class GpuFusedModel:
             v.close()
             a = be.attention(q3, ks[li], vs[li], n_ctx, pos)                   # (M, H, hd)
             q.close()
-            o = self._linear(L["wo"], be.reshape(a, (M, qd)))
+            x2 = self._linear(L["wo"], be.reshape(a, (M, qd)), residual=x)     # x + attention W_o^T
             a.close()
-            x2 = be.add(x, o)
-            o.close()
             if own_x:
                 x.close()
             x, own_x = x2, True
@@ -156,10 +157,8 @@ class GpuFusedModel:
             s = be.swiglu(g, u)
             g.close()
             u.close()
-            y = self._linear(L["down"], s)
+            x2 = self._linear(L["down"], s, residual=x)                        # x + ffn W_down^T
             s.close()
-            x2 = be.add(x, y)
-            y.close()
             x.close()
             x = x2
         last = be.rows(x, M - 1, 1) if last_only else x

@@ -165,3 +165,18 @@ def test_backend_sample_matches_host_sampler(be):
     assert be.sample(x, 0.0) == int(np.argmax(x))
     with pytest.raises(ValueError, match="top_p"):
         be.sample(x, 1.0, 0, 1.5, 0.3)
+
+
+@pytest.mark.parametrize("M,abits,G,path", [(1, 16, 32, "gemv_a16_m1"), (3, 16, 32, "gemv_a16"),
+                                            (2, 8, 32, "gemv_q"), (12, 8, 128, "bgemm_b1")])
+def test_backend_linear_residual_is_bitwise_the_separate_add(be, M, abits, G, path):
+    rng = np.random.default_rng(M + abits)
+    lin = _lin(rng, 40, 256, 4, G)
+    h = be.prepare_linear(lin)
+    x = rng.standard_normal((M, 256)).astype(np.float32)
+    r = rng.standard_normal((M, 40)).astype(np.float32)
+    fused = be.linear(h, x, abits=abits, residual=r)
+    assert be.last_path == path
+    np.testing.assert_array_equal(fused, be.add(r, be.linear(h, x, abits=abits)))
+    with pytest.raises(ValueError, match="residual"):
+        be.linear(h, x, abits=abits, residual=r[:, :8])

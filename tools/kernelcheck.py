@@ -146,6 +146,11 @@ def case_actquant(run, rng, M, K, q, ga, smooth):
                   0.0, "exact", "; ".join(s for s in (n1, n2, n3) if s), {"planes": gp, "csum": gc})
 
 
+def residual(rng, M, N):
+    """Integer-valued float32 residual rows: res + an integer product is exact in float32."""
+    return rng.integers(-50, 51, (M, N)).astype(np.float32)
+
+
 def case_gemv_a16(run, rng, M, N, K, p, G, integer):
     if integer:
         lin = unit_linear(rng, N, K, p, G)
@@ -155,14 +160,16 @@ def case_gemv_a16(run, rng, M, N, K, p, G, integer):
         x = rng.standard_normal((M, K)).astype(np.float32)
     w, kw = weight_dev(run, lin)
     y = run.out((M, N), np.float32)
+    res = residual(rng, M, N) if integer else None           # integer runs check the fused residual add
     run.launch("gemv.ptx", "gemv_a16", (cdiv(N, 4), cdiv(M, 4), 1), (128, 1, 1),
-               [y, run.put(x), w["planes"], w["scales"], w["offsets"], M, N, K, kw, p, G, lin.scales.shape[1]])
+               [y, run.put(x), w["planes"], w["scales"], w["offsets"], M, N, K, kw, p, G, lin.scales.shape[1],
+                None if res is None else run.put(res)])
     out = run.get(y, (M, N), np.float32)
     wd = lin.dequantize()
     ref = x.astype(np.float64) @ wd.T
     shape = f"M{M} N{N} K{K} p{p} G{G}"
     if integer:
-        ok, note = exact(out, ref.astype(np.float32), "y")
+        ok, note = exact(out, ref.astype(np.float32) + res, "res + y")
         return Result("gemv_a16 int", shape, ok, 0.0, "exact", note, {"y": out})
     ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
     return Result("gemv_a16", shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
@@ -177,15 +184,17 @@ def case_gemv_a16_m1(run, rng, N, K, p, G, integer):
         lin = random_linear(rng, N, K, p, G, asym=True)
         x = rng.standard_normal((1, K)).astype(np.float32)
     w, kw = weight_dev(run, lin)
-    y = run.out((1, N), np.float32)
+    res = residual(rng, 1, N) if integer else None
+    y = run.out((1, N), np.float32) if res is None else run.put(res)      # in place: y = y + W x
     run.launch("gemv.ptx", "gemv_a16_m1", (cdiv(N, 4), 1, 1), (128, 1, 1),
-               [y, run.put(x), w["planes"], w["scales"], w["offsets"], N, K, kw, p, G, lin.scales.shape[1]])
+               [y, run.put(x), w["planes"], w["scales"], w["offsets"], N, K, kw, p, G, lin.scales.shape[1],
+                None if res is None else y])
     out = run.get(y, (1, N), np.float32)
     wd = lin.dequantize()
     ref = x.astype(np.float64) @ wd.T
     shape = f"M1 N{N} K{K} p{p} G{G}"
     if integer:
-        ok, note = exact(out, ref.astype(np.float32), "y")
+        ok, note = exact(out, ref.astype(np.float32) + res, "y + W x in place")
         return Result("gemv_a16_m1 int", shape, ok, 0.0, "exact", note, {"y": out})
     ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
     return Result("gemv_a16_m1", shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
@@ -213,13 +222,14 @@ def case_gemv_q(run, rng, M, N, K, p, q, G, ga, integer):
     a = _quantized_inputs(run, rng, M, K, q, ga, kw, integer, False)
     w, _ = weight_dev(run, lin)
     y = run.out((M, N), np.float32)
+    res = residual(rng, M, N) if integer else None
     run.launch("gemv.ptx", "gemv_q", (cdiv(N, 4), M, 1), (128, 1, 1),
                [y, a["ap"], a["asc"], w["planes"], w["scales"], w["offsets"], M, N, K, kw, p, q, G, a["ga"],
-                lin.scales.shape[1], a["nga"]])
+                lin.scales.shape[1], a["nga"], None if res is None else run.put(res)])
     out = run.get(y, (M, N), np.float32)
     shape = f"M{M} N{N} K{K} p{p} q{q} G{G} Ga{a['ga']}"
     if integer:
-        ok, note = exact(out, int_product(lin, a["acodes"], q, K).astype(np.float32), "y")
+        ok, note = exact(out, int_product(lin, a["acodes"], q, K).astype(np.float32) + res, "res + y")
         return Result("gemv_q int", shape, ok, 0.0, "exact", note, {"y": out})
     wd = lin.dequantize()
     ok, err, note = close(out, a["xq"] @ wd.T, float_bound(a["xq"], wd, K), "y")
@@ -470,6 +480,7 @@ def cases(quick: bool):
     add(case_gemv_a16, 1, 24, 300, 4, 32, True)
     add(case_gemv_a16, 3, 40, 160, 3, 32, False)
     add(case_gemv_a16, 5, 8, 96, 8, 96, False)
+    add(case_gemv_a16, 6, 16, 128, 3, 32, True)             # 4 token rows per pass, residual on each
     add(case_gemv_a16_m1, 24, 300, 4, 32, True)
     add(case_gemv_a16_m1, 40, 200, 2, 64, False)
     add(case_gemv_a16_m1, 8, 96, 8, 96, False)
