@@ -225,6 +225,26 @@ class PackedLinear:
         return self.planes.nbytes + self.scales.nbytes + extra
 
 
+@dataclass(frozen=True)
+class LinearShape:
+    """A PackedLinear without its planes: what a backend keeps once it holds its own tiles of them (the
+    planes of fused q|k|v and gate|up are a concatenated copy, 2.3 GB at 7B shapes). Reading .planes
+    from it is an AttributeError, never a silent guess."""
+    scales: np.ndarray
+    offsets: np.ndarray | None
+    bits: int
+    group: int
+    K: int
+    N: int
+    Kp: int
+    smooth: np.ndarray | None = None
+    rotate: int = 0
+
+    @classmethod
+    def of(cls, lin: PackedLinear) -> "LinearShape":
+        return cls(lin.scales, lin.offsets, lin.bits, lin.group, lin.K, lin.N, lin.Kp, lin.smooth, lin.rotate)
+
+
 # ---- reference products (float64, straight from the definitions; no popcount tricks) ----------
 
 def ref_linear_a16(lin: PackedLinear, x: np.ndarray) -> np.ndarray:

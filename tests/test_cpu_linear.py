@@ -460,3 +460,25 @@ def test_f16_params_fallback(isa):
     assert tb.prepare_linear(exact_lin(rng, 70, 224, "Q4_1")).param_dtype == "float32"
     with pytest.raises(ValueError, match="params"):
         CpuBackend(params="half")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_handles_drop_planes_and_rebuild_them_exactly(bits):
+    """A handle keeps its kernel tiles, not the planes (a fused q|k|v's concatenated copy is freed):
+    the planes it rebuilds from its tiles when a path needs them are the original ones, and the
+    quantized-activation and popcount paths, which rebuild them, give the output of a fresh backend
+    that kept them."""
+    rng = np.random.default_rng(bits)
+    lin = make_lin(rng, 70, 200, bits, 32, True)
+    be = CpuBackend(threads=2)
+    h = be.prepare_linear(lin)
+    assert h.planes is None and not hasattr(h.lin, "planes")
+    np.testing.assert_array_equal(be._planes(h), lin.planes)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    keep = CpuBackend(threads=2, quant="popcount")
+    hk = keep.prepare_linear(lin)
+    assert hk.planes is not None
+    ref = ref_linear_quant(lin, x, 4, 32)
+    np.testing.assert_allclose(be.linear(h, x, abits=4, agroup=32), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    y, *_ = be.linear_quant_debug(h, x, 4, 32, kernel="popcount")
+    np.testing.assert_array_equal(y, keep.linear(hk, x, abits=4, agroup=32))

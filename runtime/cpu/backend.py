@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loader.bipolar import LANES, PackedLinear, round_up
+from loader.bipolar import LANES, LinearShape, PackedLinear, round_up
 from runtime.cpu import build, layout
 
 ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
@@ -47,12 +47,12 @@ def a16_block(group: int) -> int:
 @dataclass
 class LinearHandle:
     """A weight prepared for this backend: the kernel tiles plus the canonical planes (popcount path)."""
-    lin: PackedLinear
+    lin: LinearShape          # the weight's description; its planes are not kept (see prepare_linear)
     wl: np.ndarray | None     # uint8 (Nt, p, Kp/8, 64)   layout.preprocess(planes); None when codes is set
     codes: np.ndarray | None  # uint8 (Nt, Q, 64, 4)   layout.codes_tiles(planes), for p >= i8_min_bits
     wsc: np.ndarray           # float32 (Nt, Kp/G, 64)    layout.tile_rows(scales); float16 a = 2s, see f16_params
     woff: np.ndarray | None   # float32 offsets o, or float16 z = o - r s (the weight of code (2^p - 1 - r)/2)
-    planes: np.ndarray        # uint32 (p, N, Kp/32) canonical, C-contiguous
+    planes: np.ndarray | None # uint32 (p, N, Kp/32), kept for the f32 A16 and popcount kernels only
     wcsum: np.ndarray | None  # uint16 (N, Kp/32) code sum per word (popcount path; built on first use)
     qcodes: np.ndarray | None = None   # codes tiles for the quantized-activation byte kernel (lazy)
     wpw: np.ndarray | None = None      # int32 (Nt, Kp/32, 64): 2 * code sum per word, tiled (lazy)
@@ -226,8 +226,22 @@ class CpuBackend:
             r = 0
             wsc = layout.tile_rows(np.asarray(lin.scales, np.float32))
             woff = None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32))
-        return LinearHandle(lin, None if bytecodes else layout.preprocess(planes),
-                            layout.codes_tiles(planes) if bytecodes else None, wsc, woff, planes, None, f16=r)
+        # the kernels read their tiles; only the float32 A16 kernel and the popcount kernel read the planes
+        # on every call, so the handle keeps them for those alone and rebuilds them from the tiles when
+        # another path needs them once (_planes): a fused q|k|v's concatenated planes are then freed
+        keep = self.a16 == "f32" or self.quant == "popcount"
+        return LinearHandle(LinearShape.of(lin), None if bytecodes else layout.preprocess(planes),
+                            layout.codes_tiles(planes) if bytecodes else None, wsc, woff,
+                            planes if keep else None, None, f16=r)
+
+    @staticmethod
+    def _planes(h: LinearHandle) -> np.ndarray:
+        """The canonical planes (p, N, Kp/32): kept ones, or rebuilt from the kernel tiles (exact)."""
+        if h.planes is not None:
+            return h.planes
+        if h.codes is not None:
+            return layout.uncodes_tiles(h.codes, h.lin.N, h.lin.bits)
+        return layout.unpreprocess(h.wl, h.lin.N)
 
     def _input(self, h: LinearHandle, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -251,6 +265,8 @@ class CpuBackend:
             if lin.smooth is not None:
                 x = np.ascontiguousarray(x / lin.smooth.astype(np.float32))
             if self.a16 == "f32":
+                if h.planes is None:
+                    h.planes = np.ascontiguousarray(self._planes(h), dtype=np.uint32)
                 rc = self._lib.ab_linear_a16_f32(
                     self._live_pool, self._p("uint32_t *", h.planes), self._p("float *", np.asarray(lin.scales, np.float32)),
                     self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
@@ -270,7 +286,7 @@ class CpuBackend:
         self._linear_quant(h, x, abits, agroup, y)
         return y
 
-    def _agroups(self, lin: PackedLinear, agroup) -> tuple[int, int]:
+    def _agroups(self, lin, agroup) -> tuple[int, int]:
         """(Ga as the kernel sees it, block lanes L). Per token -> Ga = Kp (one group over all lanes)."""
         k32 = round_up(lin.K, LANES)
         ga = lin.group if agroup is None else (k32 if agroup == "token" else int(agroup))
@@ -303,13 +319,15 @@ class CpuBackend:
 
     def _quant_weights(self, h: LinearHandle) -> None:
         """Build (once) what the byte kernel reads: code tiles (shared with A16 when present), word sums."""
-        if h.qcodes is None:
-            h.qcodes = h.codes if h.codes is not None else layout.codes_tiles(h.planes)
-        if h.wpw is None:
-            p, N, W = h.planes.shape
-            wpw = np.empty((-(-N // layout.TILE), W, layout.TILE), np.int32)
-            self._lib.ab_qd_word_sums(self._p("uint32_t *", h.planes), p, N, W, self._p("int32_t *", wpw))
-            h.wpw = wpw
+        if h.qcodes is None or h.wpw is None:
+            planes = np.ascontiguousarray(self._planes(h), dtype=np.uint32)   # once; not kept
+            if h.qcodes is None:
+                h.qcodes = h.codes if h.codes is not None else layout.codes_tiles(planes)
+            if h.wpw is None:
+                p, N, W = planes.shape
+                wpw = np.empty((-(-N // layout.TILE), W, layout.TILE), np.int32)
+                self._lib.ab_qd_word_sums(self._p("uint32_t *", planes), p, N, W, self._p("int32_t *", wpw))
+                h.wpw = wpw
 
     def _linear_bytes(self, h, x, abits, agroup, y, debug=False):
         lin = h.lin
@@ -334,6 +352,8 @@ class CpuBackend:
         if (kernel or self.quant) == "bytes" and h.lin.Kp <= 32768:
             return self._linear_bytes(h, x, abits, agroup, y, debug)
         lin = h.lin
+        if h.planes is None:              # a handle prepared under another kernel choice
+            h.planes = np.ascontiguousarray(self._planes(h), dtype=np.uint32)
         if h.wcsum is None:
             p, N, W = h.planes.shape
             h.wcsum = np.empty((N, W), np.uint16)
