@@ -7,7 +7,7 @@ GPU tier (SPEC.md section 6) in order of importance and records each result as i
 2. `pytest -m gpu` (runtime, kernels, engine on the device);
 3. the kernel regression suite on the GPU and in the interpreter, integer results compared bit for bit;
 4. greedy tokens of the default model on `--device cuda` against the CPU backend at W8A8 and W4A16;
-5. the benchmarks (`tools.bench kernels` and `e2e` with `--device cuda`) where that package exists.
+5. the benchmarks (`tools.bench kernels`, `e2e` and `synth` with `--device cuda`).
 
 The file goes to bench/results/gpu-report-<arch>-<date>.json with the commit; a step that fails is
 recorded with its error and the report goes on. Without a GPU it exits with status 2 and writes nothing.
@@ -92,7 +92,7 @@ def run_engine_match(max_tokens: int) -> dict:
 
 def run_bench() -> dict:
     results = {}
-    for sub in ("kernels", "e2e"):
+    for sub in ("kernels", "e2e", "synth"):       # synth: decode at Llama-2-7B shapes, W4A16 and W2A16
         p = subprocess.run([sys.executable, "-m", "tools.bench", sub, "--device", "cuda", "--quick"], cwd=ROOT,
                            capture_output=True, text=True)
         results[sub] = {"returncode": p.returncode, "tail": (p.stdout + p.stderr)[-4000:]}
