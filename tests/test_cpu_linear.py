@@ -346,7 +346,7 @@ def test_build_cache_key_and_env_isa(monkeypatch):
                   np.zeros((1, 32), np.float32))
 
 
-# ---- float16 group parameters (backend.f16_params): exact GGUF imports read half the parameter bytes ----
+# ---- float16 group parameters (runtime/cpu/params.py): exact GGUF imports read half the parameter bytes ----
 
 def gguf_blocks(rng, N, K, ggml_type, tiny=False):
     """Random raw GGUF block fields (d, m float16 per 32 lanes; q codes), as loader.gguf_reader gives them.
@@ -417,7 +417,7 @@ def test_f16_params_exact_import(src, bits, r, k):
 
 def test_f16_params_rule():
     """Direct checks of the exactness rule against hand-computed values."""
-    from runtime.cpu.backend import f16_params
+    from runtime.cpu.params import f16_params
     d, m = np.float16(0.0312), np.float16(-0.2)
     s = np.full((1, 2), np.float32(d) / 2, np.float32)
     # Q4_1 at p = 4: a = d, z = m with r = 15 (code 0)

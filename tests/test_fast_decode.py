@@ -100,7 +100,7 @@ def test_fused_errors(be):
 
 @pytest.mark.parametrize("src,wbits,abits", [("Q4_1", 4, 16), ("Q4_1", 8, 8), ("Q8_0", 8, 16), ("Q4_0", 4, 4)])
 def test_fused_f16_params_equal_per_op_and_f32(src, wbits, abits):
-    """Exact GGUF-like imports take float16 group parameters (runtime/cpu/backend.py f16_params); the fused
+    """Exact GGUF-like imports take float16 group parameters (runtime/cpu/params.py f16_params); the fused
     forward still equals the per-op decoder bitwise, and both equal the float32-parameter backend."""
     from loader.bipolar import PackedLinear
     from tests.test_cpu_linear import exact_lin

@@ -16,6 +16,9 @@ import numpy as np
 
 from loader.bipolar import LANES, LinearShape, PackedLinear, round_up
 from runtime.cpu import build, layout
+from runtime.cpu.errors import check as _check
+from runtime.cpu.ops import CpuOps
+from runtime.cpu.params import _tile16, derived_zero, f16_params
 
 ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
 # From which weight precision the byte-code kernel (kernels_int8.c) replaces the table kernel, per isa.
@@ -28,7 +31,6 @@ I8_MIN_BITS = {"portable": 1, "avx2": 3, "avx512": 1}
 # bit planes). Measured one thread, AMD EPYC (Zen 4), SmolLM2 shapes, G = Ga = 32 (tools/bench_cpu_kernels.py,
 # bench/results/cpu_quant_bytes.json): the byte kernel wins at every (p, q) measured, W1A1 included.
 QUANT_KERNEL = "bytes"
-_ERRORS = {-1: "out of memory", -2: "instruction set not available on this CPU", -3: "bad arguments"}
 
 
 def available_isas() -> list[str]:
@@ -83,71 +85,7 @@ class FusedModel:
     V: int
 
 
-def f16_params(scales: np.ndarray, offsets: np.ndarray | None, bits: int):
-    """(a, z, r): float16 a = 2s and z = o - r*s (None when symmetric) with an odd r in 1..2^p - 1, or None
-    when no r makes them exact.
-
-    Why: decode is memory-bound and float32 s, o are 8 of every ~24 bytes read per 32 weights at W4. Every
-    exact GGUF import has float16 d (and m), so a = d and, at r = 2^p - 1 (z = the weight of code 0),
-    Q4_1: z = m, Q4_0: z = -8d, Q8_0: z = -128d. Imported at p > 4 the codes are shifted (a Q4_1 code c
-    becomes c + 120 at p = 8) and z = o - 255 s = m - 120 d is usually not a float16, but the weight of
-    the shifted code 120 is m again: r = 2^k - 1 (z = weight of code (2^p - 2^k)/2) covers those. The
-    kernels rebuild s = 0.5f*a and o = z + r*s in float32 (ab_internal.h), so this accepts only parameters
-    whose rebuilt values equal the stored float32 ones (bit for bit but for the sign of a zero offset),
-    computed here with the same float32 operations; then f16 and f32 handles give identical outputs on
-    every isa."""
-    s = np.ascontiguousarray(scales, np.float32)
-    P1 = (1 << int(bits)) - 1
-    with np.errstate(over="ignore", invalid="ignore"):
-        a64 = 2.0 * s.astype(np.float64)
-        a = a64.astype(np.float16)
-        if not np.array_equal(a.astype(np.float64), a64):
-            return None
-        s_rec = np.float32(0.5) * a.astype(np.float32)
-        if not np.array_equal(s_rec.view(np.uint32), s.view(np.uint32)):
-            return None
-        if offsets is None:
-            return a, None, P1
-        o = np.ascontiguousarray(offsets, np.float32)
-        for k in range(int(bits), 0, -1):        # r = P1 first (code 0), then the shifted imports
-            r = (1 << k) - 1
-            z64 = o.astype(np.float64) - r * s.astype(np.float64)
-            z = z64.astype(np.float16)
-            if not np.array_equal(z.astype(np.float64), z64):
-                continue
-            o_rec = z.astype(np.float32) + np.float32(r) * s_rec
-            # by value: an all-zero Q4_0 group stores o = -0.0 and rebuilds +0.0, which changes y only
-            # in the sign of an output that is exactly zero
-            if np.array_equal(o_rec, o):
-                return a, z, r
-    return None
-
-
-def derived_zero(a: np.ndarray, z: np.ndarray) -> int:
-    """k > 0 when z = -k a exactly for every group with k a power of two (ab_internal.h AB_F16_ZK): a
-    Q4_0 import has z = -8a, a Q8_0 one -128a. The kernels then rebuild z instead of reading it."""
-    af, zf = a.astype(np.float32), z.astype(np.float32)
-    for k in (8, 128, 1, 2, 4, 16, 32, 64, 256):
-        if np.array_equal(zf, np.float32(-k) * af):
-            return k
-    return 0
-
-
-def _tile16(a: np.ndarray) -> np.ndarray:
-    """float16 (N, ng) -> (ceil(N/64), ng, 64) like layout.tile_rows (padding rows 0: s = o = 0)."""
-    N, ng = a.shape
-    Nt = -(-N // layout.TILE)
-    pad = np.zeros((Nt * layout.TILE, ng), np.float16)
-    pad[:N] = a
-    return np.ascontiguousarray(pad.reshape(Nt, layout.TILE, ng).transpose(0, 2, 1))
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"CPU kernel {what} failed: {_ERRORS.get(rc, rc)}")
-
-
-class CpuBackend:
+class CpuBackend(CpuOps):
     """threads: pool size (default os.cpu_count()). isa: "avx512" | "avx2" | "portable" | None (best
     available; env ANYBIT_CPU_ISA overrides None). a16: "lut" (16-bit tables, fast) or "f32" (exact float
     path for validation). i8_min_bits: weights with at least this many bits run A16 as byte codes times
@@ -477,112 +415,6 @@ class CpuBackend:
                                     self._p("float *", k_cache), self._p("float *", v_cache), k_cache.shape[1],
                                     1 if all_logits else 0, self._p("float *", y)), "forward")
         return y
-
-    # ---- ops ------------------------------------------------------------------------------------
-    def rmsnorm(self, x, w, eps: float) -> np.ndarray:
-        x, w = self._f32(x), self._f32(w)
-        M, d = self._rows(x, w)
-        out = np.empty_like(x)
-        self._lib.ab_rmsnorm(self._live_pool, self._p("float *", x), self._p("float *", w), M, d, float(eps),
-                             self._p("float *", out))
-        return out
-
-    def layernorm(self, x, w, b, eps: float) -> np.ndarray:
-        x, w, b = self._f32(x), self._f32(w), self._f32(b)
-        M, d = self._rows(x, w)
-        if b.shape != (d,):
-            raise ValueError(f"layernorm bias must be ({d},), got {b.shape}")
-        out = np.empty_like(x)
-        self._lib.ab_layernorm(self._live_pool, self._p("float *", x), self._p("float *", w), self._p("float *", b),
-                               M, d, float(eps), self._p("float *", out))
-        return out
-
-    def rope(self, x: np.ndarray, pos, theta: float, style: str) -> None:
-        """In place on x (M, H, hd), which must be C-contiguous float32."""
-        if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 3:
-            raise ValueError("rope works in place on a C-contiguous float32 (M, H, hd) array")
-        if style not in ("adjacent", "half"):
-            raise ValueError(f"rope style must be 'adjacent' or 'half', got {style!r}")
-        M, H, hd = x.shape
-        if hd % 2 or hd > 1024:
-            raise ValueError(f"rope head size must be even and <= 1024, got {hd}")
-        pos = np.ascontiguousarray(pos, dtype=np.int32)
-        if pos.shape != (M,):
-            raise ValueError(f"rope positions must be ({M},), got {pos.shape}")
-        _check(self._lib.ab_rope(self._live_pool, self._p("float *", x), self._p("int32_t *", pos), M, H, hd,
-                                 float(theta), 0 if style == "adjacent" else 1), "rope")
-
-    def attention(self, q, k_cache, v_cache, n_ctx: int, q_pos, mask=None) -> np.ndarray:
-        """Causal (query i sees keys 0..q_pos[i]) or, with mask (T,) bool (True = real token), bidirectional
-        over the unmasked keys among the first n_ctx. Grouped heads: head h reads kv head h // (H/Hkv)."""
-        q, k_cache, v_cache = self._f32(q), self._f32(k_cache), self._f32(v_cache)
-        M, H, hd = q.shape
-        T, Hkv, hd2 = k_cache.shape
-        if v_cache.shape != k_cache.shape or hd2 != hd or H % Hkv or not 0 <= n_ctx <= T:
-            raise ValueError(f"attention shapes q {q.shape}, k {k_cache.shape}, v {v_cache.shape}, n_ctx {n_ctx}")
-        qp = np.ascontiguousarray(q_pos if q_pos is not None else np.zeros(M), dtype=np.int32)
-        if qp.shape != (M,):
-            raise ValueError(f"q_pos must be ({M},), got {qp.shape}")
-        mk = None
-        if mask is not None:
-            mk = np.ascontiguousarray(mask, dtype=np.uint8)
-            if mk.shape != (T,) and mk.shape != (n_ctx,):
-                raise ValueError(f"mask must be ({T},), got {mk.shape}")
-        out = np.empty_like(q)
-        _check(self._lib.ab_attention(self._live_pool, self._isa_code, self._p("float *", q), self._p("float *", k_cache),
-                                      self._p("float *", v_cache), M, H, Hkv, hd, int(n_ctx),
-                                      self._p("int32_t *", qp), self._p("uint8_t *", mk), self._p("float *", out)),
-               "attention")
-        return out
-
-    def hadamard(self, x, block: int) -> np.ndarray:
-        """x R for the rotated linears (loader/rotation.py: hadamard_blocks), in C; bitwise the NumPy result."""
-        y = np.array(x, dtype=np.float32, order="C", copy=True)
-        K = y.shape[-1] if y.ndim else 0
-        _check(self._lib.ab_hadamard_rows(self._p("float *", y), y.size // max(K, 1), K, int(block)), "hadamard")
-        return y
-
-    def swiglu(self, gate, up) -> np.ndarray:
-        gate, up = self._f32(gate), self._f32(up)
-        if gate.shape != up.shape:
-            raise ValueError(f"swiglu shapes differ: {gate.shape} vs {up.shape}")
-        out = np.empty_like(gate)
-        _check(self._lib.ab_swiglu(self._live_pool, self._isa_code, self._p("float *", gate), self._p("float *", up),
-                                   gate.size, self._p("float *", out)), "swiglu")
-        return out
-
-    def gelu(self, x) -> np.ndarray:
-        """erf GELU, in place when x is a C-contiguous float32 array (returned), else on a copy."""
-        x = self._f32(x)
-        self._lib.ab_gelu(self._live_pool, self._p("float *", x), x.size, self._p("float *", x))
-        return x
-
-    def add(self, a, b, out=None) -> np.ndarray:
-        a, b = self._f32(a), self._f32(b)
-        if a.shape != b.shape:
-            raise ValueError(f"add shapes differ: {a.shape} vs {b.shape}")
-        if out is None:
-            out = np.empty_like(a)
-        elif out.shape != a.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous float32 array of shape {a.shape}")
-        self._lib.ab_add(self._live_pool, self._p("float *", a), self._p("float *", b), a.size, self._p("float *", out))
-        return out
-
-    def argmax(self, x) -> int:
-        x = self._f32(x).reshape(-1)
-        if x.size == 0:
-            raise ValueError("argmax of an empty array")
-        return int(self._lib.ab_argmax(self._p("float *", x), x.size))
-
-    @staticmethod
-    def _f32(a) -> np.ndarray:
-        return np.ascontiguousarray(a, dtype=np.float32)
-
-    @staticmethod
-    def _rows(x, w):
-        if x.ndim != 2 or w.shape != (x.shape[1],):
-            raise ValueError(f"norm input must be (M, d) with weight (d,), got {x.shape} and {w.shape}")
-        return x.shape
 
 
 __all__ = ["CpuBackend", "FusedModel", "LinearHandle", "available_isas", "a16_block"]
