@@ -138,53 +138,47 @@ def residual(rng, M, N):
     return rng.integers(-50, 51, (M, N)).astype(np.float32)
 
 
-def case_gemv_a16(run, rng, M, N, K, p, G, integer):
+def _a16_inputs(rng, M, N, K, p, G, integer):
+    """(weight, x): unit scales and small integer activations (exact), or random ones."""
     if integer:
-        lin = unit_linear(rng, N, K, p, G)
-        x = rng.integers(-4, 5, (M, K)).astype(np.float32)
-    else:
-        lin = random_linear(rng, N, K, p, G)
-        x = rng.standard_normal((M, K)).astype(np.float32)
+        return unit_linear(rng, N, K, p, G), rng.integers(-4, 5, (M, K)).astype(np.float32)
+    return random_linear(rng, N, K, p, G, asym=True), rng.standard_normal((M, K)).astype(np.float32)
+
+
+def _a16_result(name, out, x, lin, K, shape, res, what):
+    """Result of an A16 GEMV: exact (integer inputs, with the residual res added) or within the bound."""
+    wd = lin.dequantize()
+    ref = x.astype(np.float64) @ wd.T
+    if res is not None:
+        ok, note = exact(out, ref.astype(np.float32) + res, what)
+        return Result(f"{name} int", shape, ok, 0.0, "exact", note, {"y": out})
+    ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
+    return Result(name, shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
+
+
+def case_gemv_a16(run, rng, M, N, K, p, G, integer):
+    lin, x = _a16_inputs(rng, M, N, K, p, G, integer)
     w, kw = weight_dev(run, lin)
     y = run.out((M, N), np.float32)
     res = residual(rng, M, N) if integer else None           # integer runs check the fused residual add
     run.launch("gemv.ptx", "gemv_a16", (cdiv(N, 4), cdiv(M, 4), 1), (128, 1, 1),
                [y, run.put(x), w["planes"], w["scales"], w["offsets"], M, N, K, kw, p, G, lin.scales.shape[1],
                 None if res is None else run.put(res)])
-    out = run.get(y, (M, N), np.float32)
-    wd = lin.dequantize()
-    ref = x.astype(np.float64) @ wd.T
-    shape = f"M{M} N{N} K{K} p{p} G{G}"
-    if integer:
-        ok, note = exact(out, ref.astype(np.float32) + res, "res + y")
-        return Result("gemv_a16 int", shape, ok, 0.0, "exact", note, {"y": out})
-    ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
-    return Result("gemv_a16", shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
+    return _a16_result("gemv_a16", run.get(y, (M, N), np.float32), x, lin, K, f"M{M} N{N} K{K} p{p} G{G}", res,
+                       "res + y")
 
 
 def case_gemv_a16_m1(run, rng, N, K, p, G, integer):
     """The one-token GEMV (sign-flip accumulation)."""
-    if integer:
-        lin = unit_linear(rng, N, K, p, G)
-        x = rng.integers(-4, 5, (1, K)).astype(np.float32)
-    else:
-        lin = random_linear(rng, N, K, p, G, asym=True)
-        x = rng.standard_normal((1, K)).astype(np.float32)
+    lin, x = _a16_inputs(rng, 1, N, K, p, G, integer)
     w, kw = weight_dev(run, lin)
     res = residual(rng, 1, N) if integer else None
     y = run.out((1, N), np.float32) if res is None else run.put(res)      # in place: y = y + W x
     run.launch("gemv.ptx", "gemv_a16_m1", (cdiv(N, 4), 1, 1), (128, 1, 1),
                [y, run.put(x), w["planes"], w["scales"], w["offsets"], N, K, kw, p, G, lin.scales.shape[1],
                 None if res is None else y])
-    out = run.get(y, (1, N), np.float32)
-    wd = lin.dequantize()
-    ref = x.astype(np.float64) @ wd.T
-    shape = f"M1 N{N} K{K} p{p} G{G}"
-    if integer:
-        ok, note = exact(out, ref.astype(np.float32) + res, "y + W x in place")
-        return Result("gemv_a16_m1 int", shape, ok, 0.0, "exact", note, {"y": out})
-    ok, err, note = close(out, ref, float_bound(x, wd, K), "y")
-    return Result("gemv_a16_m1", shape, ok, err, "2e-6 sqrt(K) |x||w|", note)
+    return _a16_result("gemv_a16_m1", run.get(y, (1, N), np.float32), x, lin, K, f"M1 N{N} K{K} p{p} G{G}", res,
+                       "y + W x in place")
 
 
 def _quantized_inputs(run, rng, M, K, q, ga, kw, integer, with_csum):
