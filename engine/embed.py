@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from engine.encoder import Encoder
+from loader.bipolar import PackedLinear
 from loader.errors import FetchError, FormatError
 from loader.tokenizer import Tokenizer
 from runtime.select import select_backend
@@ -35,6 +36,9 @@ class Embedder:
         self.model = model
         self.backend = backend
         self.encoder = Encoder(model.config, model.tensors, backend, abits=abits, agroup=agroup)
+        # the backend holds its own tiles of the linears now: give back their mapped file pages
+        if hasattr(model, "release_pages"):
+            model.release_pages([n for n, t in model.tensors.items() if isinstance(t, PackedLinear)])
         self.tokenizer = Tokenizer.from_json(model.tokenizer_json)
         self.batch_size = int(batch_size)
         self.max_len = self.encoder.max_len
