@@ -103,8 +103,8 @@ class KVCache:
         """Rows start .. start+M-1 of layer li."""
         if self.device:
             pos = np.arange(start, start + len(k), dtype=np.int32)
-            backend.kv_store(self.k[li], np.ascontiguousarray(k), pos)
-            backend.kv_store(self.v[li], np.ascontiguousarray(v), pos)
+            backend.kv_store(self.k[li], k, pos)
+            backend.kv_store(self.v[li], v, pos)
         else:
             self.k[li, start:start + len(k)] = k
             self.v[li, start:start + len(v)] = v

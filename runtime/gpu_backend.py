@@ -20,14 +20,11 @@ from __future__ import annotations
 import numpy as np
 
 from loader.bipolar import PackedLinear, round_up
+from runtime.driver import cdiv
 from runtime.gpu_device import CudaDevice, GpuLinear
 from runtime.gpu_rows import GpuLayoutOps
 
 GEMV_MAX_M = 8           # up to this many tokens the quantized path uses gemv_q instead of bgemm_b1
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def bgemm_geometry(M: int, N: int, K: int, p: int, q: int, arch: str, group: int, agroup: int

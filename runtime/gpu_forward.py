@@ -112,16 +112,12 @@ class GpuFusedModel:
     def _linear(self, h, x, residual=None):
         """x W^T (+ residual, fused into the product's output store)."""
         be = self.be
-        if h.lin.rotate:                       # the weight holds W R (loader/rotation.py): feed it R x
-            xr = be.hadamard(x, h.lin.rotate)
-            y = self._linear_plain(h, xr, residual)
-            xr.close()
-            return y
-        return self._linear_plain(h, x, residual)
-
-    def _linear_plain(self, h, x, residual):
+        xr = be.hadamard(x, h.lin.rotate) if h.lin.rotate else x    # W R stored (loader/rotation.py): R x
         ag = h.lin.Kp if self.agroup == "token" else self.agroup
-        return self.be.linear(h, x, abits=self.abits, agroup=ag, residual=residual)
+        y = be.linear(h, xr, abits=self.abits, agroup=ag, residual=residual)
+        if xr is not x:
+            xr.close()
+        return y
 
     def forward_device(self, x, pos, M: int, n_ctx: int, ks, vs, last_only: bool):
         """x (M, d) and pos (M,) device arrays (x is consumed: closed unless it is the caller's
@@ -193,7 +189,7 @@ class GpuFusedModel:
         self.pos_in.copy_from_host(np.array([start], np.int32))
         key = tuple(a.ptr for a in ks) + tuple(a.ptr for a in vs)
         if self.graph is not None and self.graph_key == key:
-            self.graph.replay(be.dev.stream if hasattr(be.dev, "stream") else None)
+            self.graph.replay(be.dev.stream)
             return be.download(self.step_out)
         self._drop_graph()
         # first step on this cache: run it eagerly (filling the arena), then capture the same step

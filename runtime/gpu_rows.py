@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from runtime.driver import cdiv
 
 
 class GpuLayoutOps:

@@ -95,6 +95,7 @@ class SimDevice:
     """
     arch = "sim"
     array_type = SimArray
+    stream = None                                       # launches run in order as they are made
 
     def __init__(self):
         self.run = SimRunner()

@@ -18,7 +18,7 @@ from loader.bipolar import LANES, LinearShape, PackedLinear, round_up
 from runtime.cpu import build, layout
 from runtime.cpu.errors import check as _check
 from runtime.cpu.ops import CpuOps
-from runtime.cpu.params import _tile16, derived_zero, f16_params
+from runtime.cpu.params import derived_zero, f16_params
 
 ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
 # From which weight precision the byte-code kernel (kernels_int8.c) replaces the table kernel, per isa.
@@ -158,8 +158,8 @@ class CpuBackend(CpuOps):
         half = f16_params(lin.scales, lin.offsets, lin.bits) if bytecodes and self.params == "auto" else None
         if half is not None:
             k = 0 if half[1] is None else derived_zero(half[0], half[1])
-            wsc, r = _tile16(half[0]), half[2] | k << 16
-            woff = None if half[1] is None or k else _tile16(half[1])
+            wsc, r = layout.tile_rows(half[0]), half[2] | k << 16
+            woff = None if half[1] is None or k else layout.tile_rows(half[1])
         else:
             r = 0
             wsc = layout.tile_rows(np.asarray(lin.scales, np.float32))
@@ -173,13 +173,16 @@ class CpuBackend(CpuOps):
                             planes if keep else None, None, f16=r)
 
     @staticmethod
-    def _planes(h: LinearHandle) -> np.ndarray:
-        """The canonical planes (p, N, Kp/32): kept ones, or rebuilt from the kernel tiles (exact)."""
-        if h.planes is not None:
-            return h.planes
-        if h.codes is not None:
-            return layout.uncodes_tiles(h.codes, h.lin.N, h.lin.bits)
-        return layout.unpreprocess(h.wl, h.lin.N)
+    def _planes(h: LinearHandle, keep: bool = False) -> np.ndarray:
+        """The canonical planes (p, N, Kp/32) uint32: kept ones, or rebuilt exactly from the kernel tiles
+        (and kept when a kernel reads them on every call)."""
+        if h.planes is None:
+            planes = (layout.uncodes_tiles(h.codes, h.lin.N, h.lin.bits) if h.codes is not None
+                      else layout.unpreprocess(h.wl, h.lin.N))
+            if not keep:
+                return planes
+            h.planes = planes
+        return h.planes
 
     def _input(self, h: LinearHandle, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -203,10 +206,8 @@ class CpuBackend(CpuOps):
             if lin.smooth is not None:
                 x = np.ascontiguousarray(x / lin.smooth.astype(np.float32))
             if self.a16 == "f32":
-                if h.planes is None:
-                    h.planes = np.ascontiguousarray(self._planes(h), dtype=np.uint32)
                 rc = self._lib.ab_linear_a16_f32(
-                    self._live_pool, self._p("uint32_t *", h.planes), self._p("float *", np.asarray(lin.scales, np.float32)),
+                    self._live_pool, self._p("uint32_t *", self._planes(h, keep=True)), self._p("float *", np.asarray(lin.scales, np.float32)),
                     self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
                     lin.bits, lin.N, lin.Kp, lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
             elif h.codes is not None:
@@ -258,7 +259,7 @@ class CpuBackend(CpuOps):
     def _quant_weights(self, h: LinearHandle) -> None:
         """Build (once) what the byte kernel reads: code tiles (shared with A16 when present), word sums."""
         if h.qcodes is None or h.wpw is None:
-            planes = np.ascontiguousarray(self._planes(h), dtype=np.uint32)   # once; not kept
+            planes = self._planes(h)                                         # once; not kept
             if h.qcodes is None:
                 h.qcodes = h.codes if h.codes is not None else layout.codes_tiles(planes)
             if h.wpw is None:
@@ -290,8 +291,7 @@ class CpuBackend(CpuOps):
         if (kernel or self.quant) == "bytes" and h.lin.Kp <= 32768:
             return self._linear_bytes(h, x, abits, agroup, y, debug)
         lin = h.lin
-        if h.planes is None:              # a handle prepared under another kernel choice
-            h.planes = np.ascontiguousarray(self._planes(h), dtype=np.uint32)
+        self._planes(h, keep=True)        # kept already, unless prepared under another kernel choice
         if h.wcsum is None:
             p, N, W = h.planes.shape
             h.wcsum = np.empty((N, W), np.uint16)

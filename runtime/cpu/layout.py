@@ -43,10 +43,11 @@ def unpreprocess(wl: np.ndarray, N: int) -> np.ndarray:
 
 
 def tile_rows(a: np.ndarray) -> np.ndarray:
-    """float32 (N, ng) per-row group values -> (ceil(N/64), ng, 64), padding rows zero."""
+    """(N, ng) per-row group values (float32, or the float16 a / z of f16_params) -> (ceil(N/64), ng, 64)
+    of the same dtype, padding rows zero."""
     N, ng = a.shape
     Nt = -(-N // TILE)
-    pad = np.zeros((Nt * TILE, ng), np.float32)
+    pad = np.zeros((Nt * TILE, ng), a.dtype)
     pad[:N] = a
     return np.ascontiguousarray(pad.reshape(Nt, TILE, ng).transpose(0, 2, 1))
 

@@ -1,11 +1,8 @@
 """Half-size group parameters for the byte-code kernels: which float32 scales and offsets are exactly
-float16 a = 2s and z = o - r s (f16_params), when z is not stored at all (derived_zero), and their tiles."""
+float16 a = 2s and z = o - r s (f16_params), and when z is not stored at all (derived_zero)."""
 from __future__ import annotations
 
 import numpy as np
-
-from runtime.cpu import layout
-
 
 def f16_params(scales: np.ndarray, offsets: np.ndarray | None, bits: int):
     """(a, z, r): float16 a = 2s and z = o - r*s (None when symmetric) with an odd r in 1..2^p - 1, or None
@@ -56,11 +53,3 @@ def derived_zero(a: np.ndarray, z: np.ndarray) -> int:
             return k
     return 0
 
-
-def _tile16(a: np.ndarray) -> np.ndarray:
-    """float16 (N, ng) -> (ceil(N/64), ng, 64) like layout.tile_rows (padding rows 0: s = o = 0)."""
-    N, ng = a.shape
-    Nt = -(-N // layout.TILE)
-    pad = np.zeros((Nt * layout.TILE, ng), np.float16)
-    pad[:N] = a
-    return np.ascontiguousarray(pad.reshape(Nt, layout.TILE, ng).transpose(0, 2, 1))
