@@ -65,17 +65,10 @@ def weight_bytes_per_token(pm) -> int:
     return sum(t.nbytes for t in pm.tensors.values() if isinstance(t, PackedLinear))
 
 
-def _backend(device: str, threads: int):
-    if device == "cuda":
-        from runtime.gpu_backend import GpuBackend
-        return GpuBackend()
-    from runtime.cpu.backend import CpuBackend
-    return CpuBackend(threads=threads)
-
-
 def run_one(pm, device: str, threads: int, abits: int, prompt: int, steps: int) -> dict:
     from engine.fast_decode import FastDecoder
-    be = _backend(device, threads)
+    from runtime.select import select_backend
+    be = select_backend(device, threads)
     try:
         t0 = time.perf_counter()
         dec = FastDecoder(pm, be, abits=abits, context=prompt + steps + 8)
