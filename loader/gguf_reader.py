@@ -28,6 +28,7 @@ from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shape
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+MAX_NESTING = 16          # levels of arrays of arrays (real files use 1)
 
 # value type id -> (struct format, size); 8 = string, 9 = array are handled apart
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
@@ -66,12 +67,15 @@ class _Cursor:
         except UnicodeDecodeError:
             raise FormatError(f"{self.path}: {what} is not valid UTF-8") from None
 
-    def value(self, vtype: int, what: str):
+    def value(self, vtype: int, what: str, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(vtype, what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            # arrays of arrays recurse: a file nesting thousands of levels must not exhaust the stack
+            if depth >= MAX_NESTING:
+                raise FormatError(f"{self.path}: {what}: arrays nested more than {MAX_NESTING} levels deep")
             etype = self.scalar(4, what)
             count = self.scalar(10, what)
             if etype in _SCALARS:
@@ -85,7 +89,7 @@ class _Cursor:
                 raise FormatError(f"{self.path}: {what}: unknown array element type {etype}")
             # each element takes at least 8 bytes: reject absurd counts before looping
             self.need(min(count, self.size) * 8, what)
-            return [self.value(etype, what) for _ in range(count)]
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
         raise FormatError(f"{self.path}: {what}: unknown metadata value type {vtype}")
 
 

@@ -7,67 +7,25 @@ dtype: those tensors are read as uint16 and shifted into the top half of a float
 """
 from __future__ import annotations
 
-import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 
 from loader.errors import FormatError
-from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes
+from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes, finite
+from loader.validate import (check_hf_config, check_object, check_sentence_config, check_tokenizer_config,
+                             load_json, read_safetensors_header, shard_files, Rule)
 
 LLAMA_TYPES = ("llama", "mistral")
 BERT_TYPES = ("bert",)
-_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-           "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT = ("F64", "F32", "F16", "BF16")
-MAX_HEADER = 100 << 20
 
 
 def check_safetensors(path: Path) -> dict:
     """Validate a safetensors file's header against the file size; returns {name: (dtype, shape, begin)}."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FormatError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
-        n = struct.unpack("<Q", head)[0]
-        if n > MAX_HEADER or 8 + n > size:
-            raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes): truncated?")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise FormatError(f"{path}: safetensors header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header is not a JSON object")
-    data_size = size - 8 - n
-    out, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise FormatError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from None
-        if dtype not in _DTYPES:
-            raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(b, int) and isinstance(e, int)):
-            raise FormatError(f"{path}: tensor {name!r}: bad shape {shape} or offsets {[b, e]}")
-        want = int(np.prod(shape, dtype=object)) * _DTYPES[dtype]
-        if not 0 <= b <= e or e > data_size:
-            raise FormatError(f"{path}: tensor {name!r} data [{b}, {e}) lies outside the file's data section "
-                              f"({data_size} bytes): truncated or corrupt header")
-        if e - b != want:
-            raise FormatError(f"{path}: tensor {name!r} occupies {e - b} bytes, but {dtype} {shape} needs {want}")
-        spans.append((b, e, name))
-        out[name] = (dtype, tuple(shape), 8 + n + b)
-    spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
-    return out
+    return read_safetensors_header(path)[0]
 
 
 def _loader(path: Path, name: str, dtype: str, shape: tuple, offset: int):
@@ -75,24 +33,20 @@ def _loader(path: Path, name: str, dtype: str, shape: tuple, offset: int):
         if dtype == "BF16":
             # bf16 is the top 16 bits of a float32
             raw = np.fromfile(path, dtype="<u2", count=int(np.prod(shape)), offset=offset)
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            return finite((raw.astype(np.uint32) << 16).view(np.float32).reshape(shape), f"{path}: tensor {name!r}")
         try:
             with safe_open(str(path), framework="numpy") as f:
                 arr = f.get_tensor(name)
         except Exception as e:
             raise FormatError(f"{path}: cannot read tensor {name!r}: {e}") from None
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return finite(np.ascontiguousarray(arr, dtype=np.float32), f"{path}: tensor {name!r}")
     return load
 
 
 def _safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-            files = sorted({d / f for f in wm.values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{index}: malformed shard index ({e})") from None
+        files = shard_files(load_json(index), index, d)
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FormatError(f"{index}: shard files missing: {', '.join(missing)}")
@@ -108,12 +62,9 @@ def _read_json(path: Path, required: bool = True) -> dict | None:
         if required:
             raise FormatError(f"{path.parent}: missing {path.name}")
         return None
-    try:
-        v = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    v = load_json(path)
     if not isinstance(v, dict):
-        raise FormatError(f"{path}: expected a JSON object")
+        raise FormatError(f"{path}: expected a JSON object, got {type(v).__name__}")
     return v
 
 
@@ -204,14 +155,17 @@ def _bert_config(cfg: dict, p: Path, d: Path) -> ModelConfig:
     modules = d / "modules.json"
     normalize = False
     if modules.is_file():
-        try:
-            normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
-        except (ValueError, AttributeError, TypeError) as e:
-            raise FormatError(f"{modules}: malformed ({e})") from None
+        mods = load_json(modules)
+        if not isinstance(mods, list):
+            raise FormatError(f"{modules}: must be a JSON list of modules, got {type(mods).__name__}")
+        for i, m in enumerate(mods):
+            check_object(m, {"type": Rule("str", null=True)}, f"{modules}: [{i}]")
+        normalize = any(str(m.get("type") or "").endswith("Normalize") for m in mods)
     n_heads = _get(cfg, "num_attention_heads", p)
     # sentence-transformers cuts inputs at max_seq_length (256 for all-MiniLM-L6-v2), not at the
     # position table's size: embeddings of long texts match the reference only with the same cut
-    st_cfg = _read_json(d / "sentence_bert_config.json", required=False) or {}
+    st_path = d / "sentence_bert_config.json"
+    st_cfg = check_sentence_config(_read_json(st_path, required=False) or {}, st_path)
     truncate_len = int(st_cfg.get("max_seq_length") or 0)
     return ModelConfig(
         arch="bert", truncate_len=truncate_len, dim=_get(cfg, "hidden_size", p), n_layers=_get(cfg, "num_hidden_layers", p),
@@ -236,12 +190,18 @@ def read_hf(directory) -> SourceModel:
     if mtype not in LLAMA_TYPES + BERT_TYPES:
         raise FormatError(f"{p}: model_type {mtype!r} is not supported "
                           f"(supported: {', '.join(LLAMA_TYPES + BERT_TYPES)})")
+    check_hf_config(cfg, p, "bert" if mtype in BERT_TYPES else "llama")
     tok_path = d / "tokenizer.json"
     if not tok_path.is_file():
         raise FormatError(f"{d}: missing tokenizer.json")
-    tok_json = tok_path.read_text(encoding="utf-8")
+    try:
+        tok_json = tok_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{tok_path}: not valid UTF-8 (byte {e.start})") from None
     try:
         tok = _HFTokenizer.from_str(tok_json)
+    except MemoryError:
+        raise
     except Exception as e:
         raise FormatError(f"{tok_path}: invalid tokenizer: {e}") from None
 
@@ -256,7 +216,8 @@ def read_hf(directory) -> SourceModel:
             config = _bert_config(cfg, p, d)
         else:
             config = _llama_config(cfg, p, set(entries), tok)
-            tc = _read_json(d / "tokenizer_config.json", required=False) or {}
+            tc_path = d / "tokenizer_config.json"
+            tc = check_tokenizer_config(_read_json(tc_path, required=False) or {}, tc_path)
             if isinstance(tc.get("chat_template"), str):
                 config.chat_template = tc["chat_template"]
     except FormatError as e:

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from loader.errors import FormatError
+from loader.validate import check_model_config
 
 ARCHITECTURES = ("llama", "bert")
 ROPE_STYLES = ("adjacent", "half")
@@ -40,19 +41,10 @@ class ModelConfig:
     chat_template: str | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
-            raise FormatError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHITECTURES)}")
-        if self.rope_style not in ROPE_STYLES:
-            raise FormatError(f"unknown rope_style {self.rope_style!r}")
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            if int(getattr(self, name)) <= 0:
-                raise FormatError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        # types, ranges (finite, positive epsilon and RoPE base) and relations: loader/validate.py
+        check_model_config(self.__dict__)
         if self.head_dim == 0:
-            if self.dim % self.n_heads:
-                raise FormatError(f"model config: dim {self.dim} not divisible by n_heads {self.n_heads}")
             self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise FormatError(f"model config: n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -87,6 +79,15 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
                   p + "wv": (c.n_kv_heads * hd, d), p + "wo": (d, c.n_heads * hd), p + "ffn_norm": (d,),
                   p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
     return e
+
+
+def finite(a: np.ndarray, where: str) -> np.ndarray:
+    """a, after checking that every value is finite: NaN or Inf weights run and print garbage, so a
+    source tensor is checked once, when it is loaded to be packed (the cost of one pass over it)."""
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise FormatError(f"{where}: {bad} of {a.size} values are NaN or infinite")
+    return a
 
 
 @dataclass

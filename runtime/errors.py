@@ -1,4 +1,6 @@
-"""Errors of the runtime layer. Importable without cuda-python or a GPU."""
+"""Errors of the runtime layer, under the common root loader.errors.AnybitError. Importable without
+cuda-python or a GPU."""
+from loader.errors import AnybitError
 
 
 def human_bytes(n: int) -> str:
@@ -11,7 +13,7 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-class CudaError(RuntimeError):
+class CudaError(AnybitError, RuntimeError):
     """A CUDA driver call failed: carries the CUresult code, its name and the call."""
 
     def __init__(self, code: int, name: str, call: str, detail: str = ""):
@@ -20,11 +22,11 @@ class CudaError(RuntimeError):
         super().__init__(msg + (f"\n{detail}" if detail else ""))
 
 
-class NoGpuError(RuntimeError):
+class NoGpuError(AnybitError, RuntimeError):
     """No usable GPU: no driver library, no device, or cuda-python missing. Callers fall back to CPU."""
 
 
-class OutOfMemoryError(MemoryError):
+class OutOfMemoryError(AnybitError, MemoryError):
     """The pool could not satisfy an allocation even after freeing its cache."""
 
     def __init__(self, size: int, used: int, limit: int | None):
