@@ -14,6 +14,7 @@ from pathlib import Path
 from loader.errors import FormatError
 from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
 from loader.packed import is_packed_dir, read_packed, write_packed
+from loader.validate import check_group
 
 ROTATE_BLOCK = 256          # most lanes per Hadamard block for per-token activation scales (576 -> 64)
 QUANT_REVISION = 3          # bump when quantize_model's output changes for the same recipe
@@ -90,6 +91,8 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         except FormatError as e:
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
     source = _read_source(src)
+    # a group wider than every input only pads rows with zeros (--group 65536 ran out of memory)
+    check_group(group, [t.shape[-1] for t in source.tensors.values() if len(t.shape) == 2], f"group for {src}")
     hessians = None
     if recipe.gptq:
         from engine.calibrate import encoder_hessians
@@ -98,5 +101,5 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         hessians = encoder_hessians(source, recipe)
     show = progress_bar(f"packing {src.name} at W{wbits}") if progress else None
     pm = quantize_model(source, recipe, hessians=hessians, progress=show)
-    write_packed(pm, out)
+    write_packed(pm, out, force=True)       # the cache's own entry: a damaged one is replaced
     return read_packed(out, verify=False), wbits

@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,18 @@ from safetensors.numpy import save_file
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
 from loader.pack import PackedModel
-from loader.source import ModelConfig
+from loader.safe_write import check_destination, clean_stale, make_temp, replace_dir, storage_error
+from loader.source import ModelConfig, expected_shapes
+from loader.validate import (PACKED_SCHEMA, check_model_config, check_object, check_packed_tensor, load_json,
+                             read_safetensors_header)
 
 FORMAT = "anybit-packed"
-VERSION = 2                 # 2 adds a per-tensor "rotate" (loader/rotation.py); models without one are written as 1
-READABLE = (1, 2)
-_DTYPES = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
+# 2 added a per-tensor "rotate" (loader/rotation.py); 3 adds "config_sha256", a checksum of config.json
+# itself, so that an edited field (n_layers, K) is refused instead of silently changing the model
+VERSION = 3
+READABLE = (1, 2, 3)
+_DTYPES = {"F32": 4, "U32": 4, "F16": 2, "I32": 4, "U8": 1}
+_NP = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
 
 
 def is_packed_dir(path: str | os.PathLike) -> bool:
@@ -36,8 +41,8 @@ def is_packed_dir(path: str | os.PathLike) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        return json.loads(cfg.read_bytes().decode("utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -49,14 +54,36 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
-    """Write `model` to `out_dir` atomically. An existing directory is replaced only on success."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def config_digest(config: dict) -> str:
+    """sha256 of the config without its own checksum, in a canonical JSON form (sorted keys)."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_out_dir(out, *, force: bool = False, source=None) -> Path:
+    """Where a packed model may be written (loader/safe_write.py): nothing but a packed directory or an
+    empty one is replaced unless force, never the source."""
+    return check_destination(out, same_kind=is_packed_dir, kind="an anybit packed directory", force=force,
+                             source=source)
+
+
+def _check_finite(name: str, arrays) -> None:
+    for a in arrays:
+        if a is not None and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise FormatError(f"tensor {name!r}: NaN or infinite values in its weights (or the quantization "
+                              f"parameters made from them); the source is damaged, nothing was written")
+
+
+def write_packed(model: PackedModel, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write `model` to `out_dir` atomically. An existing packed (or empty) directory is replaced only on
+    success; anything else at out_dir is refused unless force. Temporaries of writers that died are
+    removed first."""
+    out = check_out_dir(out_dir, force=force)
     arrays: dict[str, np.ndarray] = {}
     tensors: dict[str, dict] = {}
     for name, t in model.tensors.items():
         if isinstance(t, PackedLinear):
+            _check_finite(name, (t.scales, t.offsets, t.smooth))
             arrays[f"{name}.planes"] = np.ascontiguousarray(t.planes)
             arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
             if t.offsets is not None:
@@ -70,23 +97,25 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
                              "source_type": meta.get("source_type"), "rotate": t.rotate}
         else:
             arrays[name] = np.ascontiguousarray(t, np.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            _check_finite(name, (arrays[name],))
     try:
-        save_file(arrays, str(tmp / "model.safetensors"))
-        (tmp / "tokenizer.json").write_text(model.tokenizer_json)
-        rotated = any(m["rotate"] for m in tensors.values())
-        config = {"format": FORMAT, "version": VERSION if rotated else 1, "architecture": model.config.arch,
-                  "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
-                  "sha256": sha256_file(tmp / "model.safetensors")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out.parent)
+        tmp = make_temp(out)
+    except OSError as e:
+        raise storage_error(e, out) from None
+    try:
+        try:
+            save_file(arrays, str(tmp / "model.safetensors"))
+            (tmp / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
+            config = {"format": FORMAT, "version": VERSION, "architecture": model.config.arch,
+                      "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
+                      "sha256": sha256_file(tmp / "model.safetensors")}
+            config["config_sha256"] = config_digest(config)
+            (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+            replace_dir(tmp, out)
+        except Exception as e:          # OSError, and the Rust writer's SafetensorError on a full disk
+            raise storage_error(e, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,77 +157,99 @@ class FileMap:
 
 
 def _map_safetensors(path: Path) -> tuple[dict[str, np.ndarray], FileMap]:
-    """Memory-map every tensor of a safetensors file, checking the header against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FormatError(f"{path}: truncated (no safetensors header)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise FormatError(f"{path}: header is not valid JSON ({e})") from None
-    base = 8 + n
+    """Memory-map every tensor of a safetensors file, its header checked first (loader/validate.py)."""
+    entries, _ = read_safetensors_header(path, _DTYPES)
     fm = FileMap(path)
     out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
+    for name, (dtype, shape, offset) in entries.items():
+        if 0 in shape:
+            out[name] = np.zeros(shape, _NP[dtype])
             continue
-        dtype = _DTYPES.get(meta.get("dtype"))
-        if dtype is None:
-            raise FormatError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
-        begin, end = meta["data_offsets"]
-        shape = tuple(meta["shape"])
-        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - begin != want or begin < 0 or base + end > size:
-            raise FormatError(f"{path}: tensor {name} offsets [{begin}, {end}) do not fit its shape "
-                              f"{shape} or the file ({size} bytes)")
-        if want == 0:
-            out[name] = np.zeros(shape, dtype)
-            continue
-        out[name] = fm.array(base + begin, dtype, shape)
+        out[name] = fm.array(offset, _NP[dtype], shape)
     return out, fm
 
 
-def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
-    """Load a packed directory. Raises FormatError on a wrong format, version or checksum."""
-    d = Path(path)
-    try:
-        config = json.loads((d / "config.json").read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{d}: no config.json (not a packed model directory)") from None
-    except ValueError as e:
-        raise FormatError(f"{d}/config.json: not valid JSON ({e})") from None
-    if config.get("format") != FORMAT:
-        raise FormatError(f"{d}: not an anybit packed model (format {config.get('format')!r})")
-    if config.get("version") not in READABLE:
+def read_config(d: Path) -> dict:
+    """A packed directory's config.json, checked: format, version, its own checksum (version 3), and
+    every field's type and range (loader/validate.py), before any tensor is touched."""
+    path = d / "config.json"
+    if not path.is_file():
+        raise FormatError(f"{d}: no config.json (not a packed model directory)")
+    config = load_json(path)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fmt = config.get("format") if isinstance(config, dict) else None
+        raise FormatError(f"{d}: not an anybit packed model (format {fmt!r})")
+    if config.get("version") not in READABLE or isinstance(config.get("version"), bool):
         raise FormatError(f"{d}: packed format version {config.get('version')!r}; this anybit reads "
                           f"versions {', '.join(map(str, READABLE))}: re-pack the model with `python -m tools.pack`")
+    check_object(config, PACKED_SCHEMA, str(path))
+    if config["version"] >= 3 and config.get("config_sha256") != config_digest(config):
+        raise FormatError(f"{path}: checksum mismatch (config.json was edited or damaged); re-pack the model")
+    check_model_config(config["model"], f"{path}: model")
+    for name, meta in (config.get("tensors") or {}).items():
+        check_packed_tensor(meta, f"{path}: tensors[{name!r}]")
+    return config
+
+
+def _check_shapes(st: Path, cfg: ModelConfig, tensors: dict) -> None:
+    """Every tensor against the shape its model config implies, so that a packed value that loads but
+    would fail (or read out of range) in the first forward is refused here, with its name."""
+    expected = expected_shapes(cfg)
+    for name, t in tensors.items():
+        want = expected.get(name)
+        if want is None:
+            raise FormatError(f"{st}: unexpected tensor {name!r} for this {cfg.arch} model")
+        got = (t.N, t.K) if isinstance(t, PackedLinear) else t.shape
+        if tuple(got) != tuple(want):
+            raise FormatError(f"{st}: tensor {name!r} has shape {list(got)}, the model config implies {list(want)}")
+        if not isinstance(t, PackedLinear) and t.dtype != np.float32:
+            raise FormatError(f"{st}: tensor {name!r} is {t.dtype}, expected float32")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{st}: missing tensors {', '.join(missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
+    """Load a packed directory. Raises FormatError on a wrong format, version, field or checksum."""
+    d = Path(path)
+    config = read_config(d)
     st = d / "model.safetensors"
     if not st.is_file():
         raise FormatError(f"{d}: model.safetensors is missing")
     if verify and sha256_file(st) != config.get("sha256"):
         raise FormatError(f"{st}: checksum mismatch (file corrupted or modified); re-pack the model")
+    tok_path = d / "tokenizer.json"
     try:
-        tokenizer_json = (d / "tokenizer.json").read_text()
+        tokenizer_json = tok_path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise FormatError(f"{d}: tokenizer.json is missing") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{tok_path}: not valid UTF-8 (byte {e.start})") from None
     arrays, fm = _map_safetensors(st)
-    cfg = ModelConfig.from_dict(config["model"])
+    try:
+        cfg = ModelConfig.from_dict(config["model"])
+    except FormatError as e:
+        raise FormatError(f"{d / 'config.json'}: model: {e}") from None
     tensors: dict[str, np.ndarray | PackedLinear] = {}
     info = {}
-    for name, meta in config.get("tensors", {}).items():
+    for name, meta in (config.get("tensors") or {}).items():
         try:
-            tensors[name] = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
-                                         arrays.pop(f"{name}.offsets", None), int(meta["bits"]),
-                                         int(meta["group"]), int(meta["K"]), int(meta["N"]),
-                                         arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0))
+            lin = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
+                               arrays.pop(f"{name}.offsets", None) if meta.get("offsets", True) else None,
+                               meta["bits"], meta["group"], meta["K"], meta["N"],
+                               arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0))
         except KeyError as e:
             raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
+        except FormatError as e:
+            raise FormatError(f"{st}: packed tensor {name}: {e}") from None
+        if lin.smooth is not None and lin.smooth.shape != (lin.K,):
+            raise FormatError(f"{st}: packed tensor {name}: smooth shape {lin.smooth.shape}, expected ({lin.K},)")
+        if lin.scales.dtype != np.float32 or (lin.offsets is not None and lin.offsets.dtype != np.float32):
+            raise FormatError(f"{st}: packed tensor {name}: scales and offsets must be float32")
+        tensors[name] = lin
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}
         info[name]["rotate"] = int(meta.get("rotate") or 0)
     tensors.update(arrays)
-    return PackedModel(cfg, tensors, tokenizer_json, config.get("recipe", {}), info, mapping=fm)
+    _check_shapes(st, cfg, tensors)
+    return PackedModel(cfg, tensors, tokenizer_json, config.get("recipe") or {}, info, mapping=fm)

@@ -51,10 +51,12 @@ def summarize(pm, src_bytes: int, seconds: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.pack", description=__doc__.split("\n")[0])
     p.add_argument("src", help="GGUF file, HF directory, 'default' or 'default-embedder'")
-    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("out", help="output directory (written atomically; an existing one is replaced only "
+                               "if it is an anybit packed directory or empty, unless --force)")
     p.add_argument("--wbits", type=_bits, default=4)
     p.add_argument("--group", type=_group, default=None,
-                   help="multiple of 32 or 'channel' (default: 32 where exact, else 128)")
+                   help="multiple of 32 up to the model's widest input, or 'channel' "
+                        "(default: 32 where exact, else 128)")
     p.add_argument("--symmetric", action="store_true", help="no per-group offset")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search")
     p.add_argument("--head-bits", type=_bits, default=None, help="bits of the output projection")
@@ -63,36 +65,45 @@ def main(argv=None) -> int:
                    help="block Hadamard rotation of the decoder's linear inputs, at most B lanes per block "
                         "(a power of two; 256 is what `--agroup token` models use); rotated inputs are "
                         "not smoothed")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT even if it is not an anybit packed directory (never the source)")
     args = p.parse_args(argv)
 
+    from engine.cli_common import report
     from engine.model_store import resolve_source
-    from loader.errors import FetchError, FormatError
     from loader.pack import Recipe, progress_bar, quantize_model
-    from loader.packed import write_packed
+    from loader.packed import check_out_dir, write_packed
     from loader.sources import read_source
+    from loader.validate import check_group
     try:
         kind = {"default": "decoder", "default-embedder": "embedder"}.get(args.src)
-        src_path = resolve_source(None if kind else args.src, kind or "decoder")
-        src = read_source(src_path)
+        # the output first: a refused destination costs nothing, found after packing it costs minutes
+        if not kind:
+            check_out_dir(args.out, force=args.force, source=resolve_source(args.src))
         recipe = Recipe(wbits=args.wbits, group=args.group, asymmetric=not args.symmetric, clip=not args.no_clip,
                         head_bits=args.head_bits, smooth=args.smooth, rotate=args.rotate)
+        src_path = resolve_source(None if kind else args.src, kind or "decoder")
+        check_out_dir(args.out, force=args.force, source=src_path)
+        src = read_source(src_path)
+        check_group(args.group, [t.shape[-1] for t in src.tensors.values() if len(t.shape) == 2],
+                    f"--group for {src_path}")
         smooth = None
         if args.smooth:
             from engine.calibrate import smoothing_factors
             smooth = smoothing_factors(src)
         t0 = time.perf_counter()
         pm = quantize_model(src, recipe, smooth=smooth, progress=progress_bar(f"packing W{args.wbits}"))
-        write_packed(pm, args.out)
-    except (FormatError, FetchError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        write_packed(pm, args.out, force=args.force)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except (ValueError, OSError, MemoryError, RuntimeError) as e:    # AnybitError and the builtins it refines
+        return report(e)
     print(summarize(pm, source_bytes(src_path), time.perf_counter() - t0))
     print(f"written to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli_common import run
+    sys.exit(run(main))
