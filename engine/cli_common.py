@@ -41,6 +41,13 @@ def checked_argv(argv: list[str] | None) -> list[str]:
     return args
 
 
+# python -m engine.generate: every numeric option's range
+GENERATE_BOUNDS = {"max_tokens": (0, 1 << 24), "temperature": (0.0, 1e4), "top_k": (0, 1 << 24),
+                   "top_p": (0.0, 1.0, True), "repeat_penalty": (0.0, 1e4, True), "seed": (0, (1 << 63) - 1),
+                   "threads": (1, 4096), "context": (1, 1 << 24)}
+EMBED_BOUNDS = {"batch": (1, 1 << 20), "threads": (1, 4096)}
+
+
 def check_ranges(p: argparse.ArgumentParser, args, bounds: dict[str, tuple]) -> None:
     """bounds: {dest: (lo, hi)} inclusive, or (lo, hi, True) for an exclusive lower bound; None: open.
     Floats must be finite. Violations go through p.error (usage line, exit 2)."""

@@ -236,10 +236,19 @@ def _row_json(values: np.ndarray) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from engine.cli_common import EMBED_BOUNDS, check_output_file, check_ranges, checked_argv, report, \
+        write_file_atomic
+    try:
+        argv = checked_argv(argv)
+    except ValueError as e:
+        return report(e)
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_ranges(p, args, EMBED_BOUNDS)
     try:
         if args.out is not None and not args.out.endswith(".npy"):
             raise InputError(f"--out must name a .npy file, got {args.out!r}")
+        out_path = None if args.out is None else check_output_file(args.out, ".npy")   # before the work
         texts = _collect_texts(args.texts, sys.stdin)
         t0 = time.perf_counter()
         emb = load_embedder(args.model, wbits=args.wbits, abits=args.abits, group=args.group,
@@ -251,6 +260,9 @@ def main(argv=None) -> int:
         finally:
             emb.close()
         t2 = time.perf_counter()
+        if not np.isfinite(vecs).all():
+            raise FormatError(f"{args.model or 'the default embedder'}: the model produced NaN or infinite "
+                              f"embeddings (its weights or parameters are not finite); nothing was written")
         out = sys.stdout
         if args.similarity:
             n = np.linalg.norm(vecs.astype(np.float64), axis=1, keepdims=True)
@@ -258,8 +270,8 @@ def main(argv=None) -> int:
             sim = np.round(unit @ unit.T, 6)
             for t, row in zip(texts, sim):
                 out.write(json.dumps({"text": t, "similarity": [float(x) for x in row]}, ensure_ascii=False) + "\n")
-        if args.out is not None:
-            np.save(args.out, vecs)
+        if out_path is not None:
+            write_file_atomic(out_path, lambda f: np.save(f, vecs))     # no partial .npy on a full disk
             print(f"wrote {vecs.shape[0]}x{vecs.shape[1]} float32 embeddings to {args.out}", file=sys.stderr)
         elif not args.similarity:
             for t, row in zip(texts, vecs):
@@ -271,13 +283,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (InputError, FormatError, FetchError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (InputError, FormatError, FetchError, ValueError, OSError, MemoryError) as e:
+        return report(e)
     except Exception as e:        # runtime errors (CUDA, out of memory): one line, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli_common import run
+    sys.exit(run(main))

@@ -56,9 +56,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    from loader.errors import FetchError, FormatError
-    from runtime.errors import CudaError, NoGpuError, OutOfMemoryError
+    from engine.cli_common import GENERATE_BOUNDS, check_ranges, checked_argv, report
+    from loader.errors import AnybitError, FetchError, FormatError
+    from runtime.errors import CudaError, NoGpuError
+    try:
+        argv = checked_argv(argv)
+    except AnybitError as e:
+        return report(e)
+    p = parser()
+    args = p.parse_args(argv)
+    check_ranges(p, args, GENERATE_BOUNDS)
 
     prompt = args.prompt
     try:
@@ -71,9 +78,8 @@ def main(argv=None) -> int:
     except UnicodeDecodeError as e:
         print(f"error: the prompt on stdin is not valid UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
         return 2
-    except (FormatError, FetchError, NoGpuError, ValueError, OSError, CudaError, OutOfMemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FormatError, FetchError, NoGpuError, ValueError, OSError, CudaError, MemoryError) as e:
+        return report(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -88,9 +94,8 @@ def main(argv=None) -> int:
                 if not args.json:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
-        except (ValueError, FormatError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except (ValueError, FormatError, OSError, MemoryError) as e:
+            return report(e)
         except KeyboardInterrupt:            # Ctrl-C while printing: stop cleanly, keep the statistics
             interrupted = True
         finally:
@@ -116,4 +121,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli_common import run
+    sys.exit(run(main))
