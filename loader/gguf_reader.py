@@ -23,7 +23,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from loader.errors import FormatError
-from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes
+from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes, finite
+from loader.validate import check_gguf_meta
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -213,8 +214,9 @@ class GGUFFile:
             # a copy, never a view of the map: callers may write to it, and the file may be closed
             out = raw.view("<f4" if raw_type == GGMLQuantizationType.F32 else "<f8").astype(np.float32)
         else:
-            out = gguf_quants.dequantize(raw, GGMLQuantizationType(raw_type))
-        return np.ascontiguousarray(out.reshape(shape), dtype=np.float32)
+            with np.errstate(invalid="ignore", over="ignore"):     # non-finite results are refused below
+                out = gguf_quants.dequantize(raw, GGMLQuantizationType(raw_type))
+        return finite(np.ascontiguousarray(out.reshape(shape), dtype=np.float32), f"{self.path}: tensor {name!r}")
 
     def blocks(self, name: str) -> tuple:
         """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py."""
@@ -319,6 +321,7 @@ def read_gguf(path) -> SourceModel:
     from loader.tokenizer import tokenizer_json_from_gguf
 
     g = GGUFFile(path)
+    check_gguf_meta(g.meta, g.path)         # every key read below has the type the spec gives it
     arch = g.meta.get("general.architecture")
     if arch != "llama":
         raise FormatError(f"{g.path}: architecture {arch!r} is not supported (only 'llama' GGUF files are)")

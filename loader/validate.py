@@ -341,3 +341,49 @@ def check_group(group, widths: list[int], where: str) -> None:
     if isinstance(group, int) and widths and group > max(widths):
         raise UsageError(f"{where}: group {group} is larger than the widest linear input of this model "
                           f"(K = {max(widths)}); use at most {max(widths)} or 'channel'")
+
+
+# ---- GGUF metadata (loader/gguf_reader.py): the keys anybit reads, by type -------------------------
+
+_GGUF_INT = ("llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+             "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.key_length",
+             "llama.rope.dimension_count", "llama.expert_count", "general.alignment",
+             "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+             "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id")
+GGUF_SCHEMA = {**{k: Rule("int", 0, null=True) for k in _GGUF_INT},
+               "general.architecture": Rule("str", null=True),
+               "llama.rope.freq_base": Rule("num", 0, 1e12, lo_open=True, null=True),
+               "llama.attention.layer_norm_rms_epsilon": Rule("num", 0, 1, lo_open=True, null=True),
+               "llama.rope.scaling.type": Rule("str", null=True),
+               "tokenizer.ggml.model": Rule("str", null=True),
+               "tokenizer.ggml.pre": Rule("str", null=True),
+               "tokenizer.ggml.add_bos_token": Rule("bool", null=True),
+               "tokenizer.ggml.add_eos_token": Rule("bool", null=True),
+               "tokenizer.chat_template": Rule("str", null=True),
+               "tokenizer.ggml.tokens": Rule("list", null=True),
+               "tokenizer.ggml.merges": Rule("list", null=True),
+               "tokenizer.ggml.token_type": Rule("list", null=True),
+               "tokenizer.ggml.scores": Rule("list", null=True)}
+
+
+def check_gguf_meta(meta: dict, path) -> dict:
+    """The metadata keys anybit reads, each of the type the GGUF spec gives it (a file may put any type
+    under any key); vocabulary lists of strings and integers, of one length."""
+    where = f"{path}: metadata"
+    for key, rule in GGUF_SCHEMA.items():
+        if key in meta:
+            check_value(meta[key], rule, f"{where} {key!r}")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        items = meta.get(key) or []
+        if not all(isinstance(t, str) for t in items):
+            raise FormatError(f"{where} {key!r} must be a list of strings")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    for key, kind in (("tokenizer.ggml.token_type", int), ("tokenizer.ggml.scores", (int, float))):
+        items = meta.get(key)
+        if items is None:
+            continue
+        if not all(isinstance(t, kind) and not isinstance(t, bool) for t in items):
+            raise FormatError(f"{where} {key!r} must be a list of numbers")
+        if len(items) != len(tokens):
+            raise FormatError(f"{where} {key!r} has {len(items)} entries for {len(tokens)} tokens")
+    return meta

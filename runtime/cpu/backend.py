@@ -199,6 +199,10 @@ class CpuBackend(CpuOps):
 
     def linear(self, h: LinearHandle, x: np.ndarray, *, abits: int = 16, agroup: int | str | None = None,
                out: np.ndarray | None = None) -> np.ndarray:
+        if not isinstance(h, LinearHandle):
+            raise ValueError(f"linear needs a LinearHandle from prepare_linear, got {type(h).__name__}")
+        if isinstance(abits, bool) or not isinstance(abits, (int, np.integer)) or not (abits == 16 or 1 <= abits <= 8):
+            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
         x = self._input(h, x)
         lin = h.lin
         y = self._output(out, x.shape[0], lin.N)
@@ -244,7 +248,14 @@ class CpuBackend(CpuOps):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not 1 <= int(abits) <= 8:
             raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if x.ndim != 2:
+            raise ValueError(f"activations must be (M, K), got {x.shape}")
         M, K = x.shape
+        if Kp % LANES or not K <= Kp or ga <= 0 or ga % LANES:
+            raise ValueError(f"quantize_activations: K={K}, Kp={Kp}, group {ga}: Kp and the group must be "
+                             f"positive multiples of {LANES} with K <= Kp")
+        if smooth is not None and np.shape(smooth) != (K,):
+            raise ValueError(f"smooth must be ({K},), got {np.shape(smooth)}")
         W = Kp // LANES
         planes = np.empty((abits, M, W), np.uint32)
         scales = np.empty((M, -(-Kp // ga)), np.float32)

@@ -3,17 +3,30 @@ kernels_ops.c and kernels_attn.c). A mixin of CpuBackend: it uses the backend's 
 pool (_live_pool), isa code (_isa_code) and pointer casts (_p)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from runtime.cpu.errors import check as _check
+
+# Every public op checks shapes, dtypes and scalars before its C call: the kernels trust their
+# arguments (a wrong size reads or writes out of range), so a bad call must stop here as a ValueError.
+
+
+def _positive_finite(v, what: str) -> float:
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {v}")
+    return v
 
 
 class CpuOps:
     def rmsnorm(self, x, w, eps: float) -> np.ndarray:
         x, w = self._f32(x), self._f32(w)
         M, d = self._rows(x, w)
+        eps = _positive_finite(eps, "rmsnorm eps")
         out = np.empty_like(x)
-        self._lib.ab_rmsnorm(self._live_pool, self._p("float *", x), self._p("float *", w), M, d, float(eps),
+        self._lib.ab_rmsnorm(self._live_pool, self._p("float *", x), self._p("float *", w), M, d, eps,
                              self._p("float *", out))
         return out
 
@@ -22,9 +35,10 @@ class CpuOps:
         M, d = self._rows(x, w)
         if b.shape != (d,):
             raise ValueError(f"layernorm bias must be ({d},), got {b.shape}")
+        eps = _positive_finite(eps, "layernorm eps")
         out = np.empty_like(x)
         self._lib.ab_layernorm(self._live_pool, self._p("float *", x), self._p("float *", w), self._p("float *", b),
-                               M, d, float(eps), self._p("float *", out))
+                               M, d, eps, self._p("float *", out))
         return out
 
     def rope(self, x: np.ndarray, pos, theta: float, style: str) -> None:
@@ -36,16 +50,20 @@ class CpuOps:
         M, H, hd = x.shape
         if hd % 2 or hd > 1024:
             raise ValueError(f"rope head size must be even and <= 1024, got {hd}")
+        theta = _positive_finite(theta, "rope theta")
         pos = np.ascontiguousarray(pos, dtype=np.int32)
         if pos.shape != (M,):
             raise ValueError(f"rope positions must be ({M},), got {pos.shape}")
         _check(self._lib.ab_rope(self._live_pool, self._p("float *", x), self._p("int32_t *", pos), M, H, hd,
-                                 float(theta), 0 if style == "adjacent" else 1), "rope")
+                                 theta, 0 if style == "adjacent" else 1), "rope")
 
     def attention(self, q, k_cache, v_cache, n_ctx: int, q_pos, mask=None) -> np.ndarray:
         """Causal (query i sees keys 0..q_pos[i]) or, with mask (T,) bool (True = real token), bidirectional
         over the unmasked keys among the first n_ctx. Grouped heads: head h reads kv head h // (H/Hkv)."""
         q, k_cache, v_cache = self._f32(q), self._f32(k_cache), self._f32(v_cache)
+        if q.ndim != 3 or k_cache.ndim != 3:
+            raise ValueError(f"attention needs q (M, H, hd) and caches (T, Hkv, hd), got {q.shape} and {k_cache.shape}")
+        n_ctx = int(n_ctx)
         M, H, hd = q.shape
         T, Hkv, hd2 = k_cache.shape
         if v_cache.shape != k_cache.shape or hd2 != hd or H % Hkv or not 0 <= n_ctx <= T:
@@ -67,8 +85,10 @@ class CpuOps:
 
     def hadamard(self, x, block: int) -> np.ndarray:
         """x R for the rotated linears (loader/rotation.py: hadamard_blocks), in C; bitwise the NumPy result."""
+        from loader.rotation import check_block
         y = np.array(x, dtype=np.float32, order="C", copy=True)
         K = y.shape[-1] if y.ndim else 0
+        check_block(block, K)
         _check(self._lib.ab_hadamard_rows(self._p("float *", y), y.size // max(K, 1), K, int(block)), "hadamard")
         return y
 
