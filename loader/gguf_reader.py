@@ -216,7 +216,7 @@ class GGUFFile:
         else:
             with np.errstate(invalid="ignore", over="ignore"):     # non-finite results are refused below
                 out = gguf_quants.dequantize(raw, GGMLQuantizationType(raw_type))
-        return finite(np.ascontiguousarray(out.reshape(shape), dtype=np.float32), f"{self.path}: tensor {name!r}")
+        return np.ascontiguousarray(out.reshape(shape), dtype=np.float32)
 
     def blocks(self, name: str) -> tuple:
         """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py."""
@@ -347,7 +347,7 @@ def read_gguf(path) -> SourceModel:
         tname = GGMLQuantizationType(raw_type).name
         tensors[internal] = SourceTensor(
             name=internal, shape=shape, ggml_type=tname,
-            load=(lambda n=name: g.load(n)),
+            load=(lambda n=name: finite(g.load(n), f"{g.path}: tensor {n!r}")),
             blocks=(lambda n=name: g.blocks(n)) if tname in EXACT_TYPES and len(shape) == 2 else None)
     missing = sorted(set(expected) - set(tensors))
     if missing:

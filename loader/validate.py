@@ -44,9 +44,9 @@ def _name(v) -> str:
 def check_value(v, rule: Rule, where: str):
     """Check one value against a rule; returns it. `where` is "file: field" for the message."""
     if v is None:
-        if rule.null or not rule.required:
+        if rule.null:
             return v
-        raise FormatError(f"{where} is null; expected {rule.kind}")
+        raise FormatError(f"{where} is null; expected {'an object' if rule.kind == 'dict' else rule.kind}")
     kind = rule.kind
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
@@ -227,9 +227,11 @@ def shard_files(index, path: Path, directory: Path) -> list[Path]:
     files = set()
     for name, f in index["weight_map"].items():
         check_value(f, Rule("str", required=True), f"{path}: weight_map[{name!r}]")
+        if not f or "\0" in f:
+            raise FormatError(f"{path}: weight_map[{name!r}] = {f!r} is not a file name")
         p = Path(f)
         target = (directory / p).resolve()
-        if p.is_absolute() or ".." in p.parts or not target.is_relative_to(root) or not f:
+        if p.is_absolute() or ".." in p.parts or not target.is_relative_to(root):
             raise FormatError(f"{path}: weight_map[{name!r}] = {f!r} lies outside the model directory")
         files.add(directory / p)
     return sorted(files)
