@@ -122,12 +122,21 @@ def _quiet_stdout() -> None:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
+    """MemoryError, ENOMEM from mmap and friends, or a lazily imported extension whose segments could
+    not be mapped (what a low `ulimit -v` gives when the tokenizer library is first imported)."""
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        return True
+    text = str(e)
+    return isinstance(e, ImportError) and ("failed to map segment" in text or "Cannot allocate memory" in text)
 
 
 def report(e: BaseException) -> int:
     """Print one line for an error and return the exit status: 2 for bad input (a usage or format
-    error), 1 for a failure (disk full, out of memory, a device error)."""
+    error), 1 for a failure (disk full, out of memory, a device error); a closed stdout pipe (`| head`)
+    ends quietly with 141, as a shell tool killed by SIGPIPE would."""
+    if isinstance(e, BrokenPipeError):
+        _quiet_stdout()
+        return EXIT_PIPE
     if is_out_of_memory(e) and not isinstance(e, AnybitError):
         print("error: out of memory (raise the memory limit, or use a smaller model or context)", file=sys.stderr)
         return EXIT_FAIL
@@ -159,6 +168,10 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (AnybitError, MemoryError, OSError) as e:
         return report(e)
+    except ImportError as e:
+        if is_out_of_memory(e):
+            return report(e)
+        raise
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)

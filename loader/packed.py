@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
@@ -58,6 +57,30 @@ def config_digest(config: dict) -> str:
     """sha256 of the config without its own checksum, in a canonical JSON form (sorted keys)."""
     body = {k: v for k, v in config.items() if k != "config_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_ST_NAMES = {np.dtype(v): k for k, v in _NP.items()}
+
+
+def save_file(arrays: dict[str, np.ndarray], path: str) -> None:
+    """Write a safetensors file, streaming each array from its own memory: the Rust writer builds the
+    whole file in memory first (a second copy of the model) and aborts the process when that allocation
+    fails under a memory limit, where this raises MemoryError or OSError like any other write."""
+    # wider items first: every tensor then starts aligned to its item size (the header is padded to 8)
+    arrays = dict(sorted(arrays.items(), key=lambda kv: -kv[1].dtype.itemsize))
+    header, off = {}, 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for a in arrays.values():
+            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_out_dir(out, *, force: bool = False, source=None) -> Path:
@@ -114,7 +137,9 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike, *, force: bool 
             config["config_sha256"] = config_digest(config)
             (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
             replace_dir(tmp, out)
-        except Exception as e:          # OSError, and the Rust writer's SafetensorError on a full disk
+        except MemoryError:
+            raise
+        except Exception as e:          # OSError (a full disk), and whatever a writer raises
             raise storage_error(e, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -144,6 +144,8 @@ def storage_error(e: BaseException, what) -> StorageError:
         reason = "the disk is full"
     elif code in (errno.EACCES, errno.EPERM) or "PermissionDenied" in text:
         reason = "permission denied"
+    elif code == errno.ENOMEM:
+        reason = "out of memory"
     elif code == errno.EDQUOT:
         reason = "disk quota exceeded"
     else:
