@@ -18,7 +18,7 @@ def is_packed_dir(path) -> bool:
         return False
     try:
         return json.loads(cfg.read_text(encoding="utf-8")).get("format") == "anybit-packed"
-    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+    except (ValueError, UnicodeDecodeError, AttributeError, OSError, RecursionError):
         return False
 
 

@@ -85,10 +85,9 @@ class CpuOps:
 
     def hadamard(self, x, block: int) -> np.ndarray:
         """x R for the rotated linears (loader/rotation.py: hadamard_blocks), in C; bitwise the NumPy result."""
-        from loader.rotation import check_block
         y = np.array(x, dtype=np.float32, order="C", copy=True)
         K = y.shape[-1] if y.ndim else 0
-        check_block(block, K)
+        # the C side checks the block (a power of two dividing K) and refuses with CpuKernelError
         _check(self._lib.ab_hadamard_rows(self._p("float *", y), y.size // max(K, 1), K, int(block)), "hadamard")
         return y
 
