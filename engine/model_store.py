@@ -92,7 +92,7 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
     source = _read_source(src)
     # a group wider than every input only pads rows with zeros (--group 65536 ran out of memory)
-    check_group(group, [t.shape[-1] for t in source.tensors.values() if len(t.shape) == 2], f"group for {src}")
+    check_group(group, [t.shape[-1] for t in source.tensors.values() if len(t.shape) == 2], str(src))
     hessians = None
     if recipe.gptq:
         from engine.calibrate import encoder_hessians

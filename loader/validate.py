@@ -341,7 +341,7 @@ def check_group(group, widths: list[int], where: str) -> None:
     """A requested weight group no larger than the widest linear input (K): a larger one only pads
     every row with zeros up to the group, which at --group 65536 ran out of memory after minutes."""
     if isinstance(group, int) and widths and group > max(widths):
-        raise UsageError(f"{where}: group {group} is larger than the widest linear input of this model "
+        raise UsageError(f"{where}: weight group {group} is larger than the widest linear input of this model "
                           f"(K = {max(widths)}); use at most {max(widths)} or 'channel'")
 
 

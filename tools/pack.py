@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         check_out_dir(args.out, force=args.force, source=src_path)
         src = read_source(src_path)
         check_group(args.group, [t.shape[-1] for t in src.tensors.values() if len(t.shape) == 2],
-                    f"--group for {src_path}")
+                    str(src_path))
         smooth = None
         if args.smooth:
             from engine.calibrate import smoothing_factors
