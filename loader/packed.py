@@ -59,6 +59,7 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+PACKED_FILES = {"model.safetensors", "tokenizer.json", "config.json"}
 _ST_NAMES = {np.dtype(v): k for k, v in _NP.items()}
 
 
@@ -123,7 +124,7 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike, *, force: bool 
             _check_finite(name, (arrays[name],))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out.parent)
+        clean_stale(out.parent, out.name, PACKED_FILES)       # what writers of this output left when killed
         tmp = make_temp(out)
     except OSError as e:
         raise storage_error(e, out) from None

@@ -40,8 +40,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_temporaries(parent: Path) -> list[Path]:
-    """Temporary directories in `parent` left by anybit writers that are no longer running."""
+def stale_temporaries(parent: Path, name: str | None = None, files: set[str] | None = None) -> list[Path]:
+    """Temporary directories in `parent` left by anybit writers that are no longer running: those of
+    output `name` only when given (a folder the user chose may hold other programs' files), and only
+    those holding nothing but `files` when given."""
     out = []
     try:
         entries = list(parent.iterdir())
@@ -51,12 +53,19 @@ def stale_temporaries(parent: Path) -> list[Path]:
     for e in entries:
         if not e.is_dir() or e.is_symlink():
             continue
-        m = _OURS.match(e.name)
-        if m:
+        m = _OURS.match(e.name) or _LEGACY.match(e.name)
+        if not m or (name is not None and m.group("name") != name):
+            continue
+        if files is not None:
+            try:
+                if not {f.name for f in e.iterdir()} <= files:
+                    continue
+            except OSError:
+                continue
+        if "pid" in m.groupdict():
             if not pid_alive(int(m.group("pid"))):
                 out.append(e)
-            continue
-        if _LEGACY.match(e.name):
+        else:
             try:
                 names = {f.name for f in e.iterdir()}
                 old = now - e.stat().st_mtime > LEGACY_AGE_S
@@ -67,10 +76,10 @@ def stale_temporaries(parent: Path) -> list[Path]:
     return out
 
 
-def clean_stale(parent: Path) -> list[Path]:
-    """Remove stale temporaries in `parent`; returns what was removed."""
+def clean_stale(parent: Path, name: str | None = None, files: set[str] | None = None) -> list[Path]:
+    """Remove stale temporaries in `parent` (see stale_temporaries); returns what was removed."""
     gone = []
-    for d in stale_temporaries(parent):
+    for d in stale_temporaries(parent, name, files):
         shutil.rmtree(d, ignore_errors=True)
         if not d.exists():
             gone.append(d)

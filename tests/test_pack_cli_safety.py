@@ -89,8 +89,12 @@ def test_stale_temporaries_of_dead_writers_are_cleaned(gguf, tmp_path):
     for d in (stale, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(bytes(1000))
+    foreign = [tmp_path / f".notes.tmp-{dead.pid}-zzz", tmp_path / f".out.tmp-{dead.pid}-yyy"]
+    for d in foreign:                    # another output's, and one holding files anybit never writes
+        d.mkdir()
+        (d / "diary.txt").write_text("not anybit's")
     assert pack.main([str(gguf), str(tmp_path / "out")]) == 0
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and all(d.exists() for d in foreign)
 
 
 def test_group_larger_than_every_input_is_refused_before_packing(gguf, tmp_path, capsys):
