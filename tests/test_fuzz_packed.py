@@ -140,7 +140,7 @@ def _run(base_dir, tmp_path_factory, examples):
         outcome = check_contract(d, forward=raw != json.dumps(base_cfg, indent=1).encode())
         seen[outcome] = seen.get(outcome, 0) + 1
     case()
-    assert sum(seen.values()) >= examples * 0.95
+    assert sum(seen.values()) >= examples
     assert seen.get("refused", 0) > 0
 
 
