@@ -301,15 +301,17 @@ LIMIT = ("import resource\n"
 def test_low_memory_limit_is_one_line(tmp_path, stage):
     """Under a low address-space limit the CLI says it ran out of memory: no traceback, nothing left.
     The limit is set a little above what the process has mapped at one stage of a pack: before the
-    quantization (its arrays cannot be allocated), or before the tokenizer library is first imported
+    write (its buffers cannot be allocated), or before the tokenizer library is first imported
     (its segments cannot be mapped, which gave a misleading error before)."""
     gguf = tmp_path / "t.gguf"
     write_tiny_gguf(gguf)
     if stage == "allocation":
-        setup = ("import tokenizers, loader.tokenizer, loader.pack\n"
-                 "real = loader.pack.quantize_model\n"
+        # just before the write: the limit inside NumPy's quantization ufuncs instead can crash NumPy
+        # itself (a segfault in np.rint under RLIMIT_AS, numpy 2.x), which no caller can turn into a message
+        setup = ("import tokenizers, loader.tokenizer, loader.packed\n"
+                 "real = loader.packed.write_packed\n"
                  "def limited(*a, **k):\n    limit(1 << 20)\n    return real(*a, **k)\n"
-                 "loader.pack.quantize_model = limited\n")
+                 "loader.packed.write_packed = limited\n")
     else:
         setup = "limit(1 << 20)\n"
     code = ("import sys\n" + LIMIT + "from engine.cli_common import run\nfrom tools import pack\n"

@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     try:
         kind = {"default": "decoder", "default-embedder": "embedder"}.get(args.src)
         # the output first: a refused destination costs nothing, found after packing it costs minutes
-        if not kind:
-            check_out_dir(args.out, force=args.force, source=resolve_source(args.src))
+        check_out_dir(args.out, force=args.force, source=None if kind else resolve_source(args.src))
         recipe = Recipe(wbits=args.wbits, group=args.group, asymmetric=not args.symmetric, clip=not args.no_clip,
                         head_bits=args.head_bits, smooth=args.smooth, rotate=args.rotate)
         src_path = resolve_source(None if kind else args.src, kind or "decoder")
