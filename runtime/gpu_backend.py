@@ -39,6 +39,7 @@ def bgemm_geometry(M: int, N: int, K: int, p: int, q: int, arch: str, group: int
 
 class GpuBackend(GpuLayoutOps):
     name = "cuda"
+    capabilities = frozenset({"device_kv", "hadamard"})
 
     def __init__(self, threads: int | None = None, *, device: int = 0, pool_limit: int | None = None,
                  dev=None):

@@ -93,6 +93,7 @@ class CpuBackend(CpuOps):
     (9 keeps every weight on the table kernel)."""
 
     name = "cpu"
+    capabilities = frozenset({"hadamard"})
 
     def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut",
                  i8_min_bits: int | None = None, quant: str | None = None, params: str = "auto"):
