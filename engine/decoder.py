@@ -135,9 +135,10 @@ class ContextOverflow(ValueError):
     pass
 
 
-def compile_graph(graph, backend):
-    """The backend's compiled program, or the op-by-op interpreter for a backend without a compiler."""
-    if "compile" in backend.capabilities:
+def compile_graph(graph, backend, interpret: bool = False):
+    """The backend's compiled program, or the op-by-op interpreter (for a backend without a compiler,
+    or asked for: the per-op reference of the tests and benchmarks)."""
+    if "compile" in backend.capabilities and not interpret:
         return backend.compile(graph)
     from runtime.interpret import Interpreter
     return Interpreter(graph, backend)
@@ -145,7 +146,7 @@ def compile_graph(graph, backend):
 
 class Decoder:
     def __init__(self, pm: PackedModel, backend, *, wbits_run: int | None = None, abits: int = 16,
-                 agroup=None, context: int | None = None, arch: str | None = None):
+                 agroup=None, context: int | None = None, arch: str | None = None, interpret: bool = False):
         cfg = pm.config
         arch = arch or cfg.arch
         if arch not in BUILDERS:
@@ -194,8 +195,9 @@ class Decoder:
             for b in ("bq", "bk", "bv"):
                 if p + b in pm.tensors:
                     vec(p + b)
-            if all(p + b in pm.tensors for b in ("bq", "bk", "bv")) and p + "wq|wk|wv" in W:
-                W[p + "bq|bk|bv"] = np.concatenate([W[p + b] for b in ("bq", "bk", "bv")])
+            bias = [p + b for b in ("bq", "bk", "bv")]
+            if all(b in W for b in bias) and "|".join(p + n for n in ("wq", "wk", "wv")) in W:
+                W["|".join(bias)] = np.concatenate([W[b] for b in bias])
             # the backend holds its own copies now: give back the layer's mapped file pages, so that
             # the peak memory of loading is one layer of file data, not the whole file
             pm.release_pages([p + n for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")])
@@ -206,7 +208,7 @@ class Decoder:
         W["tok_embeddings"] = Embedding(pm.tensors.get("tok_embeddings", pm.linear("output")))   # (V, d)
         self.weights = W
         self.graph = BUILDERS[arch](cfg, W)
-        self.program = compile_graph(self.graph, backend)
+        self.program = compile_graph(self.graph, backend, interpret)
 
     def new_cache(self) -> KVCache:
         c = self.cfg

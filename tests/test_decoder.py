@@ -35,9 +35,10 @@ def reference_forward(src, ids):
     for i in range(c.n_layers):
         p = f"layers.{i}."
         h = norm(x, W[p + "attn_norm"])
-        q = rope((h @ W[p + "wq"].T).reshape(T, H, hd))
-        k = rope((h @ W[p + "wk"].T).reshape(T, Hkv, hd))
-        v = (h @ W[p + "wv"].T).reshape(T, Hkv, hd)
+        bq, bk, bv = (W.get(p + b, 0.0) for b in ("bq", "bk", "bv"))      # Qwen2-style biases, if any
+        q = rope((h @ W[p + "wq"].T + bq).reshape(T, H, hd))
+        k = rope((h @ W[p + "wk"].T + bk).reshape(T, Hkv, hd))
+        v = (h @ W[p + "wv"].T + bv).reshape(T, Hkv, hd)
         att = np.zeros((T, H, hd))
         for hh in range(H):
             kv = hh // (H // Hkv)

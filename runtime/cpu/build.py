@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_decode.c", "kernels_int8.c",
+SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_graph.c", "kernels_int8.c",
            "kernels_quant.c", "kernels_attn.c")
 HEADERS = ("anybit_cpu.h", "ab_internal.h")
 # No -march=native: ISA-specific functions carry target attributes and are chosen at run time.
