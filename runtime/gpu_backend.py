@@ -3,8 +3,8 @@
 Weights are uploaded once (prepare_linear) through the pool in the GPU layout of runtime/gpu_layout.py;
 activations may be NumPy arrays (uploaded, result copied back: the interface's contract) or
 runtime.memory.DeviceArray (kept on the device, result a new DeviceArray owned by the caller), so an
-engine can run a whole decode step on the device and capture it with `capture_graph`: runtime/gpu_forward.py
-does that for the decoder (fused_model / fused_forward). The device layer is runtime/gpu_device.py.
+engine can run a whole decode step on the device and capture it with `capture_graph`: runtime/gpu_program.py
+does that for any graph (compile). The device layer is runtime/gpu_device.py.
 
 Linear paths (which one ran is recorded in `last_path`):
 - abits 16: gemv_a16_m1 for one token (sign-flip sums, cost linear in p), else gemv_a16 (dequantizes
@@ -39,7 +39,7 @@ def bgemm_geometry(M: int, N: int, K: int, p: int, q: int, arch: str, group: int
 
 class GpuBackend(GpuLayoutOps):
     name = "cuda"
-    capabilities = frozenset({"device_kv", "hadamard"})
+    capabilities = frozenset({"compile", "device_kv", "hadamard"})
 
     def __init__(self, threads: int | None = None, *, device: int = 0, pool_limit: int | None = None,
                  dev=None):
@@ -48,14 +48,14 @@ class GpuBackend(GpuLayoutOps):
         self._rope: dict[tuple, tuple] = {}
         self._linears: list[GpuLinear] = []
         self.last_path = ""
-        self.arena = None       # while set (runtime/gpu_forward.py), empty() takes memory from it
-        self._fused: list = []
+        self.arena = None       # while set (runtime/gpu_program.py), empty() takes memory from it
+        self._programs: list = []
 
     # ---- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
-        for m in self._fused:
+        for m in self._programs:
             m.close()
-        self._fused.clear()
+        self._programs.clear()
         for h in self._linears:
             h.close()
         self._linears.clear()
@@ -108,20 +108,14 @@ class GpuBackend(GpuLayoutOps):
         out.close()
         return r
 
-    # ---- the whole forward on the device (runtime/gpu_forward.py; engine/fast_decode.py calls these) --
-    def fused_supported(self, abits: int) -> bool:
-        return abits == 16 or 1 <= abits <= 8
-
-    def fused_model(self, **kw):
-        from runtime.gpu_forward import GpuFusedModel
-        m = GpuFusedModel(self, **kw)
-        self._fused.append(m)
-        return m
-
-    def fused_forward(self, model, x, k_cache, v_cache, start: int, all_logits: bool) -> np.ndarray:
-        """Logits (M, V) of rows x (M, d) at positions start.., or (1, V) of the last one; the caches are
-        the per-layer device arrays of engine.decoder.KVCache."""
-        return model(x, k_cache, v_cache, start, all_logits)
+    # ---- graphs (engine/graph.py) on the device (runtime/gpu_program.py) -----------------------------
+    def compile(self, graph):
+        """Every activation on the device, decode steps as CUDA graphs. NotImplementedError when an op
+        has no device kernel (the engine then interprets the graph op by op)."""
+        from runtime.gpu_program import GpuProgram
+        p = GpuProgram(self, graph)
+        self._programs.append(p)
+        return p
 
     def capture_graph(self, fn):
         """Capture the launches fn() makes on the backend's stream (device-array arguments only)."""

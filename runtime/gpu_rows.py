@@ -1,5 +1,5 @@
 """GpuLayoutOps: reshapes and row views of device arrays, column splits and the block Hadamard rotation
-(ptx/rows.ptx), for the device-resident forward of runtime/gpu_forward.py. A mixin of GpuBackend: it
+(ptx/rows.ptx), for the device-resident forward of runtime/gpu_program.py. A mixin of GpuBackend: it
 uses the backend's _dev, empty, _launch and _finish."""
 from __future__ import annotations
 
