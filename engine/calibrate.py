@@ -113,8 +113,8 @@ def encoder_hessians(src: SourceModel, recipe: Recipe, backend=None) -> dict[str
     for i, layer in enumerate(emb.encoder.layers):
         for k, lin in layer.items():
             name = f"layers.{i}.{k}"
-            if name in names and getattr(lin, "weight", None) is not None:
-                by_id[id(lin.weight)] = name
-                rec.blocks[id(lin.weight)] = rotation_block(name, lin.weight.shape[1], recipe.rotate)
+            if name in names and lin.float_w is not None:
+                by_id[id(lin.float_w)] = name
+                rec.blocks[id(lin.float_w)] = rotation_block(name, lin.float_w.shape[1], recipe.rotate)
     emb.embed(embedder_calibration_texts())
     return {by_id[k]: H for k, H in rec.H.items() if k in by_id}

@@ -13,7 +13,7 @@ import mmap
 
 import numpy as np
 
-from engine.archs import BUILDERS
+from engine.archs import BUILDERS, DECODERS
 from engine.graph import Step
 from loader.bipolar import PackedLinear, unpack_planes, values_of
 from loader.errors import FormatError
@@ -43,6 +43,7 @@ class Linear:
 
     def __init__(self, backend, w, abits: int, agroup, splits=None):
         self.abits = abits
+        self.act_quant = None       # (abits, group): float weights with quantize-dequantized inputs
         if isinstance(w, PackedLinear):
             self.h, self.float_w = backend.prepare_linear(w), None
             self.rotate, self.N, self.K = w.rotate, w.N, w.K
@@ -61,7 +62,7 @@ class Embedding:
     def __init__(self, table):
         self.table = table
 
-    def rows(self, ids) -> np.ndarray:
+    def rows(self, ids, pos=None) -> np.ndarray:
         e = self.table
         if not isinstance(e, PackedLinear):
             return np.asarray(e[ids], np.float32)
@@ -152,8 +153,8 @@ class Decoder:
                  agroup=None, context: int | None = None, arch: str | None = None, interpret: bool = False):
         cfg = pm.config
         arch = arch or cfg.arch
-        if arch not in BUILDERS:
-            raise FormatError(f"the decoder runs {', '.join(BUILDERS)} models, not {arch!r}")
+        if arch not in DECODERS:
+            raise FormatError(f"the decoder runs {', '.join(DECODERS)} models, not {arch!r}")
         self.cfg, self.backend = cfg, backend
         self.context = min(cfg.max_seq_len, context or 4096)
         self.abits = abits

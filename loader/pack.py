@@ -14,7 +14,7 @@ exactly at every p >= 4 (s and o unchanged); Q8_0 only at p = 8.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -22,9 +22,10 @@ import numpy as np
 from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
 from loader.errors import FormatError
 from loader.packed import PackedModel
+from loader.precision import check_bits
 from loader.gptq import gptq_quantize
 from loader.rotation import check_block, hadamard_blocks
-from loader.source import ModelConfig, SourceModel
+from loader.source import SourceModel
 
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
@@ -55,10 +56,8 @@ class Recipe:
     gptq: bool = False                  # error-compensating rounding with calibration Hessians (loader/gptq.py)
 
     def __post_init__(self):
-        if self.wbits != 16 and not 1 <= self.wbits <= 8:
-            raise ValueError(f"wbits must be 1..8 or 16, got {self.wbits}")
-        if self.abits != 16 and not 1 <= self.abits <= 8:
-            raise ValueError(f"abits must be 1..8 or 16, got {self.abits}")
+        check_bits(self.wbits, "wbits")
+        check_bits(self.abits, "abits")
         if self.group not in (None, "channel") and (not isinstance(self.group, int) or self.group <= 0
                                                     or self.group % 32):
             raise ValueError(f"group must be a positive multiple of 32 or 'channel', got {self.group!r}")

@@ -327,39 +327,3 @@ class GpuBackend(GpuLayoutOps):
         if host:
             xd.close()
         return int(r[0])
-
-    def sample(self, logits, temperature: float, top_k: int = 0, top_p: float = 1.0, u: float = 0.0) -> int:
-        """engine/sampling.Sampler's temperature / top-k / top-p rule on the device (ptx/sample.ptx) for a
-        uniform u in [0, 1): Sampler draws u = rng.random() and, away from float rounding at the
-        boundaries between tokens, picks the same token. temperature 0 is greedy (argmax)."""
-        if temperature == 0:
-            return self.argmax(logits)
-        if not temperature > 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= u < 1:
-            raise ValueError(f"sample: temperature > 0, top_k >= 0, 0 < top_p <= 1, 0 <= u < 1 "
-                             f"(got {temperature}, {top_k}, {top_p}, {u})")
-        xd, host = self._dev(logits)
-        o = self.empty((2,), np.uint32)
-        self._launch("sample.ptx", "sample_f32", (1, 1, 1), (1024, 1, 1),
-                     [o, xd, int(np.prod(xd.shape)), float(temperature), int(top_k), float(top_p), float(u)])
-        r = self.download(o)
-        o.close()
-        if host:
-            xd.close()
-        return int(r[0])
-
-    def embed(self, table, ids):
-        """Rows of a float32 table (a DeviceArray (V, d) uploaded once) for int32 ids."""
-        idd, ih = self._dev(ids, np.int32)
-        M, d = idd.shape[0], table.shape[1]
-        out = self.empty((M, d))
-        self._launch("ops.ptx", "embed_f32", (M, 1, 1), (128, 1, 1), [out, table, idd, d])
-        return self._finish(out, ih, [idd] if ih else [])
-
-    def embed_packed(self, h: GpuLinear, ids):
-        """Dequantized rows of a packed embedding prepared with prepare_linear (e.g. a tied W8 table)."""
-        idd, ih = self._dev(ids, np.int32)
-        M = idd.shape[0]
-        out = self.empty((M, h.K))
-        self._launch("ops.ptx", "embed_packed", (M, 1, 1), (128, 1, 1),
-                     [out, h.planes, h.scales, h.offsets, idd, h.p, h.N, h.Kw, h.K, h.G, h.ngw])
-        return self._finish(out, ih, [idd] if ih else [])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from loader.bipolar import quantize_activations
 from loader.rotation import rotate_rows
 
 
@@ -27,6 +28,9 @@ def alloc(graph, M: int, R: int) -> dict:
 def linear(be, lin, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     if lin.float_w is not None:
+        if lin.act_quant:       # simulate quantized activations on a float weight (abits < 16 measured alone)
+            bits, group = lin.act_quant
+            x = quantize_activations(x, bits, group).dequantize()[:, :x.shape[1]].astype(np.float32)
         return be.linear_float(lin.float_w, x)
     if lin.rotate:              # the weight holds W R (loader/rotation.py): feed it R x
         x = rotate_rows(be, x, lin.rotate)
@@ -40,7 +44,7 @@ def run_op(be, graph, op, env: dict, step) -> None:
     ins = [view(env, r) for r in op.ins]
     M = out.shape[0]
     if k == "embed":
-        out[...] = W[op.weights[0]].rows(step.ids)
+        out[...] = W[op.weights[0]].rows(step.ids, step.pos)
     elif k == "rmsnorm":
         x, g = np.ascontiguousarray(ins[0]), p["group"]
         if g:

@@ -110,6 +110,7 @@ def test_real_model_float_path_matches_reference(default_gguf):
 
 @pytest.mark.parametrize("wbits,abits,group,n_ids", [(4, 16, 32, 3), (8, 8, 32, 3), (4, 8, 128, 10)],
                          ids=["W4A16-gemv", "W8A8-gemv_q", "W4A8-bgemm"])
+@pytest.mark.slow
 def test_engine_on_gpu_backend_in_interpreter_matches_cpu(wbits, abits, group, n_ids):
     """The whole decoder on GpuBackend, its kernels executed by the PTX interpreter (no GPU needed):
     same logits as the NumPy backend, and the same greedy tokens."""

@@ -22,6 +22,7 @@ def sim_backend():
 
 @pytest.mark.parametrize("wbits,abits,agroup,rotate", [(4, 16, None, 64), (8, 8, "token", 0)],
                          ids=["W4A16-rotated", "W8A8-token"])
+@pytest.mark.slow
 def test_compiled_equals_op_by_op_and_replays(wbits, abits, agroup, rotate):
     src = tiny_llama(layers=1, d=64, F=64, V=40, seed=5)
     pm = quantize_model(src, Recipe(wbits=wbits, group=32, rotate=rotate))
@@ -69,6 +70,7 @@ def _prefilled(dec, ids):
     return cache
 
 
+@pytest.mark.slow
 def test_all_logits_prefill_equals_per_token_rows():
     src = tiny_llama(layers=1, d=64, F=64, V=40, seed=6)
     pm = quantize_model(src, Recipe(wbits=4, group=32))

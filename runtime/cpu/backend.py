@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader.bipolar import LANES, LinearShape, PackedLinear, round_up
+from loader.precision import check_bits
 from runtime.cpu import build, layout
 from runtime.cpu.errors import check as _check
 from runtime.cpu.ops import CpuOps
@@ -233,8 +234,8 @@ class CpuBackend(CpuOps):
     def quantize_activations(self, x: np.ndarray, abits: int, ga: int, Kp: int, smooth=None):
         """C quantizer: (planes uint32 (q, M, Kp/32), scales f32 (M, ceil(Kp/ga)), code sums uint16 (M, Kp/32))."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if not 1 <= int(abits) <= 8:
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if check_bits(abits, "abits") == 16:
+            raise ValueError("quantized activations take abits 1..8, got 16")
         M, K = x.shape
         W = Kp // LANES
         planes = np.empty((abits, M, W), np.uint32)
@@ -262,8 +263,8 @@ class CpuBackend(CpuOps):
     def _linear_bytes(self, h, x, abits, agroup, y, debug=False):
         lin = h.lin
         ga, L = self._agroups(lin, agroup)
-        if not 1 <= int(abits) <= 8:
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if check_bits(abits, "abits") == 16:
+            raise ValueError("quantized activations take abits 1..8, got 16")
         self._quant_weights(h)
         M = x.shape[0]
         nb = lin.Kp // L

@@ -177,7 +177,10 @@ static int run_op(ab_pool *pool, int isa, const ab_graph *g, const ab_gop *o, co
         }
         return 0;
     case AB_G_GELU:
-        for (int i = 0; i < M; i++) ab_gelu(pool, a + (size_t)i * lda, n, out + (size_t)i * ldo);
+        if (whole(g, o->out, o->out_col, n) && whole(g, o->a, o->a_col, n))
+            ab_gelu(pool, a, (int64_t)M * n, out);
+        else
+            for (int i = 0; i < M; i++) ab_gelu(pool, a + (size_t)i * lda, n, out + (size_t)i * ldo);
         return 0;
     case AB_G_ADD:
         if (whole(g, o->out, o->out_col, n) && whole(g, o->a, o->a_col, n) && whole(g, o->b, o->b_col, n))

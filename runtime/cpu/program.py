@@ -199,15 +199,17 @@ class CpuProgram:
         s.M, s.R, s.kv_heads, s.head_dim = M, R, gr.kv_heads, gr.head_dim
         self.pos[:M] = step.pos
         self.out_rows[:R] = step.out_rows
-        T = None
-        for r0, n in step.runs():
-            c = step.caches[r0]
-            if T is not None and c.T != T:
-                raise ValueError("the caches of one step must have one context length")
-            T = c.T
-            kp, vp = be._p("float *", c.k), be._p("float *", c.v)
-            for i in range(r0, r0 + n):
-                self.kc[i], self.vc[i] = kp, vp
+        T = int(step.pos.max()) + 1             # a graph without a KV cache: positions are only checked
+        if gr.kv_layers:
+            T = None
+            for r0, n in step.runs():
+                c = step.caches[r0]
+                if T is not None and c.T != T:
+                    raise ValueError("the caches of one step must have one context length")
+                T = c.T
+                kp, vp = be._p("float *", c.k), be._p("float *", c.v)
+                for i in range(r0, r0 + n):
+                    self.kc[i], self.vc[i] = kp, vp
         s.T = T
         env = {n: a[:M] if gr.bufs[n].rows == "tokens" else a[:R] for n, a in self.arrays.items()}
         for seg in self.segments:
