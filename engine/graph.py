@@ -26,8 +26,8 @@ OPS = {
     "layernorm": (1, "out = (x - mean) / std * w + b (weights: w, b)"),
     "linear": (1, "out = x W^T (+ bias); W a Linear (packed handle or float), optional bias weight"),
     "rope": (1, "out = x rotated per head: heads, head_dim, n_rot, theta, style, optional freq factors"),
-    "kv_store": (2, "cache[layer][slot of row][pos of row] = k, v"),
-    "attention": (1, "out = softmax(scale q K^T, causal, window, softcap) V over the layer's cache"),
+    "kv_store": (2, "KV cache plane `cache` of each row's cache, at the row's position = k, v"),
+    "attention": (1, "out = softmax(scale q K^T, causal, window, softcap) V over cache plane `cache`"),
     "attention_seq": (3, "out = bidirectional attention of q, k, v within each sequence of the step"),
     "act_mul": (2, "out = act(a) * b, act silu or gelu_tanh"),
     "gelu": (1, "out = erf gelu(x)"),
@@ -70,7 +70,7 @@ class Graph:
     ops: list                   # [Op]
     weights: dict               # name -> float32 array | Linear | Embedding (engine/decoder.py)
     output: str                 # the buffer the step returns
-    kv_layers: int = 0          # KV cache: layers, kv heads, head dim
+    kv_layers: int = 0          # KV cache: planes (a model's layers), kv heads, head dim
     kv_heads: int = 0
     head_dim: int = 0
 
@@ -185,12 +185,13 @@ class Builder:
         return self._emit("rope", out, (x,), (freqs,) if freqs else (), heads=int(heads), head_dim=int(head_dim),
                           theta=float(theta), style=style, n_rot=n_rot)
 
-    def kv_store(self, k: Ref, v: Ref, layer: int) -> None:
-        self._emit("kv_store", k, (k, v), (), layer=int(layer))
+    def kv_store(self, k: Ref, v: Ref, cache: int) -> None:
+        """Rows of k and v into plane `cache` (a model's layer) of each row's KV cache."""
+        self._emit("kv_store", k, (k, v), (), cache=int(cache))
 
-    def attention(self, q: Ref, layer: int, out: Ref, *, heads: int, kv_heads: int, head_dim: int,
+    def attention(self, q: Ref, cache: int, out: Ref, *, heads: int, kv_heads: int, head_dim: int,
                   scale: float | None = None, window: int = 0, softcap: float = 0.0) -> Ref:
-        return self._emit("attention", out, (q,), (), layer=int(layer), heads=int(heads), kv_heads=int(kv_heads),
+        return self._emit("attention", out, (q,), (), cache=int(cache), heads=int(heads), kv_heads=int(kv_heads),
                           head_dim=int(head_dim), scale=None if scale is None else float(scale),
                           window=int(window), softcap=float(softcap))
 

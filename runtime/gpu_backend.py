@@ -128,7 +128,7 @@ class GpuBackend(GpuLayoutOps):
         return h
 
     def linear(self, h: GpuLinear, x, *, abits: int = 16, agroup: int | None = None, out=None, residual=None):
-        """x W^T, or residual + x W^T with residual (M, N): the residual add of a transformer block fused
+        """x W^T, or residual + x W^T with residual (M, N): a residual add fused
         into the GEMV's output store (bgemm_b1: a separate add), bitwise add(residual, x W^T)."""
         xd, host = self._dev(x)
         M, K = xd.shape
@@ -298,8 +298,8 @@ class GpuBackend(GpuLayoutOps):
         self._launch("ops.ptx", name, (cdiv(n, 256), 1, 1), (256, 1, 1), [out] + [d for d, _ in ds] + [n, *n_extra])
         return self._finish(out, ds[0][1], [d for d, hh in ds if hh])
 
-    def swiglu(self, gate, up):
-        return self._ew("swiglu_f32", [gate, up])
+    def swiglu(self, a, b):
+        return self._ew("swiglu_f32", [a, b])
 
     def gelu(self, x):
         return self._ew("gelu_f32", [x])

@@ -202,12 +202,12 @@ class GpuProgram:
                         tables=self.tables[(p["theta"], p["head_dim"])])
                 put(op.out.buf, y)
             elif k == "kv_store":
-                li = p["layer"]
+                li = p["cache"]
                 be.kv_store(cache.k[li], ins[0], pos)
                 be.kv_store(cache.v[li], ins[1], pos)
             elif k == "attention":
                 H, hd = p["heads"], p["head_dim"]
-                a = be.attention(be.reshape(ins[0], (M, H, hd)), cache.k[p["layer"]], cache.v[p["layer"]],
+                a = be.attention(be.reshape(ins[0], (M, H, hd)), cache.k[p["cache"]], cache.v[p["cache"]],
                                  n_ctx, pos)
                 put(op.out.buf, be.reshape(a, (M, H * hd)))
             elif k == "act_mul":

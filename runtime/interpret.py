@@ -5,7 +5,7 @@ tests), the executor of any backend without a compiler (the GPU's host-array ops
 fallback for the few ops its C loop does not run (float weights, the popcount kernel). It knows op kinds
 and buffers only: a weight is whatever the engine put in the graph's table (a linear has .h or .float_w,
 .rotate, .abits, .agroup; an embedding has .rows(ids)), a KV cache is an object with k, v arrays
-(n_layers, T, kv_heads, head_dim) on the host, or per-layer device arrays when .device is set.
+(planes, T, kv_heads, head_dim) on the host, or a device array per plane when .device is set.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def run_op(be, graph, op, env: dict, step) -> None:
         be.rope(x, step.pos, p["theta"], p["style"], **extra)
         out[...] = x.reshape(M, H * hd)
     elif k == "kv_store":
-        kv, hd, li = graph.kv_heads, graph.head_dim, p["layer"]
+        kv, hd, li = graph.kv_heads, graph.head_dim, p["cache"]
         for r0, n in step.runs():
             c, pos = step.caches[r0], step.pos[r0:r0 + n]
             kk = np.ascontiguousarray(ins[0][r0:r0 + n]).reshape(n, kv, hd)
@@ -79,7 +79,7 @@ def run_op(be, graph, op, env: dict, step) -> None:
                 c.k[li, pos] = kk
                 c.v[li, pos] = vv
     elif k == "attention":
-        H, hd, li = p["heads"], p["head_dim"], p["layer"]
+        H, hd, li = p["heads"], p["head_dim"], p["cache"]
         extra = {}
         if p["scale"] is not None or p["window"] or p["softcap"]:
             extra = dict(scale=p["scale"], window=p["window"], softcap=p["softcap"])

@@ -113,9 +113,10 @@ class NumpyBackend:
         p /= p.sum(-1, keepdims=True)
         return np.einsum("hmt,thd->mhd", p, v).astype(np.float32)
 
-    def swiglu(self, gate, up):
-        g = np.asarray(gate, np.float32)
-        return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
+    def swiglu(self, a, b):
+        """silu(a) * b."""
+        g = np.asarray(a, np.float32)
+        return (g / (1.0 + np.exp(-g)) * b).astype(np.float32)
 
     def geglu_tanh(self, a, b):
         """gelu with the tanh approximation (Gemma's GeGLU) times b."""

@@ -116,7 +116,7 @@ typedef struct {
     size_t rope_stride;
 } ab_graph;
 
-/* A step: M token rows at positions pos, row i's KV cache (n_layers, T, kv_heads, head_dim) at kc[i] /
+/* A step: M token rows at positions pos, row i's KV cache (planes, T, kv_heads, head_dim) at kc[i] /
  * vc[i]; out_rows: the R rows take_rows gathers. */
 typedef struct {
     int M, R, T, kv_heads, head_dim;

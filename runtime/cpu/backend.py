@@ -24,7 +24,7 @@ from runtime.cpu.params import derived_zero, f16_params
 ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
 # From which weight precision the byte-code kernel (kernels_int8.c) replaces the table kernel, per isa.
 # Measured one thread, AMD EPYC (Zen 4), M = 1, G = 32 (tools/bench_cpu_kernels.py): with AVX-512 VNNI
-# the integer dot products beat the tables at every precision (gate/up 1536x576: W1 22 vs 28 us, W4 25
+# the integer dot products beat the tables at every precision (N x K = 1536x576: W1 22 vs 28 us, W4 25
 # vs 57 us; output 49152x576: W1 0.46 vs 0.69 ms, W8 0.78 vs 3.2 ms), the table cost being linear in
 # planes; AVX2 has no byte dot product (codes are widened to 16 bits) and wins only from 3 bits.
 I8_MIN_BITS = {"portable": 1, "avx2": 3, "avx512": 1}
@@ -158,7 +158,7 @@ class CpuBackend(CpuOps):
             woff = None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32))
         # the kernels read their tiles; only the float32 A16 kernel and the popcount kernel read the planes
         # on every call, so the handle keeps them for those alone and rebuilds them from the tiles when
-        # another path needs them once (_planes): a fused q|k|v's concatenated planes are then freed
+        # another path needs them once (_planes): the concatenated planes of fused weights are then freed
         keep = self.a16 == "f32" or self.quant == "popcount"
         return LinearHandle(LinearShape.of(lin), None if bytecodes else layout.preprocess(planes),
                             layout.codes_tiles(planes) if bytecodes else None, wsc, woff,

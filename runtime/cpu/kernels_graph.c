@@ -1,7 +1,7 @@
 /* The graph executor: one loop over compiled op records (runtime/cpu/program.py compiles an
  * engine/graph.py graph into ab_gop records over a buffer table; docs/DESIGN.md "The graph").
  *
- * Why one C call per step: the per-op backend makes about a dozen calls per layer and token, each paying
+ * Why one C call per step: the per-op backend makes one call per op and token, each paying
  * cffi argument conversion, NumPy allocations and a thread-pool wake-up, which together cost more than
  * the kernels of a small model. Here the step's buffers, kernel scratch and RoPE tables are allocated
  * once by the program (grown when a step has more rows), the pool is the backend's, and each op calls
@@ -59,20 +59,6 @@ static int run_lin(ab_pool *pool, int isa, int abits, const ab_lin *l, const flo
     if (l->codes)
         return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, x, M, K, y, scratch);
     return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, K, y, scratch);
-}
-
-/* cos/sin (M, n_rot/2) of pos * theta^(-2i/n_rot) / freqs[i], in double (ab_rope_table's formula). */
-static void rope_table(const int32_t *pos, int M, int n_rot, float theta, const float *freqs, double *cs, double *sn) {
-    int half = n_rot / 2;
-    for (int i = 0; i < half; i++) {
-        double f = pow((double)theta, -2.0 * i / n_rot);
-        if (freqs) f /= (double)freqs[i];
-        for (int m = 0; m < M; m++) {
-            double a = (double)pos[m] * f;
-            cs[(size_t)m * half + i] = cos(a);
-            sn[(size_t)m * half + i] = sin(a);
-        }
-    }
 }
 
 typedef struct {
@@ -138,21 +124,21 @@ static int run_op(ab_pool *pool, int isa, const ab_graph *g, const ab_gop *o, co
         }
         return 0;
     }
-    case AB_G_KV_STORE: {       /* i0 layer; a = k, b = v, each kv_heads * head_dim wide */
-        size_t kd = (size_t)s->kv_heads * s->head_dim, layer = (size_t)o->i0 * s->T * kd;
+    case AB_G_KV_STORE: {       /* i0 cache plane; a = k, b = v, each kv_heads * head_dim wide */
+        size_t kd = (size_t)s->kv_heads * s->head_dim, plane = (size_t)o->i0 * s->T * kd;
         for (int i = 0; i < M; i++) {
-            memcpy(s->kc[i] + layer + (size_t)s->pos[i] * kd, a + (size_t)i * lda, kd * sizeof(float));
-            memcpy(s->vc[i] + layer + (size_t)s->pos[i] * kd, b + (size_t)i * ldb, kd * sizeof(float));
+            memcpy(s->kc[i] + plane + (size_t)s->pos[i] * kd, a + (size_t)i * lda, kd * sizeof(float));
+            memcpy(s->vc[i] + plane + (size_t)s->pos[i] * kd, b + (size_t)i * ldb, kd * sizeof(float));
         }
         return 0;
     }
-    case AB_G_ATTENTION: {      /* i0 layer, i1 heads, i2 kv heads, i3 window; f0 scale (0: 1/sqrt(hd)), f1 softcap */
+    case AB_G_ATTENTION: {      /* i0 cache plane, i1 heads, i2 kv heads, i3 window; f0 scale (0: 1/sqrt(hd)), f1 softcap */
         int hd = s->head_dim;
-        size_t layer = (size_t)o->i0 * s->T * (size_t)o->i2 * hd;
+        size_t plane = (size_t)o->i0 * s->T * (size_t)o->i2 * hd;
         for (int r0 = 0; r0 < M;) {      /* one call per run of rows on one cache */
             int r1 = r0 + 1, last = s->pos[r0];
             while (r1 < M && s->kc[r1] == s->kc[r0]) { last = s->pos[r1] > last ? s->pos[r1] : last; r1++; }
-            int rc = ab_attention_ex(pool, isa, a + (size_t)r0 * lda, s->kc[r0] + layer, s->vc[r0] + layer, r1 - r0,
+            int rc = ab_attention_ex(pool, isa, a + (size_t)r0 * lda, s->kc[r0] + plane, s->vc[r0] + plane, r1 - r0,
                                      o->i1, o->i2, hd, last + 1, s->pos + r0, NULL, o->f0, o->i3, o->f1,
                                      out + (size_t)r0 * ldo);
             if (rc) return rc;
@@ -217,7 +203,7 @@ int ab_graph_run(ab_pool *pool, int isa, const ab_graph *g, const ab_gstep *s, i
             const ab_gop *o = &g->ops[i];
             if (o->kind == AB_G_ROPE && o->i5) {        /* i5: first op of its table */
                 double *cs = g->rope + (size_t)o->i4 * g->rope_stride;
-                rope_table(s->pos, s->M, o->i2, o->f0, o->w, cs, cs + (size_t)s->M * (o->i2 / 2));
+                ab_rope_table(s->pos, s->M, o->i2, o->f0, o->w, cs, cs + (size_t)s->M * (o->i2 / 2));
             }
         }
     for (int i = op0; i < op1; i++) {

@@ -151,9 +151,9 @@ class CpuProgram:
             o.i4 = self.tables.setdefault(key, len(self.tables))
             self.max_rot = max(self.max_rot, p["n_rot"])
         elif k == "kv_store":
-            o.i0 = p["layer"]
+            o.i0 = p["cache"]
         elif k == "attention":
-            o.i0, o.i1, o.i2, o.i3 = p["layer"], p["heads"], p["kv_heads"], p["window"]
+            o.i0, o.i1, o.i2, o.i3 = p["cache"], p["heads"], p["kv_heads"], p["window"]
             o.f0 = 0.0 if p["scale"] is None else p["scale"]
             o.f1 = p["softcap"]
         elif k == "act_mul":
