@@ -152,3 +152,48 @@ def test_llama_bias_compiled_equals_interpreted_bitwise(be):
     c0, c1 = ref.new_cache(), fast.new_cache()
     np.testing.assert_array_equal(fast.forward(ids, c1, all_logits=True), ref.forward(ids, c0, all_logits=True))
     np.testing.assert_array_equal(fast.forward([8], c1), ref.forward([8], c0))
+
+
+def test_numpy_reference_of_the_new_op_options_against_loops():
+    """The oracle's options (partial rotary with frequency factors, attention scale / window / soft-cap,
+    GeGLU) against float64 loops written from their definitions."""
+    rng = np.random.default_rng(31)
+    nb = NumpyBackend()
+    M, H, hd, n_rot, theta = 3, 2, 8, 4, 500.0
+    x = rng.standard_normal((M, H, hd)).astype(np.float32)
+    pos = np.array([0, 5, 9], np.int32)
+    ff = np.array([1.0, 4.0], np.float32)
+    got = x.copy()
+    nb.rope(got, pos, theta, "half", n_rot=n_rot, freqs=ff)
+    want = x.astype(np.float64).copy()
+    for m in range(M):
+        for i in range(n_rot // 2):
+            ang = pos[m] * theta ** (-2 * i / n_rot) / ff[i]
+            a, b = want[m, :, i].copy(), want[m, :, i + n_rot // 2].copy()
+            want[m, :, i], want[m, :, i + n_rot // 2] = a * np.cos(ang) - b * np.sin(ang), a * np.sin(ang) + b * np.cos(ang)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)          # dims n_rot.. untouched
+    T, Hkv, scale, window, cap = 10, 1, 0.7, 3, 2.0
+    q = rng.standard_normal((M, H, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((T, Hkv, hd)).astype(np.float32) for _ in range(2))
+    got = nb.attention(q, k, v, T, pos, scale=scale, window=window, softcap=cap)
+    for m in range(M):
+        for h in range(H):
+            js = [j for j in range(T) if pos[m] - window < j <= pos[m]]
+            s = np.array([cap * np.tanh(scale * float(q[m, h] @ k[j, 0]) / cap) for j in js])
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(got[m, h], (p / p.sum()) @ v[js, 0], rtol=1e-5, atol=1e-6)
+    a, b = rng.standard_normal((2, 50)).astype(np.float32)
+    ga = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a.astype(np.float64) ** 3)))
+    np.testing.assert_allclose(nb.geglu_tanh(a, b), ga * b, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_compile_refuses_ops_without_kernels_and_the_engine_interprets():
+    import tools.kernelcheck as kc
+    from runtime.gpu_backend import GpuBackend
+    from runtime.interpret import Interpreter
+    gb = GpuBackend(dev=kc.SimDevice())
+    g = every_op_graph(every_op_weights(gb))
+    with pytest.raises(NotImplementedError, match="no kernel for linear with a bias"):
+        gb.compile(g)
+    assert isinstance(compile_graph(g, gb), Interpreter)
+    gb.close()

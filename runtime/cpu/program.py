@@ -60,6 +60,11 @@ class CpuProgram:
         self.s = ffi.new("ab_gstep *")
         self.cap_rows = self.cap_out = 0
         self.arrays: dict = {}
+        # the output is a fresh array per step (handed to the caller, no copy); Python ops see views of
+        # the buffers they touch
+        self.out_index = self.index[graph.output]
+        self.py_bufs = sorted({r.buf for seg in self.segments if seg[0] == "py" for r in (seg[1].out, *seg[1].ins)}
+                              - {graph.output})
 
     @property
     def python_ops(self) -> list[str]:
@@ -171,6 +176,8 @@ class CpuProgram:
         cap, capo = max(M, self.cap_rows), max(R, self.cap_out)
         for i, n in enumerate(self.names):
             b = self.graph.bufs[n]
+            if n == self.graph.output:
+                continue
             a = _aligned((cap if b.rows == "tokens" else capo) * b.cols).reshape(-1, b.cols)
             a[...] = 0
             self.arrays[n] = a
@@ -211,13 +218,17 @@ class CpuProgram:
                 for i in range(r0, r0 + n):
                     self.kc[i], self.vc[i] = kp, vp
         s.T = T
-        env = {n: a[:M] if gr.bufs[n].rows == "tokens" else a[:R] for n, a in self.arrays.items()}
+        ob = gr.bufs[gr.output]
+        out = np.empty((M if ob.rows == "tokens" else R, ob.cols), np.float32)
+        self.bufs[self.out_index].base, self.bufs[self.out_index].ld = be._p("float *", out), ob.cols
+        env = {n: self.arrays[n][:M] if gr.bufs[n].rows == "tokens" else self.arrays[n][:R] for n in self.py_bufs}
+        env[gr.output] = out
         for seg in self.segments:
             if seg[0] == "c":
                 _check(be._lib.ab_graph_run(be._live_pool, be._isa_code, self.g, s, seg[1], seg[2]), "graph")
             else:
                 run_op(be, gr, seg[1], env, step)
-        return env[gr.output].copy()
+        return out
 
     def close(self) -> None:
         self.keep.clear()
