@@ -70,8 +70,8 @@ def is_packed_dir(path: str | os.PathLike) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):       # unreadable, not JSON, or not an object
         return False
 
 

@@ -31,7 +31,8 @@ _lib = None
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ANYBIT_CACHE") or Path.home() / ".cache" / "anybit") / "cpu"
+    from loader.fetch import cache_dir
+    return cache_dir() / "cpu"
 
 
 def build_key() -> str:
