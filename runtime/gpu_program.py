@@ -173,18 +173,21 @@ class GpuProgram:
         """x (M, d) device rows (the output of embed), pos (M,) device positions; out_row: the row whose
         output is returned, or None for every row. Returns the output device array."""
         be, W, gr = self.be, self.graph.weights, self.graph
-        env = {}
-        keep = {id(self.x_in)}
+        env, owner = {}, {}         # buffer -> its current device array, and the array owning its memory
 
-        def put(name, a):           # a new value of a buffer: the old one was consumed by this op
-            old = env.get(name)
-            env[name] = a
-            if old is not None and old is not a and id(old) not in keep:
-                old.close()
+        def drop(name):
+            a = owner.pop(name, None)
+            env.pop(name, None)
+            if a is not None and a is not self.x_in:
+                a.close()
+
+        def put(name, a, own=None):     # a new value of a buffer: the old one was consumed by this op
+            drop(name)
+            env[name], owner[name] = a, (a if own is None else own)
 
         for op, fuse, dead in self.plan:
             k, p, temps = op.kind, op.p, []
-            ins = [self._view(env, r, temps) for r in op.ins] if k != "embed" else []
+            ins = [self._view(env, r, temps) for r in op.ins] if k not in ("embed", "rope") else []
             if k == "embed":
                 put(op.out.buf, x)
             elif k == "rmsnorm":
@@ -194,10 +197,9 @@ class GpuProgram:
                     put(fuse.out.buf, self._linear(W[op.weights[0]], ins[0], residual=env[fuse.ins[0].buf]))
                 else:
                     put(op.out.buf, self._linear(W[op.weights[0]], ins[0]))
-            elif k == "rope":
-                y = ins[0] if temps and ins[0] is temps[-1] else be.columns(ins[0], 0, op.out.n)
-                if temps and y is temps[-1]:
-                    temps.pop()
+            elif k == "rope":           # out of place: a copy of the input columns, rotated in place
+                r = op.ins[0]
+                y = be.columns(env[r.buf], r.col, r.n)
                 be.rope(be.reshape(y, (M, p["heads"], p["head_dim"])), pos, p["theta"], p["style"],
                         tables=self.tables[(p["theta"], p["head_dim"])])
                 put(op.out.buf, y)
@@ -209,7 +211,7 @@ class GpuProgram:
                 H, hd = p["heads"], p["head_dim"]
                 a = be.attention(be.reshape(ins[0], (M, H, hd)), cache.k[p["cache"]], cache.v[p["cache"]],
                                  n_ctx, pos)
-                put(op.out.buf, be.reshape(a, (M, H * hd)))
+                put(op.out.buf, be.reshape(a, (M, H * hd)), own=a)
             elif k == "act_mul":
                 put(op.out.buf, be.swiglu(ins[0], ins[1]))
             elif k == "add":
@@ -220,9 +222,8 @@ class GpuProgram:
             for t in temps:
                 t.close()
             for name in dead:
-                a = env.pop(name, None)
-                if a is not None and id(a) not in keep and name != gr.output:
-                    a.close()
+                if name != gr.output:
+                    drop(name)
         return env[gr.output]
 
     # ---- run ------------------------------------------------------------------------------------------
