@@ -159,7 +159,8 @@ class Builder:
         fused them (weight "a|b|c"), else one product each into out.0, out.1, ..."""
         fused = "|".join(names)
         biases = biases or [None] * len(names)
-        sizes = [self.weights[n].N if n in self.weights else None for n in names]
+        if fused not in self.weights and not all(n in self.weights for n in names):
+            raise ValueError(f"no weight {next(n for n in names if n not in self.weights)!r} (nor {fused!r})")
         if fused in self.weights:
             sizes = self.weights[fused].splits
             y = self.buf(out, sum(sizes))
@@ -172,8 +173,8 @@ class Builder:
                 outs.append(self.cols(y, c, n))
                 c += n
             return outs
-        return [self.linear(x, n, self.buf(f"{out}.{i}", s), b)
-                for i, (n, s, b) in enumerate(zip(names, sizes, biases))]
+        return [self.linear(x, n, self.buf(f"{out}.{i}", self.weights[n].N), b)
+                for i, (n, b) in enumerate(zip(names, biases))]
 
     def rope(self, x: Ref, out: Ref, *, heads: int, head_dim: int, theta: float, style: str,
              n_rot: int | None = None, freqs: str | None = None) -> Ref:
@@ -186,7 +187,8 @@ class Builder:
                           theta=float(theta), style=style, n_rot=n_rot)
 
     def kv_store(self, k: Ref, v: Ref, cache: int) -> None:
-        """Rows of k and v into plane `cache` (a model's layer) of each row's KV cache."""
+        """Rows of k and v into plane `cache` (a model's layer) of each row's KV cache. It writes no
+        buffer: its record's out is its k input."""
         self._emit("kv_store", k, (k, v), (), cache=int(cache))
 
     def attention(self, q: Ref, cache: int, out: Ref, *, heads: int, kv_heads: int, head_dim: int,
