@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import OutOfMemoryError
-from runtime.memory import (ALIGN, DeviceArray, KVCacheBlocks, PoolAllocator, UpstreamExhausted,
+from runtime.memory import (ALIGN, DeviceArray, PoolAllocator, UpstreamExhausted,
                             round_up)
 
 MiB = 1 << 20
@@ -315,26 +315,3 @@ def test_device_array_views_share_memory_and_never_free():
     assert pool.stats().used == 0
     with pytest.raises(ValueError, match="closed"):
         d.view(0, (1,))
-
-
-def test_kv_cache_blocks():
-    pool, up, _ = make()
-    kv = KVCacheBlocks(pool, n_layers=3, n_blocks=4, block_tokens=16, n_kv_heads=3, head_dim=64,
-                       dtype=np.float16)
-    half = 16 * 3 * 64 * 2
-    assert kv.half_bytes == half and kv.block_bytes == 2 * half
-    ptrs = [(kv.k_ptr(l, b), kv.v_ptr(l, b)) for l in range(3) for b in range(4)]
-    spans = sorted(x for k, v in ptrs for x in ((k, k + half), (v, v + half)))
-    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:]))      # no overlap
-    assert all(p % ALIGN == 0 for k, v in ptrs for p in (k, v))
-    ids = kv.allocate(3)
-    assert kv.n_free == 1 and len(set(ids)) == 3 and kv.blocks_for(33) == 3
-    with pytest.raises(OutOfMemoryError):
-        kv.allocate(2)
-    kv.release(ids)
-    with pytest.raises(ValueError):
-        kv.release([ids[0]])
-    with pytest.raises(IndexError):
-        kv.k_ptr(3, 0)
-    kv.close()
-    assert pool.stats().used == 0
