@@ -52,17 +52,22 @@ class GpuBackend(GpuLayoutOps):
 
     # ---- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
+        """Release everything, each part even if an earlier one failed (a device fault makes every
+        driver call fail); the first error is raised at the end."""
+        from runtime.driver import Releaser
+        rel = Releaser()
         for m in self._fused:
-            m.close()
+            rel(m.close)
         self._fused.clear()
         for h in self._linears:
-            h.close()
+            rel(h.close)
         self._linears.clear()
         for c, s, _ in self._rope.values():
-            c.close()
-            s.close()
+            rel(c.close)
+            rel(s.close)
         self._rope.clear()
-        self.dev.close()
+        rel(self.dev.close)
+        rel.done()
 
     def __enter__(self):
         return self
