@@ -46,6 +46,17 @@ STEPS = (
 STEP_NAMES = tuple(s[0] for s in STEPS)
 GPU_COMMAND = "python -m tools.gpu_report --out \"$OUT\""
 
+# Wheels the GPU machine's image may lack (it has numpy, torch, cuda-bindings, tokenizers, ...): gguf and
+# cffi with what they need (only the missing ones are installed). `--fetch-wheels` downloads them here into WHEELS (ignored by git, carried
+# with the working tree); the report installs the missing ones into a scratch folder before the steps.
+WHEELS = ROOT / ".gpuwheels"
+WHEEL_MODULES = {"gguf": "gguf", "cffi": "cffi", "pycparser": "pycparser", "pyyaml": "yaml", "tqdm": "tqdm",
+                 "requests": "requests", "urllib3": "urllib3", "idna": "idna", "certifi": "certifi",
+                 "charset_normalizer": "charset_normalizer",
+                 "setuptools": "setuptools"}   # cffi compiles through it on Python >= 3.12
+FETCH_COMMAND = ["-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.12", "--platform",
+                 "manylinux2014_x86_64", "--implementation", "cp", "--no-deps", "-d", str(WHEELS), *WHEEL_MODULES]
+
 
 def git_commit() -> str:
     try:
@@ -90,7 +101,8 @@ def _spawn(name: str, ctx: dict, timeout: float, sync: bool, log_path: Path) -> 
     cmd = [sys.executable, "-m", "tools.gpu_report", "--run-step", name, "--result", str(res),
            "--seed", str(ctx["seed"])] + (["--dry-run"] if ctx["dry_run"] else []) + \
           (["--out", ctx["out"]] if ctx["out"] else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    path = [str(ROOT), ctx.get("site"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     if sync:                                   # a fault names its kernel (runtime/driver.py)
         env["ANYBIT_SYNC_LAUNCH"] = "1"
     t0 = time.perf_counter()
@@ -123,6 +135,28 @@ def _append_log(dest: Path, name: str, src: Path) -> None:
         f.write(f"\n===== {name} =====\n".encode() + data)
 
 
+def install_wheels(tmp: str) -> dict:
+    """pip-install (offline, no dependencies resolved) the carried wheels whose module is missing here
+    into tmp/site; -> {"site": path or None, "installed": [...], "note": ...}."""
+    import importlib.util
+    wheels = sorted(WHEELS.glob("*.whl"))
+    if not wheels:
+        return {"site": None, "installed": [], "note": f"no {WHEELS.name}/ folder with wheels"}
+    need = []
+    for w in wheels:
+        dist = w.name.split("-")[0].lower().replace("-", "_")
+        if importlib.util.find_spec(WHEEL_MODULES.get(dist, dist)) is None:
+            need.append(w)
+    if not need:
+        return {"site": None, "installed": [], "note": "every carried package is installed already"}
+    site = Path(tmp) / "site"
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                        str(site), *map(str, need)], capture_output=True, text=True, timeout=120)
+    if p.returncode:
+        return {"site": None, "installed": [], "note": f"pip install failed: {(p.stdout + p.stderr)[-1500:]}"}
+    return {"site": str(site), "installed": [w.name for w in need], "note": "ok"}
+
+
 def plan(names) -> tuple[str, int]:
     est = sum(s[3] for s in STEPS if s[0] in names)
     return GPU_COMMAND, est
@@ -139,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help=f"comma list of steps to run ({', '.join(STEP_NAMES)})")
     ap.add_argument("--skip", default="", help="comma list of steps to leave out")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--fetch-wheels", action="store_true", help=f"download the wheels a GPU machine lacks "
+                    f"(gguf, cffi, ... for CPython 3.12, manylinux x86_64) into {WHEELS.name}/ and exit")
     ap.add_argument("--run-step", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -148,6 +184,8 @@ def main(argv=None) -> int:
         if s not in STEP_NAMES:
             print(f"gpu_report: unknown step {s!r}; steps are {', '.join(STEP_NAMES)}", file=sys.stderr)
             return 2
+    if a.fetch_wheels:
+        return subprocess.run([sys.executable, *FETCH_COMMAND]).returncode
     ctx = {"out": str(Path(a.out).resolve()) if a.out else None, "dry_run": a.dry_run, "seed": a.seed}
     if a.run_step:
         ctx["tmp"] = str(a.result.parent)
@@ -170,6 +208,10 @@ def main(argv=None) -> int:
     report = {"date": date, "commit": git_commit(), "dry_run": a.dry_run, "python": sys.version.split()[0],
               "budget_s": a.budget, "estimated_gpu_s": est, "gpu_command": cmd, "steps": {}}
     ctx["tmp"] = tempfile.mkdtemp(prefix="anybit-gpu-report-")
+    report["wheels"] = install_wheels(ctx["tmp"])
+    ctx["site"] = report["wheels"]["site"]
+    print(f"wheels: {report['wheels']['note']}" + (f" ({', '.join(report['wheels']['installed'])})"
+                                                   if report["wheels"]["installed"] else ""), flush=True)
     dests = [out / "gpu-report.json"] if out else []
     log = out / "gpu-report.log" if out else Path(ctx["tmp"]) / "gpu-report.log"
     log.write_bytes(b"")
