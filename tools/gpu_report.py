@@ -157,6 +157,15 @@ def install_wheels(tmp: str) -> dict:
     return {"site": str(site), "installed": [w.name for w in need], "note": "ok"}
 
 
+def _write(report: dict, dests, t_start: float) -> None:
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
+    for d in dests:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = d.with_suffix(".json.part")      # never a half-written report, even if killed mid-write
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        tmp.replace(d)
+
+
 def plan(names) -> tuple[str, int]:
     est = sum(s[3] for s in STEPS if s[0] in names)
     return GPU_COMMAND, est
@@ -223,6 +232,7 @@ def main(argv=None) -> int:
         if left < 5:
             report["steps"][name] = {"ok": False, "status": "not run", "error": "the budget was spent"}
             print(f"== {name}: not run (budget spent)", flush=True)
+            _write(report, dests, t_start)
             continue
         print(f"== {name} (limit {min(limit, left):.0f} s)", flush=True)
         step_log = Path(ctx["tmp"]) / f"{name}.log"
@@ -235,12 +245,9 @@ def main(argv=None) -> int:
         if name == "device" and not a.dry_run and rec.get("device"):
             arch = rec["device"].get("arch", "gpu")
             dests.append(ROOT / "bench" / "results" / f"gpu-report-{arch}-{date[:10]}.json")
-        report["total_s"] = round(time.perf_counter() - t_start, 1)
-        for d in dests:                        # after every step: a cut-off run keeps what it has
-            d.parent.mkdir(parents=True, exist_ok=True)
-            d.write_text(json.dumps(report, indent=1, default=str))
+        _write(report, dests, t_start)        # after every step: a cut-off run keeps what it has
     ok = all(s.get("ok") for s in report["steps"].values())
-    print(f"total {report['total_s'] if report['steps'] else 0} s; "
+    print(f"total {report.get('total_s', 0)} s; "
           f"{sum(s.get('status') == 'ok' for s in report['steps'].values())} ok, "
           f"{sum(s.get('status') == 'skipped' for s in report['steps'].values())} skipped, "
           f"{sum(not s.get('ok') for s in report['steps'].values())} failed")

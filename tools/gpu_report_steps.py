@@ -103,16 +103,19 @@ ENGINE_SHAPE = dict(d=576, layers=4, heads=9, kv_heads=3, ffn=1536, vocab=8192) 
 ENGINE_SHAPE_SIM = dict(d=64, layers=1, heads=2, kv_heads=1, ffn=64, vocab=32)        # interpreter-sized
 
 
+ROW_TOL = 1e-2        # relative error of a logits row beyond which the row is wrong, tie or not
+
+
 def _compare_logits(got: np.ndarray, ref: np.ndarray) -> dict:
-    """Per-row relative error and argmax agreement; a disagreement where the reference's top two are
-    within the error is a tie, not a failure."""
+    """Per-row relative error and argmax agreement. A disagreement is a tie, not a failure, where the row
+    is otherwise accurate (error < ROW_TOL) and the reference's top two are closer than twice that error."""
     scale = np.abs(ref).max(axis=1)
     err = np.abs(got - ref).max(axis=1) / np.maximum(scale, 1e-30)
     top2 = np.sort(ref, axis=1)[:, -2:]
     margin = (top2[:, 1] - top2[:, 0]) / np.maximum(scale, 1e-30)
     differ = got.argmax(1) != ref.argmax(1)
     return {"max_rel_err": float(err.max()), "argmax_differs": int(differ.sum()),
-            "argmax_differs_not_tie": int((differ & (margin > 4 * err)).sum())}
+            "argmax_differs_not_tie": int((differ & ((err >= ROW_TOL) | (margin >= 2 * err))).sum())}
 
 
 def step_engine(ctx) -> dict:
@@ -164,7 +167,7 @@ def step_engine(ctx) -> dict:
             "recipe": {"group": recipe.group, "agroup": recipe.agroup, "rotate": recipe.rotate},
             "runs": runs, "same_tokens_as_numpy": {k: v["ids"] == runs["numpy"]["ids"] for k, v in runs.items()
                                                    if k != "numpy"},
-            "logits_vs_numpy": cmp, "ok": cmp["argmax_differs_not_tie"] == 0 and cmp["max_rel_err"] < 2e-2}
+            "logits_vs_numpy": cmp, "ok": cmp["argmax_differs_not_tie"] == 0 and cmp["max_rel_err"] < ROW_TOL}
     out["ok"] = all(r["ok"] for r in out["precisions"].values())
     return out
 
