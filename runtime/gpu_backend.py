@@ -162,7 +162,11 @@ class GpuBackend(GpuLayoutOps):
                 xd_use = xs
             else:
                 xd_use = xd
-            if M == 1:
+            if xd_use.ptr % 4:
+                raise ValueError(f"linear: x at {xd_use.ptr:#x} is not 4-byte aligned (a view at an odd offset)")
+            # gemv_a16_m1 reads x with 16-byte vector loads, which fault on a GPU (the interpreter stops
+            # too) for a caller's view that is only 4-byte aligned: such an x takes gemv_a16
+            if M == 1 and xd_use.ptr % 16 == 0:
                 self._launch("gemv.ptx", "gemv_a16_m1", (cdiv(h.N, 4), 1, 1), (128, 1, 1),
                              [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw, resd])
                 self.last_path = "gemv_a16_m1"

@@ -146,3 +146,28 @@ def test_launch_argument_checks():
         m.launch("k", args=[0, -1])
     with pytest.raises(SimError, match="no entry named"):
         m.launch("nope", args=[])
+
+
+def test_unaligned_view_of_x_avoids_the_vector_loads_of_gemv_a16_m1():
+    """A caller's view 4 bytes into a device array: gemv_a16_m1's 16-byte loads of x would fault (the
+    interpreter stops them as a GPU would); GpuBackend.linear routes such an x through gemv_a16."""
+    from loader.bipolar import PackedLinear, quantize_weights, ref_linear_a16
+    from runtime.gpu_backend import GpuBackend
+    from tools.kernel_runners import SimDevice
+    rng = np.random.default_rng(3)
+    lin = PackedLinear.from_quant(quantize_weights(rng.standard_normal((8, 64)), 4, 32, asymmetric=True))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    be = GpuBackend(dev=SimDevice())
+    h = be.prepare_linear(lin)
+    whole = be.upload(np.concatenate([[0.0], x[0]]).astype(np.float32)[None, :])    # (1, 65)
+    view = whole.view(4, (1, 64))
+    assert view.ptr % 16 == 4
+    got = be.download(be.linear(h, view))
+    assert be.last_path == "gemv_a16"
+    np.testing.assert_allclose(got, ref_linear_a16(lin, x), rtol=1e-5, atol=1e-5)
+    y = be.empty((1, 8))
+    with pytest.raises(SanitizerError, match="misaligned global load of 16 bytes"):
+        be._launch("gemv.ptx", "gemv_a16_m1", (2, 1, 1), (128, 1, 1),
+                   [y, view, h.planes, h.scales, h.offsets, 8, 64, h.Kw, h.p, h.G, h.ngw, None])
+    with pytest.raises(ValueError, match="not 4-byte aligned"):
+        be.linear(h, whole.view(2, (1, 64)))
