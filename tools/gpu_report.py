@@ -59,11 +59,12 @@ FETCH_COMMAND = ["-m", "pip", "download", "--only-binary=:all:", "--python-versi
 
 
 def git_commit() -> str:
+    """HEAD, or ANYBIT_COMMIT where the tree came without its .git (a copy on a borrowed machine)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("ANYBIT_COMMIT", "unknown")
 
 
 def step(report: dict, name: str, fn) -> None:
