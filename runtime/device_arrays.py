@@ -157,6 +157,9 @@ class KVCacheBlocks:
         return self.k_ptr(layer, block) + self.half_bytes
 
     def close(self) -> None:
-        for p in self._layers:
-            self.pool.free(p)
-        self._layers = []
+        from runtime.driver import Releaser
+        rel = Releaser()                   # every layer is returned even if one free fails
+        layers, self._layers = self._layers, []
+        for p in layers:
+            rel(self.pool.free, p)
+        rel.done()

@@ -338,3 +338,48 @@ def test_kv_cache_blocks():
         kv.k_ptr(3, 0)
     kv.close()
     assert pool.stats().used == 0
+
+
+class FaultedUpstream(FakeUpstream):
+    """After a device fault every driver call fails with the same error (CUDA_ERROR_ILLEGAL_ADDRESS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.faulted, self.tried = False, []
+
+    def free(self, addr):
+        self.tried.append(addr)
+        if self.faulted:
+            from runtime.errors import CudaError
+            raise CudaError(700, "CUDA_ERROR_ILLEGAL_ADDRESS", f"cuMemFree({addr:#x})")
+        super().free(addr)
+
+
+def test_close_after_a_fault_tries_every_segment_and_raises_the_first_error():
+    from runtime.errors import CudaError
+    up, ev = FaultedUpstream(), FakeEvents()
+    pool = PoolAllocator(up, chunk=2 * MiB, events=ev)
+    a, b, c = pool.alloc(4 * MiB), pool.alloc(4 * MiB), pool.alloc(100)   # three segments, all full
+    pool.free(c, stream="S")                      # a pending event too
+    up.faulted = True
+    with pytest.raises(CudaError, match="cuMemFree") as ei:
+        pool.close()
+    assert len(up.tried) == 3 and ei.value.call == f"cuMemFree({up.tried[0]:#x})"   # the first one
+    assert pool.stats().reserved == 0 and pool.blocks() == []                       # nothing kept
+    pool.close()                                  # and a second close has nothing left to do
+
+
+def test_kv_blocks_close_returns_every_layer_even_if_one_free_fails():
+    pool, up, _ = make()
+    kv = KVCacheBlocks(pool, n_layers=3, n_blocks=2, block_tokens=16, n_kv_heads=1, head_dim=64)
+    freed, real_free = [], pool.free
+
+    def flaky(p, stream=None):
+        freed.append(p)
+        if len(freed) == 1:
+            raise RuntimeError("first free fails")
+        real_free(p, stream)
+    pool.free = flaky
+    with pytest.raises(RuntimeError, match="first free fails"):
+        kv.close()
+    assert len(freed) == 3 and pool.stats().n_allocations == 1     # the other two were returned
