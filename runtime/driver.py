@@ -8,7 +8,9 @@ to the CPU backend. `available()` answers the question without ever raising.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from runtime.errors import CudaError, NoGpuError
@@ -56,6 +58,68 @@ def error_name(code: int) -> str:
         return f"CUDA_ERROR_{int(code)}"
 
 
+# CUresults after which the context is unusable (every later call returns the same code until it is
+# destroyed): a kernel faulted. They surface asynchronously, at the next synchronizing call.
+FAULT_CODES = {
+    700: "CUDA_ERROR_ILLEGAL_ADDRESS", 702: "CUDA_ERROR_LAUNCH_TIMEOUT", 714: "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    715: "CUDA_ERROR_ILLEGAL_INSTRUCTION", 716: "CUDA_ERROR_MISALIGNED_ADDRESS",
+    717: "CUDA_ERROR_INVALID_ADDRESS_SPACE", 718: "CUDA_ERROR_INVALID_PC", 719: "CUDA_ERROR_LAUNCH_FAILED",
+}
+# ANYBIT_SYNC_LAUNCH=1: synchronize after every launch, so a fault names the very kernel that made it
+# (tools.gpu_report sets it for its correctness steps); otherwise the fault is one of the recent ones.
+SYNC_LAUNCH = os.environ.get("ANYBIT_SYNC_LAUNCH", "") not in ("", "0")
+_recent_launches: deque = deque(maxlen=8)      # dicts: kernel, grid, block, smem, args
+_first_fault: dict | None = None
+
+
+def note_launch(kernel: str, grid, block, smem: int, args) -> None:
+    """Remember a launch (cheaply: a tuple of its Python arguments) for the fault report."""
+    _recent_launches.append({"kernel": kernel, "grid": list(grid), "block": list(block), "smem": int(smem),
+                             "args": [a if isinstance(a, (int, float)) or a is None else repr(a) for a in args]})
+
+
+def first_fault() -> dict | None:
+    """The first device fault of this process: its error, the call that saw it and the launches
+    before it (the last one is the kernel that faulted when ANYBIT_SYNC_LAUNCH=1), or None."""
+    return _first_fault
+
+
+def _record_fault(code: int, name: str, call: str) -> None:
+    global _first_fault
+    if _first_fault is None:
+        last = list(_recent_launches)
+        _first_fault = {"code": code, "error": name, "seen_at": call, "sync_launch": SYNC_LAUNCH,
+                        "kernel": last[-1] if last else None, "recent_launches": last}
+
+
+class Releaser:
+    """Best-effort release: run every step even after one fails, then raise the first error only.
+
+    Why: after a device fault every driver call fails with the same code; a close() that stopped at its
+    first failing call would leak the rest and bury the fault under a cascade of follow-on errors.
+
+        rel = Releaser()
+        rel(stream.close); rel(pool.close); rel(ctx.close)
+        rel.done()          # raises the first error, if any
+    """
+
+    def __init__(self):
+        self.first: BaseException | None = None
+        self.failed = 0
+
+    def __call__(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:           # keep going; KeyboardInterrupt still stops us
+            self.failed += 1
+            if self.first is None:
+                self.first = e
+
+    def done(self) -> None:
+        if self.first is not None:
+            raise self.first
+
+
 def check(result, call: str):
     """Turn a cuda-python return value into its payload, raising CudaError if the CUresult is not 0.
 
@@ -68,7 +132,10 @@ def check(result, call: str):
         err, values = result, ()
     code = int(err)
     if code != 0:
-        raise CudaError(code, error_name(code), call)
+        name = error_name(code)
+        if code in FAULT_CODES:
+            _record_fault(code, name, call)
+        raise CudaError(code, name, call)
     if not values:
         return None
     return values[0] if len(values) == 1 else values
@@ -112,9 +179,10 @@ def available() -> bool:
 
 
 def _reset_for_tests() -> None:
-    """Forget the imported module and init state (tests swap in fake driver modules)."""
-    global _drv, _initialized
-    _drv, _initialized = None, False
+    """Forget the imported module, init state and fault record (tests swap in fake driver modules)."""
+    global _drv, _initialized, _first_fault
+    _drv, _initialized, _first_fault = None, False, None
+    _recent_launches.clear()
 
 
 def cdiv(a: int, b: int) -> int:

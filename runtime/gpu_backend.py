@@ -53,17 +53,22 @@ class GpuBackend(GpuLayoutOps):
 
     # ---- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
+        """Release everything, each part even if an earlier one failed (a device fault makes every
+        driver call fail); the first error is raised at the end."""
+        from runtime.driver import Releaser
+        rel = Releaser()
         for m in self._programs:
-            m.close()
+            rel(m.close)
         self._programs.clear()
         for h in self._linears:
-            h.close()
+            rel(h.close)
         self._linears.clear()
         for c, s, _ in self._rope.values():
-            c.close()
-            s.close()
+            rel(c.close)
+            rel(s.close)
         self._rope.clear()
-        self.dev.close()
+        rel(self.dev.close)
+        rel.done()
 
     def __enter__(self):
         return self
@@ -152,7 +157,11 @@ class GpuBackend(GpuLayoutOps):
                 xd_use = xs
             else:
                 xd_use = xd
-            if M == 1:
+            if xd_use.ptr % 4:
+                raise ValueError(f"linear: x at {xd_use.ptr:#x} is not 4-byte aligned (a view at an odd offset)")
+            # gemv_a16_m1 reads x with 16-byte vector loads, which fault on a GPU (the interpreter stops
+            # too) for a caller's view that is only 4-byte aligned: such an x takes gemv_a16
+            if M == 1 and xd_use.ptr % 16 == 0:
                 self._launch("gemv.ptx", "gemv_a16_m1", (cdiv(h.N, 4), 1, 1), (128, 1, 1),
                              [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw, resd])
                 self.last_path = "gemv_a16_m1"

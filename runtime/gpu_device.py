@@ -30,9 +30,12 @@ class GpuLinear:
         self.smooth = None if lin.smooth is None else be.upload(np.ascontiguousarray(lin.smooth, np.float32))
 
     def close(self):
+        from runtime.driver import Releaser
+        rel = Releaser()                  # best effort: every array, the first error raised
         for a in (self.planes, self.scales, self.offsets, self.csum, self.smooth):
             if a is not None:
-                a.close()
+                rel(a.close)
+        rel.done()
 
 
 class CudaDevice:
@@ -78,9 +81,14 @@ class CudaDevice:
         return Graph.capture(self.stream, fn)
 
     def close(self):
+        """Modules, stream, pool and context, each released even if an earlier release failed (after a
+        device fault all of them fail); the first error is raised."""
+        from runtime.driver import Releaser
+        rel = Releaser()
         for m in self._modules.values():
-            m.close()
+            rel(m.close)
         self._modules.clear()
-        self.stream.close()
-        self.pool.close()
-        self.ctx.close()
+        rel(self.stream.close)
+        rel(self.pool.close)
+        rel(self.ctx.close)
+        rel.done()

@@ -54,13 +54,16 @@ class Graph:
         check(driver().cuGraphLaunch(self.exec, stream_handle(stream)), "cuGraphLaunch")
 
     def close(self) -> None:
-        d = driver() if (self.exec is not None or self.graph is not None) else None
-        if self.exec is not None:
-            e, self.exec = self.exec, None
-            check(d.cuGraphExecDestroy(e), "cuGraphExecDestroy")
-        if self.graph is not None:
-            g, self.graph = self.graph, None
-            check(d.cuGraphDestroy(g), "cuGraphDestroy")
+        """Destroy the executable graph and the graph, both even if the first destroy fails (after a
+        device fault every call does); the first error is raised."""
+        from runtime.driver import Releaser
+        rel = Releaser()
+        e, g, self.exec, self.graph = self.exec, self.graph, None, None
+        if e is not None:
+            rel(lambda: check(driver().cuGraphExecDestroy(e), "cuGraphExecDestroy"))
+        if g is not None:
+            rel(lambda: check(driver().cuGraphDestroy(g), "cuGraphDestroy"))
+        rel.done()
 
     def __enter__(self):
         return self

@@ -206,15 +206,22 @@ class PoolAllocator:
         return released
 
     def close(self) -> None:
-        """Give everything back to the upstream, including blocks still in use."""
+        """Give everything back to the upstream, including blocks still in use.
+
+        Best effort: after a device fault every driver call fails, so each event and segment is released
+        even when an earlier one failed, the pool ends empty either way, and the first error is raised."""
+        from runtime.driver import Releaser
+        rel = Releaser()
         for b in self._blocks.values():
             for _, ev in b.pending:
-                self.events.synchronize(ev)
-                self._drop(ev)
+                rel(self.events.synchronize, ev)
+                rel(self._drop, ev)
+            b.pending = []
         for base in list(self._segments):
-            self.upstream.free(base)
-        self._blocks.clear(), self._free.clear(), self._segments.clear()
+            rel(self.upstream.free, base)
+        self._blocks.clear(), self._free.clear(), self._segments.clear(), self._ev_refs.clear()
         self.used = self.reserved = self._n_alloc = 0
+        rel.done()
 
     def size_of(self, addr: int) -> int:
         b = self._blocks.get(int(addr))

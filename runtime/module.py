@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from runtime import driver as _drv
 from runtime.driver import cdiv, check, driver, stream_handle  # noqa: F401  (cdiv re-exported)
 from runtime.errors import CudaError
 
@@ -277,11 +278,30 @@ class Module:
         self.close()
 
 
-def _dim3(v, what: str) -> tuple[int, int, int]:
+# Hardware limits the interpreter does not enforce (it runs any grid): a launch past them fails on the
+# device with CUDA_ERROR_INVALID_VALUE, far from the code that computed the geometry.
+GRID_MAX = (2**31 - 1, 65535, 65535)
+BLOCK_MAX = (1024, 1024, 64)
+
+
+def _dim3(v, what: str, limits=None) -> tuple[int, int, int]:
     t = (v,) if isinstance(v, int) else tuple(v)
     if not 1 <= len(t) <= 3 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in t):
         raise ValueError(f"{what} must be 1-3 positive ints, got {v!r}")
-    return t + (1,) * (3 - len(t))
+    t = t + (1,) * (3 - len(t))
+    if limits is not None:
+        for axis, n, lim in zip("xyz", t, limits):
+            if n > lim:
+                raise ValueError(f"{what} {t}: {axis} = {n} exceeds the hardware limit {lim}")
+    return t
+
+
+def check_geometry(name: str, grid, block) -> tuple[tuple, tuple]:
+    """(grid, block) as 3-tuples, within the limits every CUDA device has; ValueError naming the kernel."""
+    g, b = _dim3(grid, f"{name}: grid", GRID_MAX), _dim3(block, f"{name}: block", BLOCK_MAX)
+    if b[0] * b[1] * b[2] > 1024:
+        raise ValueError(f"{name}: block {b} has {b[0] * b[1] * b[2]} threads, limit 1024")
+    return g, b
 
 
 class Function:
@@ -310,13 +330,15 @@ class Function:
         return int(check(d.cuFuncGetAttribute(a, self.handle), f"cuFuncGetAttribute({name})"))
 
     def launch(self, grid, block, args, smem: int = 0, stream=None) -> None:
-        g, b = _dim3(grid, f"{self.name}: grid"), _dim3(block, f"{self.name}: block")
-        if b[0] * b[1] * b[2] > 1024:
-            raise ValueError(f"{self.name}: block {b} has {b[0] * b[1] * b[2]} threads, limit 1024")
+        g, b = check_geometry(self.name, grid, block)
         if smem > self.max_dynamic_smem:
             self.set_max_dynamic_smem(smem)
         packed = pack_args(self.signature, args)
+        _drv.note_launch(self.name, g, b, smem, args)
         check(driver().cuLaunchKernel(self.handle, *g, *b, int(smem), stream_handle(stream),
                                       packed.address, 0), f"cuLaunchKernel({self.name})")
+        if _drv.SYNC_LAUNCH:       # a fault then surfaces here, naming this kernel
+            h = stream_handle(stream)
+            check(driver().cuStreamSynchronize(h), f"cuStreamSynchronize after {self.name}")
 
     __call__ = launch

@@ -184,3 +184,103 @@ def test_context_lifecycle_and_props_with_fake_driver():
     assert fake.calls.count("release(1000)") == 1
     with pytest.raises(NoGpuError, match="device 3"):
         drv.Context(3)
+
+
+# ---- device-fault containment ----------------------------------------------------------------------
+
+class FaultingDriver(FakeDriver):
+    """Launches are accepted; the first synchronize after `fault_after` launches reports
+    CUDA_ERROR_ILLEGAL_ADDRESS, and from then on every call does (a sticky fault)."""
+
+    def __init__(self, fault_after=1):
+        super().__init__()
+        self.launched, self.fault_after, self.faulted = [], fault_after, False
+        self.destroyed = []
+
+    def CUresult(self, code):
+        return _Enum(code, {0: "CUDA_SUCCESS", 700: "CUDA_ERROR_ILLEGAL_ADDRESS"}.get(code, f"E{code}"))
+
+    def _rc(self):
+        return (_Enum(700 if self.faulted else 0),)
+
+    def CUstream(self, h):
+        return h
+
+    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
+        self.launched.append(f)
+        return self._rc()
+
+    def cuStreamSynchronize(self, h):
+        if len(self.launched) >= self.fault_after:
+            self.faulted = True
+        return self._rc()
+
+    def cuGraphExecDestroy(self, e):
+        self.destroyed.append(e)
+        return self._rc()
+
+    def cuGraphDestroy(self, g):
+        self.destroyed.append(g)
+        return self._rc()
+
+
+def _function(name="k", params="out:ptr, n:u32"):
+    from runtime.module import Function, KernelSignature, parse_header
+    sig = parse_header(f"// anybit-kernel: {name}\n// params: {params}\n")[name]
+    return Function(f"handle-{name}", sig)
+
+
+def test_sync_launch_names_the_kernel_that_faulted(monkeypatch):
+    fake = drv._drv = FaultingDriver(fault_after=2)
+    monkeypatch.setattr(drv, "SYNC_LAUNCH", True)
+    _function("good").launch((4, 1, 1), (128, 1, 1), [0x1000, 7])
+    with pytest.raises(CudaError) as ei:
+        _function("bad").launch((2, 3, 1), (32, 1, 1), [0xdead00, 9])
+    assert ei.value.code == 700 and "after bad" in ei.value.call
+    f = drv.first_fault()
+    assert f["error"] == "CUDA_ERROR_ILLEGAL_ADDRESS" and f["sync_launch"] is True
+    assert f["kernel"] == {"kernel": "bad", "grid": [2, 3, 1], "block": [32, 1, 1], "smem": 0,
+                           "args": [0xdead00, 9]}
+    assert [k["kernel"] for k in f["recent_launches"]] == ["good", "bad"]
+    with pytest.raises(CudaError):                # later failures do not overwrite the first fault
+        _function("later").launch(1, 32, [0, 1])
+    assert drv.first_fault()["kernel"]["kernel"] == "bad" and len(fake.launched) == 3
+
+
+def test_grid_beyond_hardware_limits_is_refused_before_the_driver():
+    fake = drv._drv = FaultingDriver()
+    for grid in [(1, 65536, 1), (1, 1, 65536), (2**31, 1, 1)]:
+        with pytest.raises(ValueError, match=r"k: grid .* exceeds the hardware limit"):
+            _function().launch(grid, (32, 1, 1), [0, 1])
+    with pytest.raises(ValueError, match="z = 65 exceeds"):
+        _function().launch(1, (1, 1, 65), [0, 1])
+    assert fake.launched == []
+    _function().launch((2**31 - 1, 65535, 65535), (32, 1, 1), [0, 1])   # the limits themselves pass
+
+
+def test_releaser_runs_every_step_and_raises_the_first_error():
+    done = []
+
+    def fail(tag):
+        done.append(tag)
+        raise RuntimeError(tag)
+    rel = drv.Releaser()
+    rel(fail, "first")
+    rel(done.append, "ok")
+    rel(fail, "second")
+    assert done == ["first", "ok", "second"] and rel.failed == 2
+    with pytest.raises(RuntimeError, match="first"):
+        rel.done()
+    drv.Releaser().done()                          # nothing failed: nothing raised
+
+
+def test_graph_close_after_a_fault_destroys_both_and_raises_once():
+    from runtime.graph import Graph
+    fake = drv._drv = FaultingDriver()
+    fake.faulted = True
+    g = Graph("graph", "exec")
+    with pytest.raises(CudaError, match="cuGraphExecDestroy"):
+        g.close()
+    assert fake.destroyed == ["exec", "graph"] and g.exec is None and g.graph is None
+    g.close()                                      # idempotent: nothing left to destroy
+    assert fake.destroyed == ["exec", "graph"]

@@ -315,3 +315,32 @@ def test_device_array_views_share_memory_and_never_free():
     assert pool.stats().used == 0
     with pytest.raises(ValueError, match="closed"):
         d.view(0, (1,))
+
+
+class FaultedUpstream(FakeUpstream):
+    """After a device fault every driver call fails with the same error (CUDA_ERROR_ILLEGAL_ADDRESS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.faulted, self.tried = False, []
+
+    def free(self, addr):
+        self.tried.append(addr)
+        if self.faulted:
+            from runtime.errors import CudaError
+            raise CudaError(700, "CUDA_ERROR_ILLEGAL_ADDRESS", f"cuMemFree({addr:#x})")
+        super().free(addr)
+
+
+def test_close_after_a_fault_tries_every_segment_and_raises_the_first_error():
+    from runtime.errors import CudaError
+    up, ev = FaultedUpstream(), FakeEvents()
+    pool = PoolAllocator(up, chunk=2 * MiB, events=ev)
+    a, b, c = pool.alloc(4 * MiB), pool.alloc(4 * MiB), pool.alloc(100)   # three segments, all full
+    pool.free(c, stream="S")                      # a pending event too
+    up.faulted = True
+    with pytest.raises(CudaError, match="cuMemFree") as ei:
+        pool.close()
+    assert len(up.tried) == 3 and ei.value.call == f"cuMemFree({up.tried[0]:#x})"   # the first one
+    assert pool.stats().reserved == 0 and pool.blocks() == []                       # nothing kept
+    pool.close()                                  # and a second close has nothing left to do

@@ -161,8 +161,8 @@ def test_ptxcheck_xor_only_fails_on_sm90(capsys):
 def test_ptxcheck_json(capsys):
     rc, out, _ = run_check(capsys, "--no-default", "--json", str(SAMPLES / "spill.ptx"))
     d = json.loads(out)
-    assert rc == 1 and d["archs"] == list(ARCHS)
-    assert {r["arch"] for r in d["kernels"]} == set(ARCHS)
+    assert rc == 1 and d["archs"] == list(ptxcheck.CHECK_ARCHS) and set(ARCHS) < set(d["archs"])
+    assert {r["arch"] for r in d["kernels"]} == set(ptxcheck.CHECK_ARCHS)
     assert all(r["spill_bytes"] > 0 for r in d["kernels"])
 
 
@@ -187,3 +187,17 @@ def test_markdown_table_lists_registers_per_arch():
     md = markdown_table(rows, ("sm_80", "sm_86", "sm_90"), "13.0").splitlines()
     assert md[2] == "| file | kernel | registers sm_80 / sm_86 / sm_90 | static smem (B) | spill (B) |"
     assert md[4] == "| a.ptx | `k1` | 30 / - / 28 | 64 | 0 |" and len(md) == 5
+
+
+def test_blackwell_is_linked_and_its_emulated_b1_mma_is_a_note_not_a_failure(capsys):
+    """nvJitLink 13.0 emulates every b1 mma on sm_100 / sm_120 (measured: __cuda_sm_10x_mma_bit_internal_*,
+    .and.popc included): ptxcheck links those archs by default and names the kernels that pay for it."""
+    assert {"sm_100", "sm_120"} <= set(ptxcheck.CHECK_ARCHS)
+    rc = ptxcheck.main(["--no-default", str(SAMPLES / "bmma_and.ptx"), "--arch", "sm_90,sm_100,sm_120"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for arch in ("sm_100", "sm_120"):
+        assert f"note: bmma_and.ptx [{arch}]: b1 mma emulated (__cuda_sm_10x_mma_bit_internal_and_m16n8k256)" in out
+        assert "sample_bmma_and run it" in out
+    assert "[sm_90]" not in out                                  # native there: nothing to say
+    assert ptxcheck.mma_kernels((SAMPLES / "args_all.ptx").read_text()) == []

@@ -135,3 +135,19 @@ def test_intops_against_isa_reference():
 ])
 def test_bfe_by_hand(a, pos, ln, signed, exp):
     assert bfe(a, pos, ln, signed) == exp
+
+
+@pytest.mark.parametrize("file,marker", [("gemv.ptx", "@%p1 bra A16_DONE;"), ("gemv.ptx", "@%p1 bra Q_DONE;"),
+                                         ("bgemm_b1.ptx", "// ---- single write of the output tile ----")])
+def test_output_index_of_the_gemms_is_64_bit(file, marker):
+    """y[m, n] at m*N + n: with a long prefill and a large vocabulary M*N passes 2^32 (32768 x 128256), so
+    the output epilogue must not form m*N in 32 bits (%r2 holds N). The interpreter cannot show the wrap
+    (it would need 16 GiB), so this reads the PTX: no 32-bit multiply by N from the marker to the store."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "ptx" / file).read_text()
+    assert "ld.param.u32 %r2, [N];" in text
+    tail = text[text.index(marker):]
+    tail = tail[:tail.index("\n}")]
+    bad = re.findall(r"(?:mad|mul)\.lo\.u32 [^;]*%r2\b[^;]*;", tail)
+    assert not bad, f"{file}: 32-bit m*N in the output epilogue: {bad}"
+    assert re.search(r"mul\.wide\.u32 %rd\d+, %r\d+, %r2;", tail)          # m * N formed in 64 bits

@@ -93,8 +93,10 @@ HEADER = ".version 8.0\n.target sm_80\n.address_size 64\n"
 def test_unknown_instruction_names_line():
     src = HEADER + (".visible .entry k(.param .u64 out)\n{\n  .reg .b32 %r<4>;\n"
                     "  mov.u32 %r1, 1;\n  frobnicate.b32 %r2, %r1;\n  ret;\n}\n")
+    m = Module(src, "x.ptx")                   # decoded lazily: the error comes at first use
     with pytest.raises(SimError, match=r"x\.ptx:8: unsupported instruction 'frobnicate'"):
-        Module(src, "x.ptx")
+        m.launch("k", args=[0])
+    assert "frobnicate" in m.check_decode()["k"]
 
 
 @pytest.mark.parametrize("instr,what", [
@@ -104,13 +106,35 @@ def test_unknown_instruction_names_line():
     ("ld.u32 %r2, [%rd1];", "state space"),
     ("lop3.b32 %r2, %r1, %r1, %r1, 300;", "immLut"),
     ("cvt.f32.s32 %f1, %r1;", "needs .rn/.rz/.rm/.rp"),
-    ("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.xor.popc {%r0,%r1,%r2,%r3}, {%r0,%r1,%r2,%r3}, {%r0,%r1}, {%r0,%r1,%r2,%r3};", "only mma"),
+    ("mma.sync.aligned.m8n8k128.row.col.s32.b1.b1.s32.xor.popc {%r0,%r1}, {%r0}, {%r1}, {%r0,%r1};", "only mma"),
 ])
 def test_unsupported_forms_rejected(instr, what):
     src = HEADER + (".visible .entry k(.param .u64 out)\n{\n  .reg .b32 %r<4>;\n  .reg .f32 %f<2>;\n"
                     f"  .reg .b64 %rd<2>;\n  {instr}\n  ret;\n}}\n")
     with pytest.raises(SimError, match=r"y\.ptx:9: .*" + what.replace(".", r"\.")):
-        Module(src, "y.ptx")
+        Module(src, "y.ptx").launch("k", args=[0])
+
+
+def test_one_unsupported_entry_leaves_the_others_usable():
+    src = HEADER + (".visible .entry bad(.param .u64 out)\n{\n  .reg .b32 %r<4>;\n"
+                    "  frobnicate.b32 %r2, %r1;\n  ret;\n}\n"
+                    ".visible .entry good(.param .u64 out)\n{\n  .reg .b32 %r<4>;\n  .reg .b64 %rd<2>;\n"
+                    "  ld.param.u64 %rd1, [out];\n  mov.u32 %r1, 42;\n  st.global.u32 [%rd1], %r1;\n  ret;\n}\n")
+    m = Module(src, "two.ptx")
+    mem = GlobalMemory()
+    out = mem.alloc(4)
+    m.launch("good", args=[out], mem=mem)
+    assert mem.read(out, np.uint32, 1)[0] == 42
+    assert list(m.check_decode()) == ["bad"]
+
+
+def test_grid_past_the_hardware_limits_is_refused():
+    src = HEADER + ".visible .entry k(.param .u64 out)\n{\n  ret;\n}\n"
+    m = Module(src, "g.ptx")
+    m.launch("k", grid=(1, 65535, 1), args=[0])
+    for grid in [(1, 65536, 1), (1, 1, 65536), (2**31, 1, 1)]:
+        with pytest.raises(SimError, match="hardware limits"):
+            m.launch("k", grid=grid, args=[0])
 
 
 def test_launch_argument_checks():
@@ -122,3 +146,28 @@ def test_launch_argument_checks():
         m.launch("k", args=[0, -1])
     with pytest.raises(SimError, match="no entry named"):
         m.launch("nope", args=[])
+
+
+def test_unaligned_view_of_x_avoids_the_vector_loads_of_gemv_a16_m1():
+    """A caller's view 4 bytes into a device array: gemv_a16_m1's 16-byte loads of x would fault (the
+    interpreter stops them as a GPU would); GpuBackend.linear routes such an x through gemv_a16."""
+    from loader.bipolar import PackedLinear, quantize_weights, ref_linear_a16
+    from runtime.gpu_backend import GpuBackend
+    from tools.kernel_runners import SimDevice
+    rng = np.random.default_rng(3)
+    lin = PackedLinear.from_quant(quantize_weights(rng.standard_normal((8, 64)), 4, 32, asymmetric=True))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    be = GpuBackend(dev=SimDevice())
+    h = be.prepare_linear(lin)
+    whole = be.upload(np.concatenate([[0.0], x[0]]).astype(np.float32)[None, :])    # (1, 65)
+    view = whole.view(4, (1, 64))
+    assert view.ptr % 16 == 4
+    got = be.download(be.linear(h, view))
+    assert be.last_path == "gemv_a16"
+    np.testing.assert_allclose(got, ref_linear_a16(lin, x), rtol=1e-5, atol=1e-5)
+    y = be.empty((1, 8))
+    with pytest.raises(SanitizerError, match="misaligned global load of 16 bytes"):
+        be._launch("gemv.ptx", "gemv_a16_m1", (2, 1, 1), (128, 1, 1),
+                   [y, view, h.planes, h.scales, h.offsets, 8, 64, h.Kw, h.p, h.G, h.ngw, None])
+    with pytest.raises(ValueError, match="not 4-byte aligned"):
+        be.linear(h, whole.view(2, (1, 64)))

@@ -117,7 +117,7 @@ def unfrag_c(F):
     return C
 
 
-def run_mma(As, Bs, Cs, iters=1):
+def run_mma(As, Bs, Cs, iters=1, module=None):
     nw = len(As)
     mem = GlobalMemory()
     af = mem.alloc_from(np.stack([frag_a(a) for a in As]))
@@ -125,7 +125,7 @@ def run_mma(As, Bs, Cs, iters=1):
     cf = mem.alloc_from(np.stack([frag_c(c) for c in Cs]))
     out = mem.alloc(nw * 32 * 16)
     t0 = time.perf_counter()
-    mod().launch("mma_test", block=(32 * nw, 1, 1), args=[out, af, bf, cf, iters], mem=mem)
+    (module or mod()).launch("mma_test", block=(32 * nw, 1, 1), args=[out, af, bf, cf, iters], mem=mem)
     dt = time.perf_counter() - t0
     F = mem.read(out, np.int32, nw * 128).reshape(nw, 32, 4)
     return [unfrag_c(F[w]) for w in range(nw)], dt
@@ -170,3 +170,32 @@ def test_mma_loop_speed():
     assert np.array_equal(D[0], 256 * (As[0].astype(np.int64) @ Bs[0]))
     print(f"\nmma loop: 128 threads, 256 mma.sync (~1040 dynamic instructions) in {dt * 1e3:.1f} ms")
     assert dt < 2.0
+
+
+MMA_AND = ("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%r8, %r9, %r10, %r11}, "
+           "{%r2, %r3, %r4, %r5}, {%r6, %r7}, {%r8, %r9, %r10, %r11};")
+
+
+def mma_variant(shape, bop):
+    """warp.ptx with its mma replaced by another shape / bit op (k128 reads only a0, a1 and b0)."""
+    a, b = ("{%r2, %r3, %r4, %r5}", "{%r6, %r7}") if shape == "m16n8k256" else ("{%r2, %r3}", "{%r6}")
+    line = (f"mma.sync.aligned.{shape}.row.col.s32.b1.b1.s32.{bop}.popc {{%r8, %r9, %r10, %r11}}, "
+            f"{a}, {b}, {{%r8, %r9, %r10, %r11}};")
+    text = (DATA / "warp.ptx").read_text()
+    assert MMA_AND in text
+    return Module(text.replace(MMA_AND, line), f"warp-{shape}-{bop}.ptx")
+
+
+@pytest.mark.parametrize("shape,bop", [("m16n8k256", "xor"), ("m16n8k128", "xor"), ("m16n8k128", "and")])
+def test_mma_xor_and_k128_against_bit_matmul(shape, bop):
+    """D = C + iters * sum_k op(A[m, k], B[k, n]) over the first K = 256 or 128 bits."""
+    rng = np.random.default_rng(23)
+    K = 256 if shape == "m16n8k256" else 128
+    As = [rng.integers(0, 2, (16, 256), np.uint8) for _ in range(2)]
+    Bs = [rng.integers(0, 2, (256, 8), np.uint8) for _ in range(2)]
+    Cs = [rng.integers(-1000, 1000, (16, 8)) for _ in range(2)]
+    D, _ = run_mma(As, Bs, Cs, iters=2, module=mma_variant(shape, bop))
+    for A, B, C, got in zip(As, Bs, Cs, D):
+        a, b = A[:, :K].astype(np.int64), B[:K].astype(np.int64)
+        pair = a[:, :, None] ^ b[None, :, :] if bop == "xor" else a[:, :, None] & b[None, :, :]
+        assert np.array_equal(got, C + 2 * pair.sum(axis=1))

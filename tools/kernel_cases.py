@@ -268,6 +268,7 @@ def cases(quick: bool):
     add(case_bgemm, 5, 40, 640, 3, 2, 128, 256, True)       # L = 128: blocks end inside 256-lane steps
     add(case_bgemm, 3, 24, 300, 4, 4, 320, 1 << 30, True)   # per channel: one block, K % 256 != 0
     add(case_bgemm, 4, 24, 384, 2, 8, 384, 384, False)      # L = 384 = 3 x 128
+    add(case_bgemm, 9, 32, 1024, 4, 8, 128, 128, True)      # 4 K steps of 256: both stages refilled
     add(case_elementwise, 300)
     add(case_norms, 3, 200)
     add(case_rope, 2, 3, 64, "adjacent")

@@ -100,8 +100,18 @@ class Module:
         self.filename = filename
         self.parsed = parse(ptx_text, filename)
         self._decoded = {}
-        for name in self.parsed.entries:       # decode eagerly: unsupported PTX fails at load
-            self._program(name)
+        # decoded lazily, on first launch: one entry using PTX the interpreter does not implement must
+        # not make the file's other kernels unusable (check_decode() decodes all of them up front)
+
+    def check_decode(self) -> dict[str, str]:
+        """{entry: error} for every entry that does not decode (empty when all do)."""
+        bad = {}
+        for name in self.parsed.entries:
+            try:
+                self._program(name)
+            except SimError as e:
+                bad[name] = str(e)
+        return bad
 
     @property
     def entries(self):
@@ -140,6 +150,10 @@ class Module:
         block = tuple(int(x) for x in (tuple(block) + (1, 1, 1))[:3])
         if min(grid) < 1 or min(block) < 1:
             raise SimError(f"launch of {name}: grid {grid} and block {block} must be positive")
+        if grid[0] > 2**31 - 1 or grid[1] > 65535 or grid[2] > 65535:
+            # the interpreter could run it, a GPU refuses it: fail here as the device would
+            raise SimError(f"launch of {name}: grid {grid} exceeds the hardware limits "
+                           f"(x <= 2^31-1, y and z <= 65535)")
         nthreads = block[0] * block[1] * block[2]
         if nthreads > 1024 or block[2] > 64:
             raise SimError(f"launch of {name}: block {block} exceeds 1024 threads / z <= 64")

@@ -1,4 +1,4 @@
-"""Warp-synchronous instructions: shfl.sync, vote.sync, mma.sync (m16n8k256 b1 AND+popc).
+"""Warp-synchronous instructions: shfl.sync, vote.sync, mma.sync (b1 m16n8k256 / m16n8k128, AND or XOR+popc).
 
 Convergence rule (strict): every lane named in membermask must be executing this very instruction
 together with the caller (same PC, not exited, guard predicate true), and the caller must be in its
@@ -13,7 +13,8 @@ fragments for mma.m16n8k256"), with g = laneid >> 2 (groupID), t = laneid & 3 (t
   B (256 x 8 bits, column-major), two .b32 registers:
       b0: column g, k = 32t + [0, 32)         b1: column g, k = 128 + 32t + [0, 32)
   C, D (16 x 8 s32): c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)
-  D[m, n] = C[m, n] + popc(A[m, :] & B[:, n]).
+  D[m, n] = C[m, n] + popc(A[m, :] & B[:, n])      (.and.popc; .xor.popc: A[m, :] ^ B[:, n]).
+m16n8k128 is the first half of that: a0, a1 (k = 32t + [0, 32)), b0, the same C and D.
 We take bit j of a register as k offset j (LSB first); since A and B use the same convention and the
 result only sums over k, the bit order inside a register cannot change any result.
 """
@@ -130,17 +131,23 @@ def dec_vote(d, s):
     return run
 
 
-_MMA_MODS = ["sync", "aligned", "m16n8k256", "row", "col", "s32", "b1", "b1", "s32", "and", "popc"]
+_MMA_SHAPES = {"m16n8k256": 2, "m16n8k128": 1}       # shape -> 128-bit k halves per fragment
+_MMA_OPS = {"and": np.bitwise_and, "xor": np.bitwise_xor}
 
 
 @op("mma")
 def dec_mma(d, s):
-    if s.mods != _MMA_MODS:
-        raise d.err(s, "only mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc is supported")
+    m = s.mods
+    ok = (len(m) == 11 and m[:2] == ["sync", "aligned"] and m[2] in _MMA_SHAPES and m[3:9] ==
+          ["row", "col", "s32", "b1", "b1", "s32"] and m[9] in _MMA_OPS and m[10] == "popc")
+    if not ok:
+        raise d.err(s, "only mma.sync.aligned.{m16n8k256,m16n8k128}.row.col.s32.b1.b1.s32.{and,xor}.popc "
+                    "is supported")
+    halves, bop = _MMA_SHAPES[m[2]], _MMA_OPS[m[9]]
     dd, aa, bb, cc = d.nops(s, 4)
     wd = [d.writer(s, o, S32) for o in d.vec(s, dd, 4)]
-    ra = [d.reader(s, o, B32) for o in d.vec(s, aa, 4)]
-    rb = [d.reader(s, o, B32) for o in d.vec(s, bb, 2)]
+    ra = [d.reader(s, o, B32) for o in d.vec(s, aa, 2 * halves)]
+    rb = [d.reader(s, o, B32) for o in d.vec(s, bb, halves)]
     rc = [d.reader(s, o, S32) for o in d.vec(s, cc, 4)]
     lanes = np.arange(32)
     g, t = lanes >> 2, lanes & 3
@@ -157,13 +164,14 @@ def dec_mma(d, s):
         A = [r(st, idx).reshape(nw, 32) for r in ra]
         Bv = [r(st, idx).reshape(nw, 32) for r in rb]
         C = [r(st, idx).reshape(nw, 32) for r in rc]
-        Aw = np.zeros((nw, 16, 8), np.uint32)      # A[m, kword]
-        Aw[:, g, t], Aw[:, g + 8, t], Aw[:, g, t + 4], Aw[:, g + 8, t + 4] = A
-        Bw = np.zeros((nw, 8, 8), np.uint32)       # B[n, kword]
-        Bw[:, g, t], Bw[:, g, t + 4] = Bv
+        Aw = np.zeros((nw, 16, 4 * halves), np.uint32)      # A[m, kword]
+        Bw = np.zeros((nw, 8, 4 * halves), np.uint32)       # B[n, kword]
+        for h in range(halves):
+            Aw[:, g, t + 4 * h], Aw[:, g + 8, t + 4 * h] = A[2 * h], A[2 * h + 1]
+            Bw[:, g, t + 4 * h] = Bv[h]
         Cm = np.zeros((nw, 16, 8), np.int64)
         Cm[:, g, 2 * t], Cm[:, g, 2 * t + 1], Cm[:, g + 8, 2 * t], Cm[:, g + 8, 2 * t + 1] = C
-        P = np.bitwise_count(Aw[:, :, None, :] & Bw[:, None, :, :]).sum(axis=3, dtype=np.int64)
+        P = np.bitwise_count(bop(Aw[:, :, None, :], Bw[:, None, :, :])).sum(axis=3, dtype=np.int64)
         D = (Cm + P).astype(np.int32)              # s32 accumulation wraps like the hardware
         outs = (D[:, g, 2 * t], D[:, g, 2 * t + 1], D[:, g + 8, 2 * t], D[:, g + 8, 2 * t + 1])
         for w, v in zip(wd, outs):
