@@ -124,8 +124,9 @@ class Decoder:
     def __init__(self, pm: PackedModel, backend, *, wbits_run: int | None = None, abits: int = 16,
                  agroup=None, context: int | None = None):
         cfg = pm.config
-        if cfg.arch != "llama":
-            raise FormatError(f"the decoder runs Llama-family models, not {cfg.arch!r}")
+        if cfg.arch != "llama" or cfg.extras():
+            raise FormatError(f"the decoder runs plain Llama-family models, not {cfg.arch!r} with "
+                              f"{', '.join(cfg.extras()) or 'its options'}")
         self.cfg, self.backend = cfg, backend
         self.context = min(cfg.max_seq_len, context or 4096)
         self.abits = abits
