@@ -267,8 +267,9 @@ def _source_tensor(g: GGUFFile, name: str, internal: str, rows: slice | None, sh
                         blocks=blocks if tname in EXACT_TYPES and len(shape) == 2 else None)
 
 
-def read_gguf(path) -> SourceModel:
-    """Parse and validate a GGUF file of a supported architecture (loader/gguf_config.py); tensors stay lazy."""
+def read_gguf(path, with_tokenizer: bool = True) -> SourceModel:
+    """Parse and validate a GGUF file of a supported architecture (loader/gguf_config.py); tensors stay lazy.
+    with_tokenizer=False leaves tokenizer_json empty (weights and config only, e.g. for a reference forward)."""
     from loader.tokenizer import tokenizer_json_from_gguf
 
     g = GGUFFile(path)
@@ -303,7 +304,7 @@ def read_gguf(path) -> SourceModel:
     if missing:
         raise FormatError(f"{g.path}: missing tensors {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    tok_json = tokenizer_json_from_gguf(g.meta, source=g.path)
+    tok_json = tokenizer_json_from_gguf(g.meta, source=g.path) if with_tokenizer else ""
     return SourceModel(config=cfg, tensors=tensors, tokenizer_json=tok_json, source=g.path)
 
 
