@@ -71,16 +71,30 @@ def _rows(w: np.ndarray, chunk: int = 16384):
         yield lo, w[lo:lo + chunk].astype(np.float64)
 
 
-def reference_logits(src: SourceModel, ids) -> np.ndarray:
-    """float64 logits (len(ids), vocab) of the whole sequence `ids` (positions 0..M-1)."""
+def reference_logits(src: SourceModel, ids, cache: dict | None = None, last_only: bool = False) -> np.ndarray:
+    """float64 logits (len(ids), vocab) of the whole sequence `ids` (positions 0..M-1), or (1, vocab) of
+    its last position with last_only. `cache`: a dict that keeps the dequantized tensors between calls
+    (float64; the (V, d) table float32), for greedy loops on a real model."""
     c = src.config
     ids = np.asarray(ids, np.int64)
     M, H, Hkv, hd = len(ids), c.n_heads, c.n_kv_heads, c.head_dim
 
-    def t(name, dtype=np.float64):
-        return src[name].load().astype(dtype)
+    def f32(name):
+        if cache is None:
+            return src[name].load()
+        if name not in cache:
+            cache[name] = src[name].load()
+        return cache[name]
 
-    emb = src["output" if c.tied_embeddings else "tok_embeddings"].load()        # float32 (V, d)
+    def t(name):
+        if cache is None:
+            return src[name].load().astype(np.float64)
+        key = name + ":f64"
+        if key not in cache:
+            cache[key] = src[name].load().astype(np.float64)
+        return cache[key]
+
+    emb = f32("output" if c.tied_embeddings else "tok_embeddings")              # float32 (V, d)
     x = emb[ids].astype(np.float64) * c.embed_scale
     pos = np.arange(M)
     for i in range(c.n_layers):
@@ -114,14 +128,27 @@ def reference_logits(src: SourceModel, ids) -> np.ndarray:
         if c.post_norms:
             f = rms(f, t(p + "ffn_post_norm"), c.norm_eps)
         x = x + f
-    x = rms(x, t("norm"), c.norm_eps)
-    out = np.empty((M, c.vocab_size))
-    w_out = emb if c.tied_embeddings else src["output"].load()
+    x = rms(x[-1:] if last_only else x, t("norm"), c.norm_eps)
+    out = np.empty((len(x), c.vocab_size))
+    w_out = emb if c.tied_embeddings else f32("output")
     for lo, w in _rows(w_out):                      # a 262144-row table in float64 pieces
         out[:, lo:lo + w.shape[0]] = x @ w.T
     if c.logit_softcap:
         out = c.logit_softcap * np.tanh(out / c.logit_softcap)
     return out
+
+
+def reference_greedy(src: SourceModel, ids, n: int, cache: dict | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy continuation of `ids` by n tokens (full recompute per token) and the logits each was picked from."""
+    seq, out, picked = [int(i) for i in ids], [], []
+    cache = {} if cache is None else cache
+    for _ in range(n):
+        z = reference_logits(src, seq, cache, last_only=True)[-1]
+        tok = int(np.argmax(z))
+        out.append(tok)
+        picked.append(z)
+        seq.append(tok)
+    return out, picked
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
