@@ -35,10 +35,28 @@ def _tie(z: np.ndarray, a: int, b: int) -> bool:
     return abs(lp[a] - lp[b]) < 1e-3
 
 
-def check_against_llama(path, prompts, greedy_prompts=None, cache=None):
+# per case: config changes (one option read wrong) that the comparison must catch: KL above its bound
+MUTATIONS = {
+    "llama3": [("rope_freq_factors", None), ("rope_style", "half")],
+    "llama_linear": [("rope_scale", 1.0)],
+    "mistral": [("rope_style", "half")],
+    "qwen2": [("qkv_bias", False)],
+    "qwen3": [("qk_norm", False)],
+    "gemma3": [("rope_local_theta", 0.0), ("post_norms", False), ("logit_softcap", 0.0), ("embed_scale", 1.0),
+               ("ffn_act", "silu"), ("sliding_window", 1000)],
+    "phi3": [("rope_dim", 16)],
+}
+
+
+def check_against_llama(path, prompts, greedy_prompts=None, cache=None, mutations=()):
     src = read_gguf(path, with_tokenizer=False)
     greedy_prompts = range(len(prompts)) if greedy_prompts is None else greedy_prompts
     res = _llama(path, prompts, GREEDY)
+    for key, value in mutations:              # the check can fail: a wrong option is caught
+        bad = read_gguf(path, with_tokenizer=False)
+        setattr(bad.config, key, value)
+        worst = max(kl_per_position(lg, reference_logits(bad, ids)).max() for ids, (lg, _) in zip(prompts, res))
+        assert worst > 1e-2, f"{key}={value!r} goes unnoticed (KL {worst:.1e})"
     kls, agree, total = [], 0, 0
     for i, (ids, (lg, cont)) in enumerate(zip(prompts, res)):
         ref = reference_logits(src, ids, cache)
@@ -65,7 +83,7 @@ def test_reference_matches_llama_cpp(tmp_path, name):
     rng = np.random.default_rng(11)
     # 24 tokens: past gemma3's window of 6, inside mistral's 64 (with the 32 greedy ones too)
     prompts = [rng.integers(3, 270, 24).tolist() for _ in range(3)]
-    kl, agree = check_against_llama(path, prompts)
+    kl, agree = check_against_llama(path, prompts, mutations=MUTATIONS[name])
     print(f"{name}: max KL {kl:.2e}, top-1 agreement {agree:.3f}")
 
 

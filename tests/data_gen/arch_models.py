@@ -70,7 +70,10 @@ def case_weights(name: str, seed: int = 0) -> dict[str, np.ndarray]:
     def norm(n):
         return (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
 
-    w = {"token_embd.weight": rng.standard_normal((V, DIM)).astype(np.float32), "output_norm.weight": norm(DIM)}
+    # scales chosen so that every option moves the logits: attention sharp enough for RoPE details to
+    # matter, layer outputs comparable to the embedding (a tied table otherwise just predicts its input)
+    w = {"token_embd.weight": (0.5 * rng.standard_normal((V, DIM))).astype(np.float32),
+         "output_norm.weight": norm(DIM)}
     if not c.get("tied", True):
         w["output.weight"] = mat(V, DIM, 0.5)
     if c.get("llama3"):
@@ -79,18 +82,19 @@ def case_weights(name: str, seed: int = 0) -> dict[str, np.ndarray]:
         p = f"blk.{i}."
         w[p + "attn_norm.weight"], w[p + "ffn_norm.weight"] = norm(DIM), norm(DIM)
         if c["arch"] == "phi3":
-            w[p + "attn_qkv.weight"] = mat(qd + 2 * kd, DIM, 0.15)
-            w[p + "ffn_up.weight"] = mat(2 * FFN, DIM)
+            w[p + "attn_qkv.weight"] = np.concatenate([mat(qd + kd, DIM, 0.4), mat(kd, DIM, 0.2)])
+            w[p + "ffn_up.weight"] = mat(2 * FFN, DIM, 0.15)
         else:
-            w[p + "attn_q.weight"], w[p + "attn_k.weight"] = mat(qd, DIM, 0.15), mat(kd, DIM, 0.15)
-            w[p + "attn_v.weight"] = mat(kd, DIM)
-            w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"] = mat(FFN, DIM), mat(FFN, DIM)
-        w[p + "attn_output.weight"], w[p + "ffn_down.weight"] = mat(DIM, qd), mat(DIM, FFN)
+            w[p + "attn_q.weight"], w[p + "attn_k.weight"] = mat(qd, DIM, 0.4), mat(kd, DIM, 0.4)
+            w[p + "attn_v.weight"] = mat(kd, DIM, 0.2)
+            w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"] = mat(FFN, DIM, 0.15), mat(FFN, DIM, 0.15)
+        w[p + "attn_output.weight"], w[p + "ffn_down.weight"] = mat(DIM, qd, 0.2), mat(DIM, FFN, 0.15)
         if c.get("bias"):
             for t, n in (("attn_q", qd), ("attn_k", kd), ("attn_v", kd)):
                 w[p + t + ".bias"] = (0.3 * rng.standard_normal(n)).astype(np.float32)
         if c.get("qk_norm"):
-            w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"] = norm(hd), norm(hd)
+            # normed q and k have unit rms: weights near 2 keep attention sharp, so RoPE bases matter
+            w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"] = 2 * norm(hd), 2 * norm(hd)
         if c["arch"] == "gemma3":
             w[p + "post_attention_norm.weight"], w[p + "post_ffw_norm.weight"] = norm(DIM), norm(DIM)
     return w
