@@ -132,10 +132,6 @@ class ContextOverflow(ValueError):
     pass
 
 
-class ContextOverflow(ValueError):
-    pass
-
-
 def compile_graph(graph, backend, interpret: bool = False):
     """The backend's compiled program, or the op-by-op interpreter (for a backend without a compiler,
     or asked for: the per-op reference of the tests and benchmarks)."""
@@ -155,6 +151,8 @@ class Decoder:
         arch = arch or cfg.arch
         if arch not in DECODERS:
             raise FormatError(f"the decoder runs {', '.join(DECODERS)} models, not {arch!r}")
+        if cfg.extras():
+            raise FormatError(f"the decoder does not run {cfg.arch!r} with {', '.join(cfg.extras())} yet")
         self.cfg, self.backend = cfg, backend
         self.context = min(cfg.max_seq_len, context or 4096)
         self.abits = abits

@@ -42,9 +42,20 @@ def _cache_key(src: Path, recipe: Recipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _read_source(src: Path):
+def _read_source(src: Path, kind: str = "decoder"):
     from loader.sources import read_source
-    return read_source(src)
+    source = read_source(src)
+    if kind == "decoder":
+        check_runnable(source.config, src)      # before minutes of packing, not after
+    return source
+
+
+def check_runnable(cfg, where) -> None:
+    """One FormatError line when the decoder cannot run this config (an architecture or option it does
+    not implement yet); the loaders accept more than the forward runs."""
+    gaps = cfg.extras() if cfg.arch != "bert" else ["architecture 'bert' (an encoder: use engine.embed)"]
+    if gaps:
+        raise FormatError(f"{where}: the decoder does not run this model yet: {', '.join(gaps)}")
 
 
 def default_recipe(kind: str, wbits: int, abits: int, group=None, agroup=None) -> Recipe:
@@ -72,8 +83,10 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
     src = resolve_source(path, kind)
     if src.is_dir() and is_packed_dir(src):
         pm = read_packed(src)
+        if kind == "decoder":
+            check_runnable(pm.config, src)
         # the model's precision is that of its layers; the output projection keeps its own (head_bits)
-        bits = [m["bits"] for n, m in pm.info.items() if n != "output"] or [16]
+        bits = [m["bits"] for n, m in pm.info.items() if n not in ("output", "tok_embeddings")] or [16]
         stored = max(bits)
         if wbits == 16 and stored != 16:
             raise FormatError(f"{src} holds {stored}-bit weights; it cannot run unquantized (--wbits 16)")
@@ -83,14 +96,14 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         return pm, wbits
     recipe = default_recipe(kind, wbits, abits, group, agroup)
     if wbits == 16:
-        return quantize_model(_read_source(src), recipe), 16
+        return quantize_model(_read_source(src, kind), recipe), 16
     out = cache_root() / "packed" / f"{src.stem}-w{wbits}-{_cache_key(src, recipe)}"
     if is_packed_dir(out):
         try:
             return read_packed(out), wbits
         except FormatError as e:
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
-    source = _read_source(src)
+    source = _read_source(src, kind)
     # a group wider than every input only pads rows with zeros (--group 65536 ran out of memory)
     check_group(group, [t.shape[-1] for t in source.tensors.values() if len(t.shape) == 2], str(src))
     hessians = None

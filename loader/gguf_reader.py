@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) file -> `SourceModel`, for the Llama architecture.
+"""GGUF (llama.cpp) file -> `SourceModel`, for the decoder architectures of loader/gguf_config.py.
 
 The header (metadata and tensor table) is parsed here with bounds checks on every read, because a
 malformed file must give a `FormatError` that names the problem, never an IndexError from deep inside a
@@ -8,13 +8,13 @@ Tensor data is mapped, not read: each `SourceTensor.load()` dequantizes one tens
 `gguf.quants.dequantize`, and `blocks()` hands out the raw Q4_0 / Q4_1 / Q8_0 fields for exact import.
 
 GGUF stores a matrix with ne[0] = K (inner, contiguous) first; NumPy shape is the reverse, (N, K),
-which is already the internal orientation. Q/K rows stay as llama.cpp permuted them ("adjacent" RoPE).
+which is already the internal orientation. Q/K rows stay as llama.cpp permuted them ("adjacent" RoPE)
+in llama files; the other architectures are stored in rotate-half order.
 """
 from __future__ import annotations
 
 import mmap
 import os
-import re
 import struct
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from loader.errors import FormatError
-from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes, finite
+from loader.gguf_config import check_architecture, gguf_config, internal_names
+from loader.source import SourceModel, SourceTensor, expected_shapes, finite
 from loader.validate import check_gguf_meta
 
 MAGIC = b"GGUF"
@@ -244,38 +245,7 @@ class GGUFFile:
         return f16(0), np.ascontiguousarray(b[:, :, 2:34]).view(np.int8).reshape(n, k)   # Q8_0
 
 
-_LAYER_MAP = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
-              "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
-
-
-def _meta(g: GGUFFile, key: str, kind, default=None, required=True):
-    v = g.meta.get(key)
-    if v is None:
-        if required and default is None:
-            raise FormatError(f"{g.path}: missing metadata {key!r}")
-        return default
-    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise FormatError(f"{g.path}: metadata {key!r} should be an integer, got {v!r}")
-    if kind is float and not isinstance(v, (int, float)):
-        raise FormatError(f"{g.path}: metadata {key!r} should be a number, got {v!r}")
-    return kind(v)
-
-
-def _config(g: GGUFFile, tied: bool, vocab_size: int) -> ModelConfig:
-    a = "llama"
-    if g.meta.get(f"{a}.expert_count", 0):
-        raise FormatError(f"{g.path}: mixture-of-experts llama models are not supported")
-    scaling = g.meta.get(f"{a}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise FormatError(f"{g.path}: RoPE scaling {scaling!r} is not supported")
-    n_heads = _meta(g, f"{a}.attention.head_count", int)
-    dim = _meta(g, f"{a}.embedding_length", int)
-    head_dim = _meta(g, f"{a}.attention.key_length", int, required=False) or 0
-    rot = _meta(g, f"{a}.rope.dimension_count", int, required=False)
-    hd = head_dim or (dim // n_heads if n_heads else 0)
-    if rot is not None and rot != hd:
-        raise FormatError(f"{g.path}: partial RoPE ({rot} of {hd} head dims) is not supported")
+def _tokenizer_fields(g: GGUFFile) -> dict:
     tokens = g.meta.get("tokenizer.ggml.tokens") or []
     bos = g.meta.get("tokenizer.ggml.bos_token_id")
     # gpt2-style BPE vocabularies add no BOS unless the file says so; SentencePiece ones do
@@ -284,76 +254,65 @@ def _config(g: GGUFFile, tied: bool, vocab_size: int) -> ModelConfig:
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
         if isinstance(g.meta.get(key), int) and g.meta[key] not in eos_ids:
             eos_ids.append(g.meta[key])
-    if "<|im_end|>" in tokens and tokens.index("<|im_end|>") not in eos_ids:
-        eos_ids.append(tokens.index("<|im_end|>"))
-    try:
-        return ModelConfig(
-            arch="llama", dim=dim, n_layers=_meta(g, f"{a}.block_count", int), n_heads=n_heads,
-            n_kv_heads=_meta(g, f"{a}.attention.head_count_kv", int, default=n_heads),
-            ffn_dim=_meta(g, f"{a}.feed_forward_length", int), vocab_size=vocab_size,
-            max_seq_len=_meta(g, f"{a}.context_length", int),
-            norm_eps=_meta(g, f"{a}.attention.layer_norm_rms_epsilon", float),
-            rope_theta=_meta(g, f"{a}.rope.freq_base", float, default=10000.0),
-            rope_style="adjacent", tied_embeddings=tied, head_dim=head_dim,
-            bos_id=int(bos) if (add_bos and isinstance(bos, int)) else None, eos_ids=eos_ids,
-            chat_template=g.meta.get("tokenizer.chat_template"))
-    except FormatError as e:
-        raise FormatError(f"{g.path}: {e}") from None
+    for end in ("<|im_end|>", "<end_of_turn>", "<|end|>", "<|eot_id|>"):
+        if end in tokens and tokens.index(end) not in eos_ids:
+            eos_ids.append(tokens.index(end))
+    return dict(bos_id=int(bos) if (add_bos and isinstance(bos, int)) else None, eos_ids=eos_ids,
+                chat_template=g.meta.get("tokenizer.chat_template"))
 
 
-def _internal_name(name: str, tied: bool, path: str) -> str:
-    if name == "token_embd.weight":
-        return "output" if tied else "tok_embeddings"
-    if name == "output.weight":
-        return "output"
-    if name == "output_norm.weight":
-        return "norm"
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
-    if name == "rope_freqs.weight":
-        raise FormatError(f"{path}: per-frequency RoPE scaling (rope_freqs.weight) is not supported")
-    raise FormatError(f"{path}: unexpected tensor {name!r} for a llama model")
+def _source_tensor(g: GGUFFile, name: str, internal: str, rows: slice | None, shape: tuple) -> SourceTensor:
+    """A lazy tensor: the whole of GGUF tensor `name`, or its rows `rows` (a part of a fused tensor)."""
+    tname = GGMLQuantizationType(g.tensors[name][1]).name
+    where = f"{g.path}: tensor {name!r}"
+    if rows is None:
+        load, blocks = (lambda: finite(g.load(name), where)), (lambda: g.blocks(name))
+    else:
+        load = lambda: finite(np.ascontiguousarray(g.load(name)[rows]), where)          # noqa: E731
+        blocks = lambda: tuple(np.ascontiguousarray(a[rows]) for a in g.blocks(name))   # noqa: E731
+    return SourceTensor(name=internal, shape=shape, ggml_type=tname, load=load,
+                        blocks=blocks if tname in EXACT_TYPES and len(shape) == 2 else None)
 
 
-def read_gguf(path) -> SourceModel:
-    """Parse and validate a llama GGUF file; tensors stay lazy."""
+def read_gguf(path, with_tokenizer: bool = True) -> SourceModel:
+    """Parse and validate a GGUF file of a supported architecture (loader/gguf_config.py); tensors stay lazy.
+    with_tokenizer=False leaves tokenizer_json empty (weights and config only, e.g. for a reference forward)."""
     from loader.tokenizer import tokenizer_json_from_gguf
 
     g = GGUFFile(path)
     check_gguf_meta(g.meta, g.path)         # every key read below has the type the spec gives it
-    arch = g.meta.get("general.architecture")
-    if arch != "llama":
-        raise FormatError(f"{g.path}: architecture {arch!r} is not supported (only 'llama' GGUF files are)")
+    arch = check_architecture(g)
     if "token_embd.weight" not in g.tensors:
         raise FormatError(f"{g.path}: missing tensor 'token_embd.weight'")
     tied = "output.weight" not in g.tensors
     vocab_size = g.tensors["token_embd.weight"][0][0]
-    cfg = _config(g, tied, vocab_size)
-    if cfg.n_layers * 9 > len(g.tensors):        # before building per-layer tables from a lying count
+    cfg = gguf_config(g, arch, tied, vocab_size, _tokenizer_fields(g))
+    if cfg.n_layers * (6 if arch == "phi3" else 9) > len(g.tensors):        # before building per-layer tables from a lying count
         raise FormatError(f"{g.path}: block_count {cfg.n_layers} but only {len(g.tensors)} tensors")
     expected = expected_shapes(cfg)
     tensors: dict[str, SourceTensor] = {}
     ok_types = dequantizable_types()
     for name, (shape, raw_type, _s, _n) in g.tensors.items():
-        internal = _internal_name(name, tied, g.path)
-        if internal not in expected:
-            raise FormatError(f"{g.path}: tensor {name!r} does not belong to a {cfg.n_layers}-layer model")
-        if shape != expected[internal]:
-            raise FormatError(f"{g.path}: tensor {name!r} has shape {shape}, expected {expected[internal]}")
-        if raw_type not in ok_types:
+        parts = internal_names(name, shape, cfg, g.path)
+        if parts and raw_type not in ok_types:
             raise FormatError(f"{g.path}: tensor {name!r} has ggml type {_type_name(raw_type)}, which cannot be "
                               f"dequantized by the installed gguf package")
-        tname = GGMLQuantizationType(raw_type).name
-        tensors[internal] = SourceTensor(
-            name=internal, shape=shape, ggml_type=tname,
-            load=(lambda n=name: finite(g.load(n), f"{g.path}: tensor {n!r}")),
-            blocks=(lambda n=name: g.blocks(n)) if tname in EXACT_TYPES and len(shape) == 2 else None)
+        for internal, rows in parts:
+            if internal not in expected:
+                raise FormatError(f"{g.path}: tensor {name!r} does not belong to a {cfg.n_layers}-layer {arch} "
+                                  f"model with this configuration")
+            if internal in tensors:
+                raise FormatError(f"{g.path}: tensor {name!r} duplicates {internal!r}")
+            part = shape if rows is None else (len(range(*rows.indices(shape[0]))),) + shape[1:]
+            if rows is not None and rows.stop > shape[0] or part != expected[internal]:
+                raise FormatError(f"{g.path}: tensor {name!r} has shape {shape}, expected "
+                                  f"{expected[internal] if rows is None else 'rows for ' + internal}")
+            tensors[internal] = _source_tensor(g, name, internal, rows, part)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise FormatError(f"{g.path}: missing tensors {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    tok_json = tokenizer_json_from_gguf(g.meta, source=g.path)
+    tok_json = tokenizer_json_from_gguf(g.meta, source=g.path) if with_tokenizer else ""
     return SourceModel(config=cfg, tensors=tensors, tokenizer_json=tok_json, source=g.path)
 
 

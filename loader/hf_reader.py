@@ -1,6 +1,6 @@
 """Hugging Face model directory (config.json + *.safetensors + tokenizer.json) -> `SourceModel`.
 
-Llama-family decoders (HF rotate-half RoPE, so rope_style "half") and BERT encoders. Every safetensors
+Decoders of loader/hf_config.py (HF rotate-half RoPE, so rope_style "half") and BERT encoders. Every safetensors
 header is checked here first (length, dtypes, offsets inside the file, no overlaps), so a truncated or
 lying file gives a `FormatError` naming it rather than an error from the Rust reader. BF16 has no NumPy
 dtype: those tensors are read as uint16 and shifted into the top half of a float32.
@@ -14,11 +14,11 @@ import numpy as np
 from safetensors import safe_open
 
 from loader.errors import FormatError
+from loader.hf_config import DECODER_TYPES, check_model_type, hf_decoder_config, hf_internal_names, norm_shift
 from loader.source import ModelConfig, SourceModel, SourceTensor, expected_shapes, finite
 from loader.validate import (check_hf_config, check_object, check_sentence_config, check_tokenizer_config,
                              load_json, read_safetensors_header, shard_files, Rule)
 
-LLAMA_TYPES = ("llama", "mistral")
 BERT_TYPES = ("bert",)
 _FLOAT = ("F64", "F32", "F16", "BF16")
 
@@ -75,9 +75,6 @@ def _get(cfg: dict, key: str, path: Path, default=None):
     return v
 
 
-_LLAMA_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "wq", "self_attn.k_proj": "wk",
-                "self_attn.v_proj": "wv", "self_attn.o_proj": "wo", "post_attention_layernorm": "ffn_norm",
-                "mlp.gate_proj": "w_gate", "mlp.up_proj": "w_up", "mlp.down_proj": "w_down"}
 _BERT_LAYER = {"attention.self.query": ("wq", "bq"), "attention.self.key": ("wk", "bk"),
                "attention.self.value": ("wv", "bv"), "attention.output.dense": ("wo", "bo"),
                "attention.output.LayerNorm": ("attn_norm.weight", "attn_norm.bias"),
@@ -90,17 +87,16 @@ _BERT_EMB = {"word_embeddings.weight": "tok_embeddings", "position_embeddings.we
 _SKIP = re.compile(r"(.*rotary_emb\.inv_freq|.*position_ids|(bert\.)?pooler\..*|cls\..*)$")
 
 
-def _llama_name(name: str, tied: bool) -> str | None:
-    if name == "model.embed_tokens.weight":
-        return "output" if tied else "tok_embeddings"
-    if name == "lm_head.weight":
-        return None if tied else "output"       # tied: the embedding is the output projection
-    if name == "model.norm.weight":
-        return "norm"
-    m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", name)
-    if m and m.group(2) in _LLAMA_LAYER:
-        return f"layers.{m.group(1)}.{_LLAMA_LAYER[m.group(2)]}"
-    return ""
+def _part(load, rows: slice | None, shift: float):
+    """A loader of rows `rows` of a tensor (a part of a fused one), plus `shift` (Gemma's 1 + w norms)."""
+    if rows is None and not shift:
+        return load
+
+    def part():
+        w = load()
+        w = w[rows] if rows is not None else w
+        return np.ascontiguousarray(w + np.float32(shift) if shift else w, dtype=np.float32)
+    return part
 
 
 def _bert_name(name: str) -> str | None:
@@ -114,30 +110,17 @@ def _bert_name(name: str) -> str | None:
     return ""
 
 
-def _llama_config(cfg: dict, p: Path, names: set, tok) -> ModelConfig:
-    if cfg.get("rope_scaling"):
-        raise FormatError(f"{p}: rope_scaling {cfg['rope_scaling']!r} is not supported")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise FormatError(f"{p}: hidden_act {cfg['hidden_act']!r} is not supported (llama uses silu)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise FormatError(f"{p}: attention/MLP biases are not supported")
-    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
-    n_heads = _get(cfg, "num_attention_heads", p)
+def _special_tokens(cfg: dict, tok) -> dict:
     eos = cfg.get("eos_token_id")
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])]
-    im_end = tok.token_to_id("<|im_end|>")
-    if im_end is not None and im_end not in eos_ids:
-        eos_ids.append(im_end)
+    for end in ("<|im_end|>", "<end_of_turn>", "<|end|>", "<|eot_id|>"):
+        i = tok.token_to_id(end)
+        if i is not None and i not in eos_ids:
+            eos_ids.append(i)
     bos = cfg.get("bos_token_id")
     # record BOS only if the tokenizer's post-processor adds it (i.e. the model wants it)
     wants_bos = isinstance(bos, int) and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
-    return ModelConfig(
-        arch="llama", dim=_get(cfg, "hidden_size", p), n_layers=_get(cfg, "num_hidden_layers", p),
-        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        ffn_dim=_get(cfg, "intermediate_size", p), vocab_size=_get(cfg, "vocab_size", p),
-        max_seq_len=_get(cfg, "max_position_embeddings", p), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_style="half", tied_embeddings=tied,
-        head_dim=cfg.get("head_dim") or 0, bos_id=bos if wants_bos else None, eos_ids=eos_ids)
+    return dict(bos_id=bos if wants_bos else None, eos_ids=eos_ids)
 
 
 def _bert_config(cfg: dict, p: Path, d: Path) -> ModelConfig:
@@ -186,10 +169,10 @@ def read_hf(directory) -> SourceModel:
     cfg = _read_json(p)
     if cfg.get("format") == "anybit-packed":
         raise FormatError(f"{d}: is a packed anybit directory; read it with loader.packed")
-    mtype = cfg.get("model_type")
-    if mtype not in LLAMA_TYPES + BERT_TYPES:
+    mtype = check_model_type(cfg, p)
+    if mtype not in DECODER_TYPES + BERT_TYPES:
         raise FormatError(f"{p}: model_type {mtype!r} is not supported "
-                          f"(supported: {', '.join(LLAMA_TYPES + BERT_TYPES)})")
+                          f"(supported: {', '.join(DECODER_TYPES + BERT_TYPES)})")
     check_hf_config(cfg, p, "bert" if mtype in BERT_TYPES else "llama")
     tok_path = d / "tokenizer.json"
     if not tok_path.is_file():
@@ -215,7 +198,7 @@ def read_hf(directory) -> SourceModel:
         if mtype in BERT_TYPES:
             config = _bert_config(cfg, p, d)
         else:
-            config = _llama_config(cfg, p, set(entries), tok)
+            config = hf_decoder_config(cfg, p, set(entries), _special_tokens(cfg, tok))
             tc_path = d / "tokenizer_config.json"
             tc = check_tokenizer_config(_read_json(tc_path, required=False) or {}, tc_path)
             if isinstance(tc.get("chat_template"), str):
@@ -225,23 +208,35 @@ def read_hf(directory) -> SourceModel:
     except (TypeError, ValueError) as e:
         raise FormatError(f"{p}: bad value in config ({e})") from None
 
-    if config.n_layers * 9 > len(entries):       # before building per-layer tables from a lying count
+    if config.n_layers * (6 if config.arch == "phi3" else 9) > len(entries):       # before building per-layer tables from a lying count
         raise FormatError(f"{p}: num_hidden_layers {config.n_layers} but only {len(entries)} tensors")
     expected = expected_shapes(config)
     tensors: dict[str, SourceTensor] = {}
     for name, (f, dtype, shape, off) in entries.items():
-        internal = _bert_name(name) if config.arch == "bert" else _llama_name(name, config.tied_embeddings)
-        if internal is None or (internal == "" and _SKIP.match(name)):
+        if config.arch == "bert":
+            internal = _bert_name(name)
+            parts = [] if internal == "" else [(internal, None)]
+        else:
+            parts = hf_internal_names(name, config)
+        if parts is None or (parts == [] and _SKIP.match(name)):
             continue
-        if internal == "" or internal not in expected:
+        if not parts:
             raise FormatError(f"{f}: unexpected tensor {name!r} for a {mtype} model with {config.n_layers} layers")
-        if internal in tensors:
-            raise FormatError(f"{f}: two tensors map to {internal!r} (one is {name!r})")
-        if shape != expected[internal]:
-            raise FormatError(f"{f}: tensor {name!r} has shape {list(shape)}, expected {list(expected[internal])}")
         if dtype not in _FLOAT:
             raise FormatError(f"{f}: tensor {name!r} has dtype {dtype}; expected a float type")
-        tensors[internal] = SourceTensor(name=internal, shape=shape, load=_loader(f, name, dtype, shape, off))
+        for internal, rows in parts:
+            if internal not in expected:
+                raise FormatError(f"{f}: unexpected tensor {name!r} for a {mtype} model with {config.n_layers} "
+                                  f"layers and this configuration")
+            if internal in tensors:
+                raise FormatError(f"{f}: two tensors map to {internal!r} (one is {name!r})")
+            part = shape if rows is None else (len(range(*rows.indices(shape[0]))),) + tuple(shape[1:])
+            if (rows is not None and rows.stop > shape[0]) or part != expected[internal]:
+                raise FormatError(f"{f}: tensor {name!r} has shape {list(shape)}, expected "
+                                  f"{list(expected[internal]) if rows is None else 'rows for ' + internal}")
+            shift = 0.0 if config.arch == "bert" else norm_shift(config, internal)
+            tensors[internal] = SourceTensor(name=internal, shape=part,
+                                             load=_part(_loader(f, name, dtype, shape, off), rows, shift))
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise FormatError(f"{d}: missing tensors {', '.join(missing[:5])}"

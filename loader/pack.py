@@ -32,12 +32,17 @@ BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
 EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}    # the source grid's bits: exact at p >= these
 
 
+HEADS = ("output", "tok_embeddings")               # a decoder's (V, d) tables: packed at the head's bits
+
+
 def is_linear(name: str, arch: str) -> bool:
-    """Linear weights get packed; embeddings (other than a tied output), norms and biases stay float."""
-    if arch == "llama" and name == "output":
+    """Packed: every linear weight, and a decoder's output and untied embedding table (its rows are
+    gathered one per token from the packed planes). Float32: norms, biases, BERT's embeddings."""
+    if arch == "bert":
+        return name.startswith("layers.") and name.rsplit(".", 1)[-1] in BERT_LINEARS
+    if name in HEADS:
         return True
-    leaf = name.rsplit(".", 1)[-1]
-    return name.startswith("layers.") and leaf in (LLAMA_LINEARS if arch == "llama" else BERT_LINEARS)
+    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in LLAMA_LINEARS
 
 
 @dataclass
@@ -167,7 +172,7 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
             out[name] = np.ascontiguousarray(t.load(), dtype=np.float32)
             continue
         bits = recipe.wbits
-        if name == "output":
+        if name in HEADS:
             bits = recipe.head_bits or default_head_bits(bits, t.ggml_type)
         group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
         s = smooth.get(name)

@@ -125,7 +125,7 @@ def load_json(source: str | os.PathLike | bytes, what: str | None = None):
 # ---- the model config (internal names; loader/source.py ModelConfig) ------------------------------
 
 MODEL_SCHEMA = {
-    "arch": Rule("str", required=True, choices=("llama", "bert")),
+    "arch": Rule("str", required=True, choices=("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert")),
     "dim": Rule("int", 1, MAX_DIM, required=True),
     "n_layers": Rule("int", 1, 4096, required=True),
     "n_heads": Rule("int", 1, 4096, required=True),
@@ -146,6 +146,19 @@ MODEL_SCHEMA = {
     "bos_id": Rule("int", 0, null=True),
     "eos_ids": Rule("list"),
     "chat_template": Rule("str", null=True),
+    # decoder options (loader/source.py ModelConfig); relations are checked there
+    "qkv_bias": Rule("bool"), "o_bias": Rule("bool"), "qk_norm": Rule("bool"), "post_norms": Rule("bool"),
+    "ffn_act": Rule("str", choices=("silu", "gelu_tanh")),
+    "embed_scale": Rule("num", 0, 1e6, lo_open=True),
+    "attn_scale": Rule("num", 0, 1e6),
+    "logit_softcap": Rule("num", 0, 1e9),
+    "rope_dim": Rule("int", 0, 4096),
+    "rope_scaling": Rule("str", choices=("none", "linear", "llama3")),
+    "rope_scale": Rule("num", 0, 1e6, lo_open=True),
+    "rope_freq_factors": Rule("list", null=True),
+    "rope_local_theta": Rule("num", 0, 1e12),
+    "sliding_window": Rule("int", 0, 1 << 24),
+    "swa_layers": Rule("list"),
 }
 
 
@@ -163,7 +176,7 @@ def check_model_config(d: dict, where: str = "model config") -> dict:
     hd = hd or d["dim"] // d["n_heads"]
     if d["n_heads"] % d["n_kv_heads"]:
         raise FormatError(f"{where}: n_heads {d['n_heads']} is not a multiple of n_kv_heads {d['n_kv_heads']}")
-    if d["arch"] == "llama" and (hd % 2 or hd > 1024):
+    if d["arch"] != "bert" and (hd % 2 or hd > 1024):
         # RoPE rotates pairs, and the kernels' RoPE table holds at most 1024 lanes per head
         raise FormatError(f"{where}: head size {hd} must be even and at most 1024 for RoPE")
     if d["arch"] == "bert" and not d.get("type_vocab_size"):

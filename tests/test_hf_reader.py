@@ -69,7 +69,7 @@ def test_llama_bos_when_tokenizer_adds_it(tmp_path):
 
 
 def test_llama_config_refusals(tmp_path):
-    write_tiny_hf_llama(tmp_path / "a", rope_scaling={"type": "linear", "factor": 2.0})
+    write_tiny_hf_llama(tmp_path / "a", rope_scaling={"type": "yarn", "factor": 2.0})
     with pytest.raises(FormatError, match="rope_scaling"):
         read_hf(tmp_path / "a")
     write_tiny_hf_llama(tmp_path / "b", model_type="gpt_neox")
