@@ -19,6 +19,7 @@ from loader.bipolar import PackedLinear, unpack_planes, values_of
 from loader.errors import FormatError
 from loader.rotation import hadamard_blocks
 from loader.packed import PackedModel
+from runtime.contract import has
 
 
 def _concat(lins: list[PackedLinear]) -> PackedLinear | None:
@@ -102,7 +103,7 @@ class KVCache:
 
     def __init__(self, n_layers: int, T: int, n_kv_heads: int, head_dim: int, backend=None):
         self.T = T
-        self.device = backend is not None and "device_kv" in backend.capabilities
+        self.device = backend is not None and has(backend, "device_kv")
         if self.device:
             self.k = [backend.empty((T, n_kv_heads, head_dim)) for _ in range(n_layers)]
             self.v = [backend.empty((T, n_kv_heads, head_dim)) for _ in range(n_layers)]
@@ -135,7 +136,7 @@ class ContextOverflow(ValueError):
 def compile_graph(graph, backend, interpret: bool = False):
     """The backend's compiled program, or the op-by-op interpreter (for a backend without a compiler,
     or asked for: the per-op reference of the tests and benchmarks)."""
-    if "compile" in backend.capabilities and not interpret:
+    if has(backend, "compile") and not interpret:
         try:
             return backend.compile(graph)
         except NotImplementedError:     # an op without a kernel on this backend's compiled path

@@ -197,3 +197,21 @@ def test_gpu_compile_refuses_ops_without_kernels_and_the_engine_interprets():
         gb.compile(g)
     assert isinstance(compile_graph(g, gb), Interpreter)
     gb.close()
+
+
+def test_every_backend_meets_the_contract_and_declares_known_capabilities(be):
+    import tools.kernelcheck as kc
+    from runtime.contract import CAPABILITIES, Backend, has
+    from runtime.gpu_backend import GpuBackend
+    gb = GpuBackend(dev=kc.SimDevice())
+    for b in (NumpyBackend(), be, gb):
+        assert isinstance(b, Backend), b.name
+        assert set(b.capabilities) <= set(CAPABILITIES), b.name
+        for c in b.capabilities:        # a declared capability has its method
+            method = {"compile": "compile", "device_kv": "kv_store", "hadamard": "hadamard", "rope_ext": "rope",
+                      "attn_ext": "attention", "geglu": "geglu_tanh"}[c]
+            assert callable(getattr(b, method)), (b.name, c)
+    assert has(be, "compile") and has(gb, "device_kv") and not has(NumpyBackend(), "compile")
+    with pytest.raises(ValueError, match="unknown capability"):
+        has(be, "teleport")
+    gb.close()

@@ -125,3 +125,15 @@ def test_compiled_f16_params_equal_per_op_and_f32(src, wbits, abits):
             outs.append((y, step, c1.k.copy()))
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_step_checks_its_rows(be):
+    pm = quantize_model(tiny_llama(seed=7), Recipe(wbits=4, group=32))
+    dec = Decoder(pm, be, context=8)
+    c = dec.new_cache()
+    with pytest.raises(ValueError, match="one position and one cache per token id"):
+        dec.step([1, 2], [0], [c, c], [1])
+    with pytest.raises(ContextOverflow, match="outside the context of 8"):
+        dec.step([1], [8], [c], [0])
+    with pytest.raises(ValueError, match="out of range"):
+        dec.step([100], [0], [c], [0])
