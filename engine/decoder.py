@@ -145,6 +145,16 @@ def compile_graph(graph, backend, interpret: bool = False):
     return Interpreter(graph, backend)
 
 
+def rope_divisors(cfg) -> np.ndarray | None:
+    """Per-pair divisors of the RoPE frequencies of the (global) layers: the Llama 3 factors times the
+    linear scale (dividing a pair's angle by s is dividing its position by s), or None when all are 1."""
+    f = np.ones(cfg.rope_dim // 2, np.float64)
+    if cfg.rope_freq_factors is not None:
+        f = f * np.asarray(cfg.rope_freq_factors, np.float64)
+    f = f * float(cfg.rope_scale)
+    return None if np.all(f == 1.0) else f.astype(np.float32)
+
+
 class Decoder:
     def __init__(self, pm: PackedModel, backend, *, wbits_run: int | None = None, abits: int = 16,
                  agroup=None, context: int | None = None, arch: str | None = None, interpret: bool = False):
@@ -152,8 +162,6 @@ class Decoder:
         arch = arch or cfg.arch
         if arch not in DECODERS:
             raise FormatError(f"the decoder runs {', '.join(DECODERS)} models, not {arch!r}")
-        if cfg.extras():
-            raise FormatError(f"the decoder does not run {cfg.arch!r} with {', '.join(cfg.extras())} yet")
         self.cfg, self.backend = cfg, backend
         self.context = min(cfg.max_seq_len, context or 4096)
         self.abits = abits
@@ -189,8 +197,9 @@ class Decoder:
 
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            vec(p + "attn_norm")
-            vec(p + "ffn_norm")
+            for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm", "bo"):
+                if n in ("attn_norm", "ffn_norm") or p + n in pm.tensors:
+                    vec(p + n)
             add([p + "wq", p + "wk", p + "wv"])
             add([p + "wo"])
             add([p + "w_gate", p + "w_up"])
@@ -208,7 +217,11 @@ class Decoder:
         W["output"] = Linear(backend, pm.linear("output"), abits, agroup)    # kept at its packed bits
         self.linear_for["output"] = W["output"]
         pm.release_pages(["output"])
-        W["tok_embeddings"] = Embedding(pm.tensors.get("tok_embeddings", pm.linear("output")))   # (V, d)
+        # (V, d) rows gathered per token: the untied table (packed like the linears), or the tied output
+        W["tok_embeddings"] = Embedding(pm.tensors.get("tok_embeddings", pm.linear("output")))
+        freqs = rope_divisors(cfg)
+        if freqs is not None:
+            W["rope_freqs"] = freqs
         self.weights = W
         self.graph = BUILDERS[arch](cfg, W)
         self.program = compile_graph(self.graph, backend, interpret)

@@ -11,9 +11,8 @@ from typing import Callable
 import numpy as np
 
 from loader.errors import FormatError
-from loader.validate import check_model_config
+from loader.validate import ARCHITECTURES, check_model_config  # noqa: F401  (ARCHITECTURES re-exported)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert")
 DECODERS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 ROPE_STYLES = ("adjacent", "half")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -89,15 +88,19 @@ class ModelConfig:
         if not self.rope_scale > 0:
             raise FormatError(f"model config: rope_scale must be positive, got {self.rope_scale}")
         if self.rope_freq_factors is not None:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.rope_freq_factors):
+                raise FormatError("model config: rope_freq_factors must be a list of numbers")
             f = [float(v) for v in self.rope_freq_factors]
-            if len(f) != self.rope_dim // 2 or not all(v > 0 for v in f):
+            if len(f) != self.rope_dim // 2 or not all(0 < v < float("inf") for v in f):
                 raise FormatError(f"model config: rope_freq_factors needs {self.rope_dim // 2} positive values, "
                                   f"got {len(f)}")
             self.rope_freq_factors = f
         if self.sliding_window < 0 or (self.swa_layers and self.sliding_window == 0):
             raise FormatError(f"model config: sliding_window {self.sliding_window} with sliding layers "
                               f"{self.swa_layers}")
-        self.swa_layers = sorted(int(i) for i in self.swa_layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.swa_layers):
+            raise FormatError(f"model config: swa_layers must be a list of layer indices, got {self.swa_layers!r:.60}")
+        self.swa_layers = sorted(self.swa_layers)
         if any(not 0 <= i < self.n_layers for i in self.swa_layers):
             raise FormatError(f"model config: swa_layers {self.swa_layers} outside 0..{self.n_layers - 1}")
         if self.attn_scale < 0 or self.logit_softcap < 0 or self.embed_scale <= 0:

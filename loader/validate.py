@@ -124,8 +124,9 @@ def load_json(source: str | os.PathLike | bytes, what: str | None = None):
 
 # ---- the model config (internal names; loader/source.py ModelConfig) ------------------------------
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert")     # loader/source.py's
 MODEL_SCHEMA = {
-    "arch": Rule("str", required=True, choices=("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert")),
+    "arch": Rule("str", required=True, choices=ARCHITECTURES),
     "dim": Rule("int", 1, MAX_DIM, required=True),
     "n_layers": Rule("int", 1, 4096, required=True),
     "n_heads": Rule("int", 1, 4096, required=True),
@@ -319,7 +320,7 @@ def read_safetensors_header(path: Path, dtypes=None) -> tuple[dict, int]:
 PACKED_SCHEMA = {
     "format": Rule("str", required=True),
     "version": Rule("int", required=True),
-    "architecture": Rule("str", choices=("llama", "bert")),
+    "architecture": Rule("str", choices=ARCHITECTURES),
     "model": Rule("dict", required=True),
     "recipe": Rule("dict", null=True),
     "tensors": Rule("dict", null=True),

@@ -1,0 +1,167 @@
+"""The decoder's graph for every architecture (engine/archs/llama.py with its options) against the float64
+reference forward (tests/reference_forward.py, itself checked against llama.cpp in test_archs_llama.py),
+on the random-weight models of tests/data_gen/arch_models.py read from GGUF and from HF directories.
+
+The float path (--wbits 16) on the NumPy and CPU backends: three prompts whose logits of every position
+have KL < 1e-2 to the reference and the same top-1 on >= 99% of positions, and a greedy continuation
+decoded one token per step through the KV cache (past Gemma 3's sliding window) equal to the reference's
+(or differing first at a logit tie). A mutated config (one option dropped) must fail the same check.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+from engine.decoder import Decoder
+from loader.gguf_reader import read_gguf
+from loader.hf_reader import read_hf
+from loader.pack import Recipe, quantize_model
+from runtime.numpy_backend import NumpyBackend
+from tests.data_gen.arch_models import CASES, write_arch_gguf, write_arch_hf
+from tests.reference_forward import kl_per_position, log_softmax, reference_greedy, reference_logits
+
+GREEDY = 12
+KL_MAX = 1e-2
+
+
+def backends():
+    out = [NumpyBackend()]
+    try:
+        from runtime.cpu import CpuBackend
+        out.append(CpuBackend(threads=1))
+    except ImportError:             # no C toolchain: the NumPy backend alone
+        pass
+    return out
+
+
+BACKENDS = backends()
+
+
+def prompts(n=3, length=20, seed=11):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 270, length).tolist() for _ in range(n)]
+
+
+def greedy(dec: Decoder, ids, n: int) -> list[int]:
+    cache = dec.new_cache()
+    z = dec.forward(ids, cache)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(z)))
+        z = dec.forward([out[-1]], cache)
+    return out
+
+
+def check(src, be, greedy_n=GREEDY):
+    """(max KL, top-1 agreement) of the decoder on `be` against the reference; asserts the bounds."""
+    dec = Decoder(quantize_model(src, Recipe(wbits=16)), be)
+    try:
+        kls, agree, total = [], 0, 0
+        for ids in prompts():
+            got = dec.forward(ids, dec.new_cache(), all_logits=True)
+            ref = reference_logits(src, ids)
+            kls.append(kl_per_position(ref, got).max())
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+            total += len(ids)
+        assert max(kls) < KL_MAX, f"{be.name}: KL per position up to {max(kls):.2e}"
+        assert agree >= 0.99 * total, f"{be.name}: top-1 agrees on {agree} of {total}"
+        ids = prompts(1, 8, seed=5)[0]
+        mine = greedy(dec, ids, greedy_n)
+        want, zs = reference_greedy(src, ids, greedy_n)
+        for j, (a, b) in enumerate(zip(mine, want)):
+            if a != b:
+                lp = log_softmax(zs[j])
+                assert abs(lp[a] - lp[b]) < 1e-3, f"{be.name}: greedy differs at token {j} ({a} vs {b})"
+                break
+        return max(kls), agree / total
+    finally:
+        dec.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch_builders")
+    out = {}
+    for name in CASES:
+        write_arch_gguf(root / f"{name}.gguf", name)
+        write_arch_hf(root / f"{name}-hf", name)
+        out[name] = (root / f"{name}.gguf", root / f"{name}-hf")
+    return out
+
+
+@pytest.mark.parametrize("be", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gguf_float_path_matches_reference(files, name, be):
+    kl, agree = check(read_gguf(files[name][0], with_tokenizer=False), be)
+    print(f"{name} GGUF on {be.name}: max KL {kl:.1e}, top-1 {agree:.3f}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hf_float_path_matches_reference(files, name):
+    kl, agree = check(read_hf(files[name][1]), BACKENDS[-1])
+    print(f"{name} HF: max KL {kl:.1e}, top-1 {agree:.3f}")
+
+
+# one option of each architecture dropped from the engine's config: the check must fail
+MUTATIONS = {"llama3": ("rope_freq_factors", None), "llama_linear": ("rope_scale", 1.0),
+             "mistral": ("sliding_window", 0), "qwen2": ("qkv_bias", False), "qwen3": ("qk_norm", False),
+             "gemma3": ("rope_local_theta", 0.0), "phi3": ("rope_dim", 16)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_dropped_option_is_caught(files, name):
+    src = read_gguf(files[name][0], with_tokenizer=False)
+    key, value = MUTATIONS[name]
+    pm = quantize_model(src, Recipe(wbits=16))
+    pm.config = copy.deepcopy(pm.config)          # the reference keeps the source's own config
+    setattr(pm.config, key, value)                # (qkv_bias off: the bias vectors stay, unused)
+    ids = prompts(1, 80 if name == "mistral" else 20)[0]
+    dec = Decoder(pm, BACKENDS[-1])
+    got = dec.forward(ids, dec.new_cache(), all_logits=True)
+    dec.close()
+    assert kl_per_position(reference_logits(src, ids), got).max() > KL_MAX, f"{key}={value!r} goes unnoticed"
+
+
+def _generate(model, tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "engine.generate", "hello", "--model", str(model),
+                           "--max-tokens", "4", "--device", "cpu", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "ANYBIT_CACHE": str(tmp_path / "cache")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, wbits", [("qwen2", "16"), ("gemma3", "4")])
+def test_generate_runs_every_architecture(files, name, wbits, tmp_path):
+    r = _generate(files[name][0], tmp_path, "--wbits", wbits)
+    assert r.returncode == 0, r.stderr
+
+
+def _bad_gguf(path, arch: str, meta: dict):
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in meta.items():
+        w.add_uint32(k, v) if isinstance(v, int) else w.add_string(k, v)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch, meta, message", [
+    ("mamba", {}, "architecture 'mamba' is not supported"),
+    ("qwen2", {"qwen2.expert_count": 8}, "mixture-of-experts"),
+    ("llama", {"llama.rope.scaling.type": "yarn"}, "RoPE scaling 'yarn'"),
+])
+def test_unsupported_gguf_is_one_line_exit_2(tmp_path, arch, meta, message):
+    if arch == "llama":             # a whole model, so that only the option is wrong
+        write_arch_gguf(tmp_path / "bad.gguf", "llama3", extra_meta=meta)
+    else:
+        _bad_gguf(tmp_path / "bad.gguf", arch, meta)
+    r = _generate(tmp_path / "bad.gguf", tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "bad.gguf" in lines[0]
