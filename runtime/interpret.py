@@ -13,6 +13,26 @@ import numpy as np
 
 from loader.bipolar import quantize_activations
 from loader.rotation import rotate_rows
+from runtime.contract import has
+
+_HOST = []          # the NumPy backend, made on first need
+
+
+def ext(be, capability: str):
+    """`be` where it implements the optional `capability` (runtime/contract.py), else the NumPy backend:
+    an op variant the backend has no kernel for (the GPU's partial or scaled RoPE, windowed attention,
+    GeGLU) runs on the host, on the same host buffers, rather than not at all."""
+    if has(be, capability):
+        return be
+    if not _HOST:
+        from runtime.numpy_backend import NumpyBackend
+        _HOST.append(NumpyBackend())
+    return _HOST[0]
+
+
+def host(a) -> np.ndarray:
+    """A host view of a KV cache plane (a device array is downloaded: the slow path of the fallback)."""
+    return a.to_host() if hasattr(a, "to_host") else a
 
 
 def view(env: dict, r):
@@ -62,9 +82,11 @@ def run_op(be, graph, op, env: dict, step) -> None:
         H, hd = p["heads"], p["head_dim"]
         x = np.array(ins[0], np.float32, order="C").reshape(M, H, hd)
         extra = {}
+        rb = be
         if p["n_rot"] != hd or op.weights:
             extra = dict(n_rot=p["n_rot"], freqs=W[op.weights[0]] if op.weights else None)
-        be.rope(x, step.pos, p["theta"], p["style"], **extra)
+            rb = ext(be, "rope_ext")
+        rb.rope(x, step.pos, p["theta"], p["style"], **extra)
         out[...] = x.reshape(M, H * hd)
     elif k == "kv_store":
         kv, hd, li = graph.kv_heads, graph.head_dim, p["cache"]
@@ -80,13 +102,15 @@ def run_op(be, graph, op, env: dict, step) -> None:
                 c.v[li, pos] = vv
     elif k == "attention":
         H, hd, li = p["heads"], p["head_dim"], p["cache"]
-        extra = {}
+        extra, ab = {}, be
         if p["scale"] is not None or p["window"] or p["softcap"]:
             extra = dict(scale=p["scale"], window=p["window"], softcap=p["softcap"])
+            ab = ext(be, "attn_ext")
         for r0, n in step.runs():
             c, pos = step.caches[r0], step.pos[r0:r0 + n]
             q = np.ascontiguousarray(ins[0][r0:r0 + n]).reshape(n, H, hd)
-            a = be.attention(q, c.k[li], c.v[li], int(pos.max()) + 1, pos, **extra)
+            kc, vc = (c.k[li], c.v[li]) if ab is be else (host(c.k[li]), host(c.v[li]))
+            a = ab.attention(q, kc, vc, int(pos.max()) + 1, pos, **extra)
             out[r0:r0 + n] = np.asarray(a).reshape(n, H * hd)
     elif k == "attention_seq":
         H, hd = p["heads"], p["head_dim"]
@@ -96,7 +120,7 @@ def run_op(be, graph, op, env: dict, step) -> None:
             out[r0:r0 + n] = np.asarray(a).reshape(n, H * hd)
     elif k == "act_mul":
         a, b = np.ascontiguousarray(ins[0]), np.ascontiguousarray(ins[1])
-        out[...] = be.swiglu(a, b) if p["act"] == "silu" else be.geglu_tanh(a, b)
+        out[...] = be.swiglu(a, b) if p["act"] == "silu" else ext(be, "geglu").geglu_tanh(a, b)
     elif k == "gelu":
         out[...] = be.gelu(np.array(ins[0], np.float32, order="C"))
     elif k == "add":

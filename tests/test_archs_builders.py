@@ -165,3 +165,102 @@ def test_unsupported_gguf_is_one_line_exit_2(tmp_path, arch, meta, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "bad.gguf" in lines[0]
+
+
+# ---- against llama.cpp itself (slow): the same random GGUF, our float path vs llama-cpp-python ----------
+
+def _llama(path, prompts, greedy):
+    from tools.llama_logits import LlamaUnavailable, llama_logits
+    try:
+        return llama_logits(path, prompts, greedy=greedy)
+    except LlamaUnavailable as e:
+        pytest.skip(f"llama.cpp unavailable: {e}")
+
+
+def check_against_llama(dec: Decoder, path, prompts, greedy_n: int):
+    """(max KL, top-1 agreement, first greedy difference or None) of `dec` against llama.cpp on `path`."""
+    res = _llama(path, prompts, greedy_n)
+    kls, agree, total, first_diff = [], 0, 0, None
+    for ids, (want, cont) in zip(prompts, res):
+        got = dec.forward(ids, dec.new_cache(), all_logits=True)
+        kls.append(kl_per_position(want, got).max())
+        agree += int((got.argmax(1) == want.argmax(1)).sum())
+        total += len(ids)
+        cache = dec.new_cache()
+        z = dec.forward(ids, cache)
+        for j, b in enumerate(cont.tolist()):
+            a = int(np.argmax(z))
+            if a != b:
+                lp = log_softmax(np.asarray(z, np.float64))
+                assert abs(lp[a] - lp[b]) < 1e-3, f"greedy differs at token {j} ({a} vs llama.cpp {b})"
+                first_diff = first_diff if first_diff is not None else j
+                break
+            z = dec.forward([b], cache)
+    return max(kls), agree / total, first_diff
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_float_path_matches_llama_cpp(tmp_path, name):
+    path = tmp_path / f"{name}.gguf"
+    write_arch_gguf(path, name)
+    # 24 tokens: past gemma3's window of 6; mistral stays inside its window, where llama.cpp (which runs
+    # 'llama' files without a window) agrees with a windowed forward
+    prompts = [np.random.default_rng(11 + i).integers(3, 270, 24).tolist() for i in range(3)]
+    dec = Decoder(quantize_model(read_gguf(path, with_tokenizer=False), Recipe(wbits=16)), BACKENDS[-1])
+    kl, agree, diff = check_against_llama(dec, path, prompts, 32)
+    dec.close()
+    print(f"{name} vs llama.cpp on {BACKENDS[-1].name}: max KL {kl:.1e}, top-1 {agree:.3f}, greedy 32 "
+          f"{'equal' if diff is None else f'tie at {diff}'}")
+    assert kl < KL_MAX and agree >= 0.99
+
+
+class PlainBackend(NumpyBackend):
+    """A backend with no optional op variants (like the GPU backend's kernels): plain RoPE and attention,
+    no GeGLU. The interpreter must run the variants on the host instead (runtime/interpret.py ext)."""
+    name = "plain"
+    capabilities = frozenset()
+
+    def rope(self, x, pos, theta, style):
+        return super().rope(x, pos, theta, style)
+
+    def attention(self, q, k_cache, v_cache, n_ctx, q_pos, mask=None):
+        return super().attention(q, k_cache, v_cache, n_ctx, q_pos, mask)
+
+    def __getattribute__(self, name):
+        if name == "geglu_tanh":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "phi3", "llama3"])
+def test_backend_without_op_variants_runs_them_on_the_host(files, name):
+    pm = quantize_model(read_gguf(files[name][0], with_tokenizer=False), Recipe(wbits=16))
+    ids = prompts(1, 12)[0]
+    want = Decoder(pm, NumpyBackend())
+    got = Decoder(pm, PlainBackend())
+    np.testing.assert_array_equal(got.forward(ids, got.new_cache(), all_logits=True),
+                                  want.forward(ids, want.new_cache(), all_logits=True))
+
+
+@pytest.mark.slow
+def test_gpu_backend_in_the_ptx_interpreter_runs_partial_rotary():
+    """The GPU backend (kernels in the PTX interpreter: minutes) on phi3 at W4: its device program has no
+    partial RoPE, so the engine interprets the graph and the variant runs on the host."""
+    import tempfile
+    from pathlib import Path
+
+    import tools.kernelcheck as kc
+    from runtime.gpu_backend import GpuBackend
+    from runtime.interpret import Interpreter
+    d = Path(tempfile.mkdtemp())
+    write_arch_gguf(d / "m.gguf", "phi3")
+    pm = quantize_model(read_gguf(d / "m.gguf", with_tokenizer=False), Recipe(wbits=4, group=32))
+    ids = [5, 17, 42, 99, 3, 8]
+    ref, gpu = Decoder(pm, NumpyBackend()), GpuBackend(dev=kc.SimDevice())
+    dec = Decoder(pm, gpu)
+    assert isinstance(dec.program, Interpreter)
+    got = dec.forward(ids, dec.new_cache(), all_logits=True)
+    assert kl_per_position(ref.forward(ids, ref.new_cache(), all_logits=True), got).max() < 1e-6
+    dec.close()
+    gpu.close()
