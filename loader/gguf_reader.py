@@ -287,7 +287,8 @@ def read_gguf(path, with_tokenizer: bool = True) -> SourceModel:
     tied = "output.weight" not in g.tensors
     vocab_size = g.tensors["token_embd.weight"][0][0]
     cfg = gguf_config(g, arch, tied, vocab_size, _tokenizer_fields(g))
-    if cfg.n_layers * (6 if arch == "phi3" else 9) > len(g.tensors):        # before building per-layer tables from a lying count
+    # before building per-layer tables from a lying count (phi3 fuses q|k|v and gate|up: 6 per layer)
+    if cfg.n_layers * (6 if arch == "phi3" else 9) > len(g.tensors):
         raise FormatError(f"{g.path}: block_count {cfg.n_layers} but only {len(g.tensors)} tensors")
     expected = expected_shapes(cfg)
     tensors: dict[str, SourceTensor] = {}

@@ -208,7 +208,8 @@ def read_hf(directory) -> SourceModel:
     except (TypeError, ValueError) as e:
         raise FormatError(f"{p}: bad value in config ({e})") from None
 
-    if config.n_layers * (6 if config.arch == "phi3" else 9) > len(entries):       # before building per-layer tables from a lying count
+    # before building per-layer tables from a lying count (phi3 fuses q|k|v and gate|up: 6 per layer)
+    if config.n_layers * (6 if config.arch == "phi3" else 9) > len(entries):
         raise FormatError(f"{p}: num_hidden_layers {config.n_layers} but only {len(entries)} tensors")
     expected = expected_shapes(config)
     tensors: dict[str, SourceTensor] = {}

