@@ -246,9 +246,12 @@ class GpuBackend(GpuLayoutOps):
             cur = self._rope[key] = (*self.rope_tables(theta, hd, n), n)
         return cur
 
-    def rope_tables(self, theta: float, hd: int, n: int):
-        """cos/sin tables (n, hd/2) float32 from float64 angles, as device arrays the caller owns."""
+    def rope_tables(self, theta: float, hd: int, n: int, freqs=None):
+        """cos/sin tables (n, hd/2) float32 from float64 angles, as device arrays the caller owns. freqs:
+        per-pair divisors of the frequencies (Llama 3's factors, linear scaling), or None."""
         inv = float(theta) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        if freqs is not None:
+            inv = inv / np.asarray(freqs, np.float64)
         ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
         return self.upload(np.cos(ang).astype(np.float32)), self.upload(np.sin(ang).astype(np.float32))
 

@@ -8,8 +8,9 @@ the output rows, nothing else. Compiling also
 - fuses a linear followed by the add of its output into a residual (x = x + x W^T in the product's
   output store, bitwise the separate add),
 - computes each buffer value's last reader, so a prefill frees every intermediate after its last use,
-- refuses what has no kernel here (float weights, biases, smoothing, per-head norms, partial or scaled
+- refuses what has no kernel here (float weights, biases, smoothing, per-head norms, partial
   RoPE, attention options, GeGLU, scale, softcap): engine/decoder.py then interprets the graph instead.
+  RoPE frequency divisors (Llama 3.x, linear scaling) are folded into the op's cos/sin tables.
 
 A decode step (one row, one sequence) is captured once as a CUDA graph and replayed: one launch call
 instead of several per op. Replays rely on three things:
@@ -86,8 +87,8 @@ def _unsupported(op, W) -> str | None:
             return "a bias or smoothing"
     elif k == "rmsnorm" and p["group"]:
         return "a per-head norm"
-    elif k == "rope" and (op.weights or p["n_rot"] != p["head_dim"]):
-        return "partial rotary or frequency factors"
+    elif k == "rope" and p["n_rot"] != p["head_dim"]:
+        return "partial rotary"
     elif k == "attention" and (p["scale"] is not None or p["window"] or p["softcap"]):
         return "attention options"
     elif k == "act_mul" and p["act"] != "silu":
@@ -95,6 +96,11 @@ def _unsupported(op, W) -> str | None:
     elif k not in ("embed", "rmsnorm", "linear", "rope", "kv_store", "attention", "act_mul", "add", "take_rows"):
         return k
     return None
+
+
+def _table_key(op) -> tuple:
+    """The cos/sin tables a RoPE op reads: its base, head size and frequency divisors (a weight name)."""
+    return (op.p["theta"], op.p["head_dim"], op.weights[0] if op.weights else None)
 
 
 class GpuProgram:
@@ -201,7 +207,7 @@ class GpuProgram:
                 r = op.ins[0]
                 y = be.columns(env[r.buf], r.col, r.n)
                 be.rope(be.reshape(y, (M, p["heads"], p["head_dim"])), pos, p["theta"], p["style"],
-                        tables=self.tables[(p["theta"], p["head_dim"])])
+                        tables=self.tables[_table_key(op)])
                 put(op.out.buf, y)
             elif k == "kv_store":
                 li = p["cache"]
@@ -237,9 +243,10 @@ class GpuProgram:
         self.tables = {}
         for op in self.graph.ops:
             if op.kind == "rope":
-                key = (op.p["theta"], op.p["head_dim"])
+                key = _table_key(op)
                 if key not in self.tables:
-                    self.tables[key] = self.be.rope_tables(key[0], key[1], T)
+                    freqs = self.graph.weights[key[2]] if key[2] else None
+                    self.tables[key] = self.be.rope_tables(key[0], key[1], T, freqs)
         self.table_n = T
 
     def run(self, step) -> np.ndarray:

@@ -327,3 +327,45 @@ def test_real_gemma3_quantized_file_against_llama_cpp(gemma_file):
     kl = np.concatenate(kls)
     print(f"gemma-3-270m Q4_K_M vs llama.cpp: max KL {kl.max():.1e}, mean {kl.mean():.1e}, top-1 {agree / total:.3f}")
     assert kl.max() < 0.1 and kl.mean() < 1e-2 and agree >= 0.9 * total
+
+
+@pytest.mark.slow
+def test_gpu_program_folds_rope_divisors_into_its_tables():
+    """Llama 3.x frequency factors times a linear scale on the GPU backend's compiled program (kernels
+    in the PTX interpreter: minutes): compiled, not interpreted, and the NumPy backend's logits."""
+    import tempfile
+    from pathlib import Path
+
+    import tools.kernelcheck as kc
+    from runtime.gpu_backend import GpuBackend
+    from runtime.gpu_program import GpuProgram
+    d = Path(tempfile.mkdtemp())
+    write_arch_gguf(d / "m.gguf", "llama3", extra_meta={"llama.rope.scaling.type": "linear",
+                                                         "llama.rope.scaling.factor": 2.0})
+    pm = quantize_model(read_gguf(d / "m.gguf", with_tokenizer=False), Recipe(wbits=4, group=32))
+    assert pm.config.rope_freq_factors and pm.config.rope_scale == 2.0
+    ids = [5, 17, 42, 99, 3, 8, 61, 200]
+    ref, gpu = Decoder(pm, NumpyBackend()), GpuBackend(dev=kc.SimDevice())
+    dec = Decoder(pm, gpu)
+    assert isinstance(dec.program, GpuProgram)
+    rc, c = ref.new_cache(), dec.new_cache()
+    kl = [kl_per_position(ref.forward(ids, rc, all_logits=True), dec.forward(ids, c, all_logits=True)).max()]
+    for t in (9, 33):                                   # decode steps (captured and replayed)
+        kl.append(kl_per_position(ref.forward([t], rc)[None], dec.forward([t], c)[None]).max())
+    dec.close()
+    gpu.close()
+    assert max(kl) < 1e-6, kl
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_embedding_rows_of_a_packed_table_are_its_dequantized_rows(files, name):
+    """Untied (qwen2) and tied (gemma3: the output) tables stay packed; a step gathers only its rows."""
+    from loader.bipolar import PackedLinear
+    pm = quantize_model(read_gguf(files[name][0], with_tokenizer=False), Recipe(wbits=4, group=32))
+    dec = Decoder(pm, BACKENDS[-1])
+    table = dec.weights["tok_embeddings"].table
+    assert isinstance(table, PackedLinear) and table.N == pm.config.vocab_size
+    ids = np.array([0, 5, 271, 5, 100])
+    full = table.dequantize()[:, :table.K]
+    np.testing.assert_allclose(dec.weights["tok_embeddings"].rows(ids), full[ids], rtol=1e-6, atol=1e-6)
+    dec.close()
