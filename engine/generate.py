@@ -31,7 +31,7 @@ def _agroup(s: str):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.generate",
                                 description="Generate text with a 1-8 bit quantized language model.")
-    p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads it from stdin)")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--wbits", type=_bits, default=4, help="weight bits 1..8, or 16 for unquantized (default 4)")
@@ -52,11 +52,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="KV-cache length (default min(model, 4096))")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
+    p.add_argument("--interactive", action="store_true",
+                   help="chat: read user turns from stdin, keep the conversation (as python -m engine.chat)")
+    p.add_argument("--system", default=None, help="with --interactive: a system message to start with")
+    from engine.chat import add_reply_options
+    add_reply_options(p)             # --stop
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.prompt is None and not args.interactive:
+        p.error("the prompt is required (or --interactive)")
     from loader.errors import FetchError, FormatError
     from runtime.errors import CudaError, NoGpuError, OutOfMemoryError
 
@@ -78,10 +86,13 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     with model:
+        if args.interactive:
+            from engine.chat import interactive
+            return interactive(model, args)
         model.last = None
         gen = model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-                           chat=args.chat, truncate=args.truncate)
+                           chat=args.chat, truncate=args.truncate, stop=args.stop)
         interrupted = False
         try:
             for piece in gen:
