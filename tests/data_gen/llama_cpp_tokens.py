@@ -1,0 +1,92 @@
+"""Record llama.cpp's token ids for the vocabulary cases of tests/data_gen/llama_vocab.py.
+
+Run with the interpreter that has llama-cpp-python (it needs numpy, gguf and llama_cpp, not anybit):
+
+    ~/.cache/anybit/bench/llama-venv/bin/python tests/data_gen/llama_cpp_tokens.py \\
+        --smol SmolLM2.gguf --minilm tokenizer.json [--gemma gemma-3-270m.gguf] --out tests/data/llama_cpp_tokens.json
+
+Every id list in the output is llama.cpp's: `Llama(path, vocab_only=True).tokenize(text.encode(),
+add_bos=False, special=False)` for each text (and add_bos=True for the first few, which adds what the
+vocabulary's flags ask for). tests/test_tokenizer_llama.py compares anybit's tokenizer against them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_vocab as lv  # noqa: E402  (this folder, without importing the anybit package)
+
+# BPE pre-tokenizer names to record (each on SmolLM2's vocabulary); a name this llama.cpp build does not
+# know is skipped (it would fall back to "default" there)
+BPE_PRES = ["default", "llama-bpe", "llama3", "qwen2", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon",
+            "mpt", "starcoder", "refact", "command-r", "gpt-2", "smollm", "stablelm2", "olmo", "dbrx",
+            "smaug-bpe", "poro-chat", "chatglm-bpe", "viking", "jais", "codeshell", "bloom", "gpt3-finnish",
+            "exaone", "minerva-7b", "megrez", "seed-coder", "bailingmoe", "grok-2", "hunyuan", "phi-2",
+            "glm4", "trillion", "granite-docling"]
+N_SPECIAL = 4       # texts also tokenized with add_bos=True
+
+
+def cases(smol_path, minilm_path, gemma_path) -> dict[str, dict]:
+    smol = lv.read_meta(smol_path)
+    out = {f"bpe:{pre}": lv.bpe_meta(smol, pre) for pre in BPE_PRES}
+    out["spm:smol"] = lv.spm_meta(smol)
+    out["spm:smol-no-prefix"] = lv.spm_meta(smol, space_prefix=False)
+    out["wpm:minilm"] = lv.bert_meta(Path(minilm_path).read_text(encoding="utf-8"))
+    if gemma_path:
+        out["spm:gemma3"] = lv.gemma_meta(gemma_path)
+        out["spm:gemma3-llama2"] = lv.gemma_meta(gemma_path, as_llama2=True)
+    return out
+
+
+def _known_pre_names() -> bytes:
+    import llama_cpp
+    blob = b""
+    for lib in Path(llama_cpp.__file__).parent.rglob("libllama*"):
+        blob += lib.read_bytes()
+    return blob
+
+
+def record(metas: dict[str, dict], texts) -> dict:
+    from llama_cpp import Llama
+    lib = _known_pre_names()
+    result = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, meta in metas.items():
+            if name.startswith("bpe:") and b"\0" + name[4:].encode() + b"\0" not in lib:
+                print(f"skip {name}: not a pre-tokenizer name in this llama.cpp build", file=sys.stderr)
+                continue
+            path = lv.write_vocab_gguf(meta, Path(d) / "vocab.gguf")
+            llm = Llama(str(path), vocab_only=True, verbose=False)
+            ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+            special = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in texts[:N_SPECIAL]]
+            result[name] = {"ids": ids, "add_bos_ids": special}
+            del llm
+            print(f"{name}: done", file=sys.stderr)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smol", required=True, help="the SmolLM2 GGUF (the default decoder)")
+    ap.add_argument("--minilm", required=True, help="MiniLM's tokenizer.json (the default embedder)")
+    ap.add_argument("--gemma", default=None, help="the Gemma 3 270M GGUF (optional)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    import llama_cpp
+    data = {"about": "Token ids recorded FROM llama.cpp (llama-cpp-python "
+                     f"{llama_cpp.__version__}: Llama(path, vocab_only=True).tokenize(text, add_bos=False, "
+                     "special=False); add_bos_ids with add_bos=True for the first texts) by "
+                     "tests/data_gen/llama_cpp_tokens.py; the vocabularies are those of "
+                     "tests/data_gen/llama_vocab.py. The reference for tests/test_tokenizer_llama.py.",
+            "llama_cpp_python": llama_cpp.__version__, "texts": lv.TEXTS,
+            "cases": record(cases(a.smol, a.minilm, a.gemma), lv.TEXTS)}
+    Path(a.out).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
