@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from loader import chat_template as _chat
 from loader.errors import FormatError
-from loader.tokenizer_gguf import adds_bos, tokenizer_json_from_gguf
+from loader.tokenizer_gguf import adds_bos, tokenizer_from_gguf, tokenizer_json_from_gguf
 
 __all__ = ["Tokenizer", "StreamDecoder", "tokenizer_json_from_gguf"]
 
@@ -51,10 +51,11 @@ class StreamDecoder:
 
 class Tokenizer:
     def __init__(self, tok: _HFTokenizer, *, chat_template: str | None = None, bos_id: int | None = None,
-                 eos_ids=(), bos_token: str | None = None, eos_token: str | None = None):
+                 eos_ids=(), bos_token: str | None = None, eos_token: str | None = None,
+                 json_text: str | None = None):
         """bos_id: the BOS the model wants at the start of a prompt (None: none). bos_token/eos_token: the
         texts a chat template sees (default: those of bos_id and the first of eos_ids)."""
-        self._json = tok.to_str()
+        self._json = json_text     # serialized on demand: a 262k-entry vocabulary takes seconds
         tok.no_padding()
         tok.no_truncation()      # the decoder must see the whole prompt; encode_for_encoder truncates
         self._tok = tok
@@ -75,7 +76,7 @@ class Tokenizer:
             tok = _HFTokenizer.from_str(text)
         except Exception as e:
             raise FormatError(f"invalid tokenizer.json: {e}") from None
-        return cls(tok, **kw)
+        return cls(tok, json_text=text, **kw)
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":
@@ -96,7 +97,7 @@ class Tokenizer:
             eos.append(tokens.index("<|im_end|>"))
         bos = meta.get("tokenizer.ggml.bos_token_id")
         bos = bos if isinstance(bos, int) and 0 <= bos < len(tokens) else None
-        return cls.from_json(tokenizer_json_from_gguf(meta, source), chat_template=meta.get("tokenizer.chat_template"),
+        return cls(tokenizer_from_gguf(meta, source), chat_template=meta.get("tokenizer.chat_template"),
                              bos_id=bos if adds_bos(meta) else None, eos_ids=eos,
                              bos_token=tokens[bos] if bos is not None else "",
                              eos_token=tokens[eos[0]] if eos and 0 <= eos[0] < len(tokens) else "")
@@ -108,6 +109,8 @@ class Tokenizer:
         return cls.from_json(src.tokenizer_json, chat_template=c.chat_template, bos_id=c.bos_id, eos_ids=c.eos_ids)
 
     def to_json(self) -> str:
+        if self._json is None:
+            self._json = self._tok.to_str()
         return self._json
 
     # --- vocabulary ---------------------------------------------------------------------------
@@ -152,7 +155,7 @@ class Tokenizer:
             raise ValueError(f"max_len must be at least 2, got {max_len}")
         tok = self._encoder_tok.get(max_len)
         if tok is None:
-            tok = _HFTokenizer.from_str(self._json)
+            tok = _HFTokenizer.from_str(self.to_json())
             tok.no_padding()
             tok.enable_truncation(max_length=max_len)
             self._encoder_tok[max_len] = tok

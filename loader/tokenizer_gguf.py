@@ -180,17 +180,18 @@ def _wpm(meta: dict, source: str) -> _HFTokenizer:
         raise FormatError(f"{source}: a WordPiece vocabulary needs tokenizer.ggml.unknown_token_id")
     # no per-word length limit: llama.cpp has none
     tok = _HFTokenizer(models.WordPiece(vocab=vocab, unk_token=tokens[unk], max_input_chars_per_word=1 << 30))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True,
-                                                lowercase=True)
+    # llama.cpp's BERT normalizer options: lowercase unless the file says not, accents stripped as lowercase
+    lower = _flag(meta, "normalizer.lowercase", True)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=_flag(meta, "normalizer.strip_accents", lower),
+                                                lowercase=lower)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     _add_specials(tok, tokens, types)
-    cls = _token_id(meta, "cls_token_id", n)
-    cls = cls if cls is not None else _token_id(meta, "bos_token_id", n)
-    sep = _token_id(meta, "seperator_token_id", n)       # (sic: the GGUF key's spelling)
-    sep = sep if sep is not None else _token_id(meta, "eos_token_id", n)
-    _post(tok, tokens, cls if _flag(meta, "add_bos_token", True) else None,
-          sep if _flag(meta, "add_sep_token", True) else None)
+    first = next((i for i in (_token_id(meta, "bos_token_id", n), _token_id(meta, "cls_token_id", n), vocab.get("[CLS]"))
+                  if i is not None), None)
+    last = next((i for i in (_token_id(meta, "seperator_token_id", n), vocab.get("[SEP]")) if i is not None), None)
+    _post(tok, tokens, first, last)         # llama.cpp adds both whenever special tokens are asked for
     return tok
 
 
@@ -209,10 +210,15 @@ def adds_bos(meta: dict) -> bool:
     return _flag(meta, "add_bos_token", default)
 
 
-def tokenizer_json_from_gguf(meta: dict, source: str = "GGUF") -> str:
-    """A tokenizer.json (text) for the vocabulary described by GGUF metadata."""
+def tokenizer_from_gguf(meta: dict, source: str = "GGUF") -> _HFTokenizer:
+    """A `tokenizers.Tokenizer` for the vocabulary described by GGUF metadata."""
     kind = meta.get("tokenizer.ggml.model")
     if kind not in BUILDERS:
         raise FormatError(f"{source}: tokenizer.ggml.model {kind!r} is not supported "
                           f"(supported: {', '.join(BUILDERS)})")
-    return BUILDERS[kind](meta, source).to_str()
+    return BUILDERS[kind](meta, source)
+
+
+def tokenizer_json_from_gguf(meta: dict, source: str = "GGUF") -> str:
+    """The same as a tokenizer.json (text)."""
+    return tokenizer_from_gguf(meta, source).to_str()

@@ -67,13 +67,11 @@ def check(tk: Tokenizer, case: dict, texts, name):
     assert not bad, f"{name}: {len(bad)} texts differ from llama.cpp:\n" + "\n".join(bad[:5])
 
 
-FAST_CASES = ["bpe:default", "bpe:llama-bpe", "bpe:llama3", "bpe:qwen2", "bpe:deepseek-llm", "bpe:deepseek-coder",
-              "bpe:deepseek-v3", "bpe:falcon", "bpe:mpt", "bpe:starcoder", "bpe:refact", "bpe:command-r",
-              "bpe:gpt-2", "bpe:smollm", "bpe:stablelm2", "bpe:olmo", "bpe:dbrx", "bpe:smaug-bpe", "bpe:poro-chat",
-              "bpe:chatglm-bpe", "bpe:viking", "bpe:jais", "bpe:codeshell", "bpe:bloom", "bpe:gpt3-finnish",
-              "bpe:exaone", "bpe:minerva-7b", "bpe:megrez", "bpe:seed-coder", "bpe:bailingmoe", "bpe:grok-2",
-              "bpe:hunyuan", "bpe:phi-2", "bpe:glm4", "bpe:trillion", "bpe:granite-docling",
-              "spm:smol", "spm:smol-no-prefix", "wpm:minilm"]
+def _recorded_cases():
+    try:
+        return sorted(n for n in json.loads(DATA.read_text(encoding="utf-8"))["cases"] if not n.startswith("spm:gemma"))
+    except (OSError, ValueError, KeyError):
+        return ["missing-fixture"]
 
 
 def test_fixture_covers_every_kind(ref):
@@ -84,10 +82,8 @@ def test_fixture_covers_every_kind(ref):
     assert all(len(c["ids"]) == len(ref["texts"]) for c in cases.values())
 
 
-@pytest.mark.parametrize("name", FAST_CASES)
+@pytest.mark.parametrize("name", _recorded_cases())
 def test_same_ids_as_llama_cpp(name, ref, smol, default_minilm):
-    if name not in ref["cases"]:
-        pytest.skip(f"{name}: the llama.cpp build that recorded the fixture does not know it")
     tk = Tokenizer.from_gguf_metadata(meta_for(name, smol, default_minilm), name)
     check(tk, ref["cases"][name], ref["texts"], name)
 

@@ -18,15 +18,19 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama_vocab as lv  # noqa: E402  (this folder, without importing the anybit package)
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))      # loader.gguf_reader (numpy + gguf only)
+import llama_vocab as lv  # noqa: E402  (this folder, without importing the tests package)
 
 # BPE pre-tokenizer names to record (each on SmolLM2's vocabulary); a name this llama.cpp build does not
 # know is skipped (it would fall back to "default" there)
-BPE_PRES = ["default", "llama-bpe", "llama3", "qwen2", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon",
-            "mpt", "starcoder", "refact", "command-r", "gpt-2", "smollm", "stablelm2", "olmo", "dbrx",
-            "smaug-bpe", "poro-chat", "chatglm-bpe", "viking", "jais", "codeshell", "bloom", "gpt3-finnish",
-            "exaone", "minerva-7b", "megrez", "seed-coder", "bailingmoe", "grok-2", "hunyuan", "phi-2",
-            "glm4", "trillion", "granite-docling"]
+BPE_PRES = ["default", "llama-bpe", "llama3", "falcon3", "lfm2", "jina-v5-nano", "qwen2", "qwen35", "kormo",
+            "deepseek-llm", "deepseek-coder", "deepseek-v3", "hunyuan-dense", "hy_v4", "joyai-llm", "falcon", "mpt",
+            "starcoder", "refact", "command-r", "gpt-2", "smollm", "stablelm2", "olmo", "dbrx", "smaug-bpe",
+            "poro-chat", "chatglm-bpe", "glm4", "glm5", "viking", "jais", "jais-2", "codeshell", "bloom",
+            "gpt3-finnish", "exaone", "exaone4", "exaone-moe", "minerva-7b", "megrez", "seed-coder", "bailingmoe",
+            "grok-2", "hunyuan", "phi-2", "modern-bert", "mellum2", "solar-open", "trillion", "granite-docling",
+            "minicpm5", "laguna", "ufakzeka", "tekken", "gpt-4o", "llama4", "minimax-m2",
+            "granite-embed-multi-97m", "tiny_aya", "chameleon"]
 N_SPECIAL = 4       # texts also tokenized with add_bos=True
 
 
