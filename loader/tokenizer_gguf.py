@@ -18,7 +18,7 @@ before anything else, as llama.cpp does even when it does not parse special toke
 """
 from __future__ import annotations
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
@@ -162,6 +162,22 @@ def _spm(meta: dict, source: str) -> _HFTokenizer:
 
 # ---- bert: WordPiece -----------------------------------------------------------------------------
 
+def _bert_normalizer(lowercase: bool, strip_accents: bool):
+    """llama.cpp's BERT text cleaning: control characters dropped, CJK ideographs isolated; stripping
+    accents maps each character to the first of its canonical decomposition (so a Hangul syllable
+    becomes its leading consonant) and drops every mark (Mn, Mc, Me); lower case last."""
+    steps = [normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                        lowercase=False)]
+    if strip_accents:
+        # the 11172 precomposed syllables, 588 per leading consonant, in order
+        steps += [normalizers.Replace(Regex(f"[{chr(0xAC00 + 588 * k)}-{chr(0xAC00 + 588 * k + 587)}]"),
+                                      chr(0x1100 + k)) for k in range(19)]
+        steps += [normalizers.NFD(), normalizers.Replace(Regex(r"\p{M}"), "")]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    return normalizers.Sequence(steps)
+
+
 def _wpm(meta: dict, source: str) -> _HFTokenizer:
     tokens, types = _tokens_and_types(meta, source)
     vocab = {}
@@ -180,11 +196,8 @@ def _wpm(meta: dict, source: str) -> _HFTokenizer:
         raise FormatError(f"{source}: a WordPiece vocabulary needs tokenizer.ggml.unknown_token_id")
     # no per-word length limit: llama.cpp has none
     tok = _HFTokenizer(models.WordPiece(vocab=vocab, unk_token=tokens[unk], max_input_chars_per_word=1 << 30))
-    # llama.cpp's BERT normalizer options: lowercase unless the file says not, accents stripped as lowercase
-    lower = _flag(meta, "normalizer.lowercase", True)
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=_flag(meta, "normalizer.strip_accents", lower),
-                                                lowercase=lower)
+    tok.normalizer = _bert_normalizer(_flag(meta, "normalizer.lowercase", True),
+                                      _flag(meta, "normalizer.strip_accents", _flag(meta, "normalizer.lowercase", True)))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     _add_specials(tok, tokens, types)

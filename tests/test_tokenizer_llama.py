@@ -110,8 +110,12 @@ def test_gemma3_vocabulary(as_llama2, ref):
         pytest.skip(f"{name}: not in the fixture (regenerate it with --gemma)")
     tk = Tokenizer.from_gguf_metadata(lv.gemma_meta(path, as_llama2=as_llama2), name)
     check(tk, ref["cases"][name], ref["texts"], name)
-    for text in lv.TEXTS:
-        assert tk.decode(tk.encode(text, parse_special=False)) == text
+    if not as_llama2:   # with the space prefix, llama.cpp itself adds a space after every user-defined token
+        for text in lv.TEXTS:
+            ids = tk.encode(text, parse_special=False)
+            assert tk.decode(ids) == text
+            sd = tk.stream_decoder()
+            assert "".join([sd.push(i) for i in ids] + [sd.flush()]) == text
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -46,25 +47,30 @@ def cases(smol_path, minilm_path, gemma_path) -> dict[str, dict]:
     return out
 
 
-def _known_pre_names() -> bytes:
-    import llama_cpp
-    blob = b""
-    for lib in Path(llama_cpp.__file__).parent.rglob("libllama*"):
-        blob += lib.read_bytes()
-    return blob
+def _load(path: Path):
+    """Llama(vocab_only) and its load log (llama.cpp writes it to file descriptor 2)."""
+    from llama_cpp import Llama
+    log = path.with_suffix(".log")
+    saved = os.dup(2)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            llm = Llama(str(path), vocab_only=True, verbose=True)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return llm, log.read_text(errors="replace")
 
 
 def record(metas: dict[str, dict], texts) -> dict:
-    from llama_cpp import Llama
-    lib = _known_pre_names()
     result = {}
     with tempfile.TemporaryDirectory() as d:
         for name, meta in metas.items():
-            if name.startswith("bpe:") and b"\0" + name[4:].encode() + b"\0" not in lib:
-                print(f"skip {name}: not a pre-tokenizer name in this llama.cpp build", file=sys.stderr)
-                continue
             path = lv.write_vocab_gguf(meta, Path(d) / "vocab.gguf")
-            llm = Llama(str(path), vocab_only=True, verbose=False)
+            llm, log = _load(path)
+            if "unrecognized pre-tokenizer" in log:
+                print(f"skip {name}: not a pre-tokenizer name this llama.cpp knows", file=sys.stderr)
+                continue
             ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
             special = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in texts[:N_SPECIAL]]
             result[name] = {"ids": ids, "add_bos_ids": special}
