@@ -122,7 +122,9 @@ def main(argv=None) -> int:
         print(f"[{r.prompt_tokens} prompt tokens at {r.prompt_tok_s:.1f} tok/s, {r.generated_tokens} generated "
               f"at {r.decode_tok_s:.1f} tok/s, first token after {r.ttft_s * 1000:.0f} ms; device "
               f"{r.stats['device']}, W{r.stats['wbits']}A{r.stats['abits']}, "
-              f"{r.stats['weight_bytes'] / 2**20:.1f} MiB weights, stop: {r.stop_reason}]", file=sys.stderr)
+              f"{r.stats['weight_bytes'] / 2**20:.1f} MiB weights, stop: {r.stop_reason}"
+              + ("; chat template: ChatML (fallback: the model has none)"
+                 if r.stats.get("chat_template") == "chatml-fallback" else "") + "]", file=sys.stderr)
         return 130 if r.stop_reason == "interrupted" else 0
 
 

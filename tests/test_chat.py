@@ -102,3 +102,21 @@ def test_generate_interactive_ends_at_eof(default_gguf):
                   "--max-tokens", "8", "--stop", "Paris"], "What is the capital of France?\n")
     assert p.returncode == 0, p.stderr
     assert "Paris" not in p.stdout and "stop: stop" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_chat_cli_ctrl_c_at_the_prompt_exits_cleanly(default_gguf):
+    import os
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "engine.chat", "--model", str(default_gguf), "--device", "cpu"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = p.stderr.readline()                   # printed once the model is loaded
+        assert "chat template" in banner
+        time.sleep(0.3)
+        os.kill(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err

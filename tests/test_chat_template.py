@@ -107,3 +107,24 @@ def test_bad_template_is_one_clear_error():
     from loader.errors import FormatError
     with pytest.raises(FormatError, match="not valid Jinja"):
         render("{% for x in %}", [])
+
+
+@pytest.mark.slow
+def test_gemma3_vocabulary_encodes_its_template():
+    """Gemma 3's template through the Gemma 3 file's own tokenizer: one BOS, the turn markers as their
+    special ids, and the ids decode back to the rendered text."""
+    from tests.data_gen import llama_vocab as lv
+    from tests.test_tokenizer_llama import gemma_path
+    path = gemma_path()
+    if path is None or not path.is_file():
+        pytest.skip("the Gemma 3 270M GGUF is not here (set ANYBIT_GEMMA_GGUF or put it in the anybit cache)")
+    meta = lv.read_meta(path)
+    meta["tokenizer.chat_template"] = (TEMPLATES / "gemma3-it.jinja").read_text(encoding="utf-8")
+    tk = Tokenizer.from_gguf_metadata(meta, str(path))
+    text = tk.apply_chat_template(WITH_SYSTEM)
+    assert text == plain_jinja(meta["tokenizer.chat_template"], WITH_SYSTEM, bos_token="<bos>")
+    ids = tk.encode_chat(WITH_SYSTEM)
+    assert ids[0] == tk.bos_id == 2 and ids.count(2) == 1
+    start, end = tk.token_to_id("<start_of_turn>"), tk.token_to_id("<end_of_turn>")
+    assert ids.count(start) == 6 and ids.count(end) == 5
+    assert tk.decode(ids) == text

@@ -67,9 +67,12 @@ def record(metas: dict[str, dict], texts) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for name, meta in metas.items():
             path = lv.write_vocab_gguf(meta, Path(d) / "vocab.gguf")
-            llm, log = _load(path)
-            if "unrecognized pre-tokenizer" in log:
-                print(f"skip {name}: not a pre-tokenizer name this llama.cpp knows", file=sys.stderr)
+            try:
+                llm, log = _load(path)
+            except ValueError:          # recent builds refuse an unknown pre-tokenizer name
+                llm, log = None, path.with_suffix(".log").read_text(errors="replace")
+            if llm is None or "unrecognized pre-tokenizer" in log:    # older ones fall back to "default"
+                print(f"skip {name}: llama.cpp cannot load it ({log.strip().splitlines()[-1:]})", file=sys.stderr)
                 continue
             ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
             special = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in texts[:N_SPECIAL]]
