@@ -120,3 +120,16 @@ def test_chat_cli_ctrl_c_at_the_prompt_exits_cleanly(default_gguf):
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130 and "Traceback" not in err
+
+
+def test_model_without_template_falls_back_to_chatml_and_says_so(model):
+    own = model.tokenizer.chat_template
+    model.tokenizer.chat_template = None                    # as for a model whose files carry none
+    try:
+        r = model.chat([{"role": "user", "content": "hello"}], max_tokens=2)
+        assert r.stats["chat_template"] == "chatml-fallback"
+        assert model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    finally:
+        model.tokenizer.chat_template = own
+        model.reset_chat()
