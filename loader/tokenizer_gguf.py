@@ -196,14 +196,15 @@ def _wpm(meta: dict, source: str) -> _HFTokenizer:
         raise FormatError(f"{source}: a WordPiece vocabulary needs tokenizer.ggml.unknown_token_id")
     # no per-word length limit: llama.cpp has none
     tok = _HFTokenizer(models.WordPiece(vocab=vocab, unk_token=tokens[unk], max_input_chars_per_word=1 << 30))
-    tok.normalizer = _bert_normalizer(_flag(meta, "normalizer.lowercase", True),
-                                      _flag(meta, "normalizer.strip_accents", _flag(meta, "normalizer.lowercase", True)))
+    lower = _flag(meta, "normalizer.lowercase", True)
+    tok.normalizer = _bert_normalizer(lower, _flag(meta, "normalizer.strip_accents", lower))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     _add_specials(tok, tokens, types)
-    first = next((i for i in (_token_id(meta, "bos_token_id", n), _token_id(meta, "cls_token_id", n), vocab.get("[CLS]"))
-                  if i is not None), None)
-    last = next((i for i in (_token_id(meta, "seperator_token_id", n), vocab.get("[SEP]")) if i is not None), None)
+    firsts = (_token_id(meta, "bos_token_id", n), _token_id(meta, "cls_token_id", n), vocab.get("[CLS]"))
+    lasts = (_token_id(meta, "seperator_token_id", n), vocab.get("[SEP]"))
+    first = next((i for i in firsts if i is not None), None)
+    last = next((i for i in lasts if i is not None), None)
     _post(tok, tokens, first, last)         # llama.cpp adds both whenever special tokens are asked for
     return tok
 

@@ -69,13 +69,17 @@ def test_three_turns_reuse_the_cache_and_match_fresh_runs(model):
 
 
 def test_stop_strings_in_stream_and_text(model):
-    full = model.generate("The capital of France is", max_tokens=16)
-    cut = full.text.index("Paris") + 2                  # a stop inside a token ("ris" ...)
-    stop = full.text[cut:cut + 4]
-    pieces = list(model.stream("The capital of France is", max_tokens=16, stop=[stop]))
-    r = model.last
-    assert r.stop_reason == "stop" and "".join(pieces) == r.text == full.text[:cut]
-    assert stop not in r.text
+    prompt = "The capital of France is"
+    pieces = list(model.stream(prompt, max_tokens=16))
+    full = "".join(pieces)
+    k = next(i for i in range(1, len(pieces)) if len(pieces[i - 1]) >= 2 and len(pieces[i]) >= 2)
+    across = pieces[k - 1][-2:] + pieces[k][:2]            # spans two streamed pieces
+    inside = full[full.index("Paris") + 2:][:3]              # inside one token ("ris")
+    for stop in (across, inside):
+        got = list(model.stream(prompt, max_tokens=16, stop=["never appears", stop]))
+        r = model.last
+        assert r.stop_reason == "stop" and "".join(got) == r.text == full[:full.index(stop)]
+        assert all(stop not in p for p in got)
 
 
 # ---- python -m engine.chat ----------------------------------------------------------------------
