@@ -88,15 +88,20 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm", required=True, help="MiniLM's tokenizer.json (the default embedder)")
     ap.add_argument("--gemma", default=None, help="the Gemma 3 270M GGUF (optional)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--texts", default=None, help="a JSON list of texts instead of llama_vocab.TEXTS")
+    ap.add_argument("--cases", default=None, help="comma-separated case names to record (default: all)")
     a = ap.parse_args(argv)
     import llama_cpp
+    texts = json.loads(Path(a.texts).read_text(encoding="utf-8")) if a.texts else lv.TEXTS
+    metas = cases(a.smol, a.minilm, a.gemma)
+    if a.cases:
+        metas = {k: v for k, v in metas.items() if k in a.cases.split(",")}
     data = {"about": "Token ids recorded FROM llama.cpp (llama-cpp-python "
                      f"{llama_cpp.__version__}: Llama(path, vocab_only=True).tokenize(text, add_bos=False, "
                      "special=False); add_bos_ids with add_bos=True for the first texts) by "
                      "tests/data_gen/llama_cpp_tokens.py; the vocabularies are those of "
                      "tests/data_gen/llama_vocab.py. The reference for tests/test_tokenizer_llama.py.",
-            "llama_cpp_python": llama_cpp.__version__, "texts": lv.TEXTS,
-            "cases": record(cases(a.smol, a.minilm, a.gemma), lv.TEXTS)}
+            "llama_cpp_python": llama_cpp.__version__, "texts": texts, "cases": record(metas, texts)}
     Path(a.out).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
     return 0
 

@@ -50,6 +50,18 @@ TEXTS = [
 ]
 
 
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    """Random strings over pieces that stress pre-tokenizers: whitespace runs next to digits and
+    punctuation, contractions, accents (composed and not), CJK, Hangul, Thai, emoji, odd spaces."""
+    import random
+    rng = random.Random(seed)
+    alphabet = (list("abcdeXYZ 0123456789.,!?-_(){}<>/\\$+=^~|`") +
+                [" ", "  ", "\n", "\t", "\r\n", "'", "'s", "'LL", "é", "ß", "ñ", "Ö", "日", "本", "한", "語", "🎉",
+                 "👍🏽", "\u00a0", "ä", "e\u0301", "ก", "ि", "ж", "Ω", "…", "。", "，", "\u200b", "1000", " 12",
+                 "ﬁ", "Ⅻ", "½", "²"])
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
 def read_meta(path) -> dict:
     """The tokenizer.* metadata of a GGUF file as plain Python values (anybit's reader when importable:
     gguf's takes most of a minute on a 262k-entry vocabulary)."""
