@@ -15,8 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.decoder import ContextOverflow
-from engine.fast_decode import FastDecoder
+from engine.decoder import ContextOverflow, Decoder
 from engine.model_store import load_packed_model
 from engine.sampling import Sampler, SamplingParams
 from engine.stop_text import StopText
@@ -51,7 +50,7 @@ class Model:
         self.tokenizer = Tokenizer.from_json(packed.tokenizer_json, chat_template=self.config.chat_template,
                                              bos_id=self.config.bos_id, eos_ids=self.config.eos_ids)
         self.wbits, self.abits = wbits, abits
-        self.decoder = FastDecoder(packed, backend, wbits_run=None if wbits == 16 else wbits, abits=abits,
+        self.decoder = Decoder(packed, backend, wbits_run=None if wbits == 16 else wbits, abits=abits,
                                agroup=agroup, context=context)
         self.device = backend.name
         self.weight_bytes = packed.weight_bytes
@@ -61,6 +60,7 @@ class Model:
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
         self.reset_chat()
+        self.decoder.close()
         self.backend.close()
 
     def __enter__(self):

@@ -48,16 +48,14 @@ def smoothing_factors(src: SourceModel, *, alpha: float = ALPHA, text: str | Non
     ids = tok.encode(text or calibration_text())[:MAX_TOKENS]
     dec.forward(ids, dec.new_cache(), all_logits=True)
 
-    groups = []                 # (Linear, [names])
-    for i, L in enumerate(dec.layers):
+    groups = []                 # names of the linears that share an input
+    for i in range(src.config.n_layers):
         p = f"layers.{i}."
-        groups.append((L.qkv, [p + "wq", p + "wk", p + "wv"]))
-        groups.append(([L.wo], [p + "wo"]))
-        groups.append((L.gate_up, [p + "w_gate", p + "w_up"]))
-        groups.append(([L.w_down], [p + "w_down"]))
-    groups.append(([dec.output], ["output"]))
+        groups += [[p + "wq", p + "wk", p + "wv"], [p + "wo"], [p + "w_gate", p + "w_up"], [p + "w_down"]]
+    groups.append(["output"])
     out: dict[str, np.ndarray] = {}
-    for lins, names in groups:
+    for names in groups:
+        lins = list({id(dec.linear_for[n]): dec.linear_for[n] for n in names}.values())
         xmax = np.max([rec.amax[id(lin.float_w)] for lin in lins], axis=0).astype(np.float64)
         wmax = np.max([np.abs(float_model.tensors[n]).max(0) for n in names], axis=0).astype(np.float64)
         s = np.power(np.maximum(xmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
@@ -115,8 +113,8 @@ def encoder_hessians(src: SourceModel, recipe: Recipe, backend=None) -> dict[str
     for i, layer in enumerate(emb.encoder.layers):
         for k, lin in layer.items():
             name = f"layers.{i}.{k}"
-            if name in names and getattr(lin, "weight", None) is not None:
-                by_id[id(lin.weight)] = name
-                rec.blocks[id(lin.weight)] = rotation_block(name, lin.weight.shape[1], recipe.rotate)
+            if name in names and lin.float_w is not None:
+                by_id[id(lin.float_w)] = name
+                rec.blocks[id(lin.float_w)] = rotation_block(name, lin.float_w.shape[1], recipe.rotate)
     emb.embed(embedder_calibration_texts())
     return {by_id[k]: H for k, H in rec.H.items() if k in by_id}

@@ -1,22 +1,25 @@
-"""The Llama-family decoder on any backend: prefill a prompt, then one token per step.
+"""The decoder of a Llama-family model on any backend: prefill a prompt, then one token per step.
 
-Read top to bottom like llama2.c's run.c: weights (with shapes), the KV cache, then forward().
-Linear weights are PackedLinear (bit planes) or float32 (N, K) arrays for the unquantized path; the
-backend decides how to run each. q/k/v and gate/up are fused into one product each where their
-recipes agree, because one call with a wider N costs less than three in decode.
+The model is one graph (engine/archs/: the architecture's builder over this module's weight table);
+the backend compiles it once (CPU: one C loop over op records; GPU: device buffers and CUDA graphs;
+NumPy: the op-by-op interpreter) and runs it per step. This module prepares the weights: each linear on
+the backend (PackedLinear -> the backend's handle, or a float32 (N, K) array for the unquantized path),
+q|k|v and gate|up fused into one product each where their recipes agree, because one call with a wider N
+costs less than three in decode; and it owns the KV cache.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import mmap
 
 import numpy as np
 
+from engine.archs import BUILDERS, DECODERS
+from engine.graph import Step
 from loader.bipolar import PackedLinear, unpack_planes, values_of
 from loader.errors import FormatError
-from loader.rotation import hadamard_blocks, rotate_rows
-from loader.pack import PackedModel
+from loader.rotation import hadamard_blocks
+from loader.packed import PackedModel
+from runtime.contract import has
 
 
 def _concat(lins: list[PackedLinear]) -> PackedLinear | None:
@@ -35,36 +38,46 @@ def _concat(lins: list[PackedLinear]) -> PackedLinear | None:
 
 
 class Linear:
-    """One product y = x W^T on a backend, whatever the weight's form."""
+    """A graph weight: y = x W^T on a backend, whatever the weight's form. h: the backend's handle of a
+    PackedLinear (rotate: the weight holds W R, feed it R x), or float_w: float32 (N, K). splits: the
+    output columns of each product when several were fused into this one."""
 
-    def __init__(self, backend, w, abits: int, agroup):
-        self.backend, self.abits = backend, abits
+    def __init__(self, backend, w, abits: int, agroup, splits=None):
+        self.abits = abits
+        self.act_quant = None       # (abits, group): float weights with quantize-dequantized inputs
         if isinstance(w, PackedLinear):
             self.h, self.float_w = backend.prepare_linear(w), None
-            self.rotate = w.rotate
-            self.N = w.N
+            self.rotate, self.N, self.K = w.rotate, w.N, w.K
             self.agroup = w.Kp if agroup == "token" else agroup
         else:
             self.h, self.float_w = None, np.ascontiguousarray(w, np.float32)
-            self.rotate = 0
-            self.N = w.shape[0]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.float_w is not None:
-            return self.backend.linear_float(self.float_w, x)
-        if self.rotate:         # the weight holds W R (loader/rotation.py): feed it R x
-            x = rotate_rows(self.backend, x, self.rotate)
-        return self.backend.linear(self.h, x, abits=self.abits, agroup=self.agroup)
+            self.rotate, self.agroup = 0, None
+            self.N, self.K = self.float_w.shape
+        self.splits = list(splits or [self.N])
 
 
-@dataclass
-class Layer:
-    attn_norm: np.ndarray   # (d,)
-    qkv: list               # [Linear (H*hd + 2*Hkv*hd, d)] fused, or [wq, wk, wv]
-    wo: Linear              # (d, H*hd)
-    ffn_norm: np.ndarray    # (d,)
-    gate_up: list           # [Linear (2F, d)] fused, or [w_gate, w_up]
-    w_down: Linear          # (d, F)
+class Embedding:
+    """Token rows (M, d) of a float table or of a packed one (then dequantized one row per token, never
+    as a whole)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def rows(self, ids, pos=None) -> np.ndarray:
+        e = self.table
+        if not isinstance(e, PackedLinear):
+            return np.asarray(e[ids], np.float32)
+        codes = unpack_planes(np.ascontiguousarray(e.planes[:, ids, :]))          # (M, Kp)
+        v = values_of(codes, e.bits).astype(np.float32)
+        w = np.repeat(e.scales[ids], e.group, axis=1) * v
+        if e.offsets is not None:
+            w += np.repeat(e.offsets[ids], e.group, axis=1)
+        w = w[:, :e.K]
+        if e.smooth is not None:          # a smoothed tied output holds W * s: undo it for the rows
+            w = w / e.smooth
+        if e.rotate:                      # a rotated one holds W R, and R R = I
+            w = hadamard_blocks(w, e.rotate)
+        return np.ascontiguousarray(w, np.float32)
 
 
 def lazy_zeros(shape) -> np.ndarray:
@@ -90,7 +103,7 @@ class KVCache:
 
     def __init__(self, n_layers: int, T: int, n_kv_heads: int, head_dim: int, backend=None):
         self.T = T
-        self.device = backend is not None and hasattr(backend, "kv_store")
+        self.device = backend is not None and has(backend, "device_kv")
         if self.device:
             self.k = [backend.empty((T, n_kv_heads, head_dim)) for _ in range(n_layers)]
             self.v = [backend.empty((T, n_kv_heads, head_dim)) for _ in range(n_layers)]
@@ -120,12 +133,29 @@ class ContextOverflow(ValueError):
     pass
 
 
+class ContextOverflow(ValueError):
+    pass
+
+
+def compile_graph(graph, backend, interpret: bool = False):
+    """The backend's compiled program, or the op-by-op interpreter (for a backend without a compiler,
+    or asked for: the per-op reference of the tests and benchmarks)."""
+    if has(backend, "compile") and not interpret:
+        try:
+            return backend.compile(graph)
+        except NotImplementedError:     # an op without a kernel on this backend's compiled path
+            pass
+    from runtime.interpret import Interpreter
+    return Interpreter(graph, backend)
+
+
 class Decoder:
     def __init__(self, pm: PackedModel, backend, *, wbits_run: int | None = None, abits: int = 16,
-                 agroup=None, context: int | None = None):
+                 agroup=None, context: int | None = None, arch: str | None = None, interpret: bool = False):
         cfg = pm.config
-        if cfg.arch != "llama":
-            raise FormatError(f"the decoder runs Llama-family models, not {cfg.arch!r}")
+        arch = arch or cfg.arch
+        if arch not in DECODERS:
+            raise FormatError(f"the decoder runs {', '.join(DECODERS)} models, not {arch!r}")
         self.cfg, self.backend = cfg, backend
         self.context = min(cfg.max_seq_len, context or 4096)
         self.abits = abits
@@ -136,106 +166,88 @@ class Decoder:
                 w = w.nested(wbits_run)
             return w
 
-        def lin(w):
-            return Linear(backend, w, abits, agroup)
+        W: dict = {}
+        self.linear_for: dict = {}        # source linear name -> the Linear that computes it
 
-        def fused(names):
+        def add(names):
             ws = [get(n) for n in names]
-            if all(isinstance(w, PackedLinear) for w in ws):
+            lin = None
+            if len(ws) > 1 and all(isinstance(w, PackedLinear) for w in ws):
                 cat = _concat(ws)
                 if cat is not None:
-                    return [lin(cat)]
-            elif all(not isinstance(w, PackedLinear) for w in ws):
-                return [lin(np.concatenate([np.asarray(w, np.float32) for w in ws], axis=0))]
-            return [lin(w) for w in ws]
+                    lin = Linear(backend, cat, abits, agroup, [w.N for w in ws])
+            elif len(ws) > 1 and all(not isinstance(w, PackedLinear) for w in ws):
+                lin = Linear(backend, np.concatenate([np.asarray(w, np.float32) for w in ws], axis=0), abits,
+                             agroup, [np.shape(w)[0] for w in ws])
+            if lin is not None:
+                W["|".join(names)] = lin
+                self.linear_for.update((n, lin) for n in names)
+                return
+            for n, w in zip(names, ws):
+                W[n] = self.linear_for[n] = Linear(backend, w, abits, agroup)
 
-        self.layers = []
+        def vec(name):
+            W[name] = np.ascontiguousarray(pm.linear(name), np.float32)
+
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            self.layers.append(Layer(
-                attn_norm=np.asarray(pm.linear(p + "attn_norm"), np.float32),
-                qkv=fused([p + "wq", p + "wk", p + "wv"]),
-                wo=lin(get(p + "wo")),
-                ffn_norm=np.asarray(pm.linear(p + "ffn_norm"), np.float32),
-                gate_up=fused([p + "w_gate", p + "w_up"]),
-                w_down=lin(get(p + "w_down")),
-            ))
+            vec(p + "attn_norm")
+            vec(p + "ffn_norm")
+            add([p + "wq", p + "wk", p + "wv"])
+            add([p + "wo"])
+            add([p + "w_gate", p + "w_up"])
+            add([p + "w_down"])
+            for b in ("bq", "bk", "bv"):
+                if p + b in pm.tensors:
+                    vec(p + b)
+            bias = [p + b for b in ("bq", "bk", "bv")]
+            if all(b in W for b in bias) and "|".join(p + n for n in ("wq", "wk", "wv")) in W:
+                W["|".join(bias)] = np.concatenate([W[b] for b in bias])
             # the backend holds its own copies now: give back the layer's mapped file pages, so that
             # the peak memory of loading is one layer of file data, not the whole file
             pm.release_pages([p + n for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")])
-        self.norm = np.asarray(pm.linear("norm"), np.float32)          # (d,)
-        self.output = lin(pm.linear("output"))                          # (V, d), kept at its packed bits
+        vec("norm")
+        W["output"] = Linear(backend, pm.linear("output"), abits, agroup)    # kept at its packed bits
+        self.linear_for["output"] = W["output"]
         pm.release_pages(["output"])
-        self._embed_src = pm.tensors.get("tok_embeddings", pm.linear("output"))  # (V, d)
-
-    # ---- pieces ---------------------------------------------------------------------------------
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Gather rows (M, d). A packed table is dequantized one row per token, never as a whole."""
-        e = self._embed_src
-        if not isinstance(e, PackedLinear):
-            return np.asarray(e[ids], np.float32)
-        codes = unpack_planes(np.ascontiguousarray(e.planes[:, ids, :]))          # (M, Kp)
-        v = values_of(codes, e.bits).astype(np.float32)
-        s = np.repeat(e.scales[ids], e.group, axis=1)
-        w = s * v
-        if e.offsets is not None:
-            w += np.repeat(e.offsets[ids], e.group, axis=1)
-        w = w[:, :e.K]
-        if e.smooth is not None:          # a smoothed tied output holds W * s: undo it for the rows
-            w = w / e.smooth
-        if e.rotate:                      # a rotated one holds W R, and R R = I
-            w = hadamard_blocks(w, e.rotate)
-        return np.ascontiguousarray(w, np.float32)
+        W["tok_embeddings"] = Embedding(pm.tensors.get("tok_embeddings", pm.linear("output")))   # (V, d)
+        self.weights = W
+        self.graph = BUILDERS[arch](cfg, W)
+        self.program = compile_graph(self.graph, backend, interpret)
 
     def new_cache(self) -> KVCache:
         c = self.cfg
         return KVCache(c.n_layers, self.context, c.n_kv_heads, c.head_dim, self.backend)
 
-    def _qkv(self, layer: Layer, h: np.ndarray):
-        c = self.cfg
-        qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        if len(layer.qkv) == 1:
-            y = layer.qkv[0](h)
-            return y[:, :qd], y[:, qd:qd + kd], y[:, qd + kd:]
-        return tuple(f(h) for f in layer.qkv)
+    def close(self) -> None:
+        self.program.close()
 
-    def _gate_up(self, layer: Layer, h: np.ndarray):
-        if len(layer.gate_up) == 1:
-            y = layer.gate_up[0](h)
-            F = y.shape[1] // 2
-            return y[:, :F], y[:, F:]
-        return tuple(f(h) for f in layer.gate_up)
+    def step(self, ids, pos, caches, out_rows) -> np.ndarray:
+        """One batched step: row i is token ids[i] at position pos[i] of the sequence whose cache is
+        caches[i] (rows of one sequence consecutive). Returns the output rows out_rows (R, V). The
+        caller advances each cache's n."""
+        ids = np.asarray(ids, np.int64)
+        pos = np.asarray(pos, np.int32)
+        if len(ids) == 0 or pos.shape != ids.shape or len(caches) != len(ids):
+            raise ValueError("a step needs one position and one cache per token id, and at least one id")
+        if np.any(ids < 0) or np.any(ids >= self.cfg.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        for c, p in zip(caches, pos):
+            if not 0 <= p < c.T:
+                raise ContextOverflow(f"position {p} is outside the context of {c.T}")
+        return self.program.run(Step(ids, pos, list(caches), np.asarray(out_rows, np.int32)))
 
-    # ---- the forward pass -----------------------------------------------------------------------
     def forward(self, ids, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.n .. cache.n+M-1; returns logits of the last token
         (V,) or of every token (M, V)."""
-        c, be = self.cfg, self.backend
         ids = np.asarray(ids, np.int64)
         M = len(ids)
         start = cache.n
         if start + M > cache.T:
             raise ContextOverflow(f"{start + M} tokens exceed the context of {cache.T}")
-        if np.any(ids < 0) or np.any(ids >= c.vocab_size):
-            raise ValueError(f"token id out of range 0..{c.vocab_size - 1}")
-        pos = np.arange(start, start + M, dtype=np.int32)
-        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-        x = self.embed(ids)                                                  # (M, d)
-        for li, L in enumerate(self.layers):
-            h = be.rmsnorm(x, L.attn_norm, c.norm_eps)
-            q, k, v = self._qkv(L, h)
-            q = np.ascontiguousarray(q).reshape(M, H, hd)
-            k = np.ascontiguousarray(k).reshape(M, Hkv, hd)
-            be.rope(q, pos, c.rope_theta, c.rope_style)
-            be.rope(k, pos, c.rope_theta, c.rope_style)
-            cache.store(be, li, start, k, v.reshape(M, Hkv, hd))
-            a = be.attention(q, cache.k[li], cache.v[li], start + M, pos)   # (M, H, hd)
-            x = be.add(x, L.wo(np.ascontiguousarray(a).reshape(M, H * hd)))
-            h = be.rmsnorm(x, L.ffn_norm, c.norm_eps)
-            g, u = self._gate_up(L, h)
-            x = be.add(x, L.w_down(be.swiglu(np.ascontiguousarray(g), np.ascontiguousarray(u))))
+        if M == 0:
+            raise ValueError("forward needs at least one token id")
+        rows = np.arange(M) if all_logits else np.array([M - 1])
+        logits = self.step(ids, np.arange(start, start + M, dtype=np.int32), [cache] * M, rows)
         cache.n = start + M
-        if not all_logits:
-            x = x[-1:]
-        logits = self.output(be.rmsnorm(x, self.norm, c.norm_eps))
         return logits if all_logits else logits[0]

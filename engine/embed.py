@@ -90,6 +90,7 @@ class Embedder:
         return out
 
     def close(self) -> None:
+        self.encoder.close()
         if self._own_backend and hasattr(self.backend, "close"):
             self.backend.close()
         self._own_backend = False

@@ -9,51 +9,59 @@ padded to a rectangle. Every per-token op (linears, norms, GELU) then runs on re
 attention runs per sequence with a key mask that covers exactly that sequence's tokens. No pad token is
 ever computed, so an embedding cannot depend on what else is in its batch.
 
-Linears are whatever the packed model holds: a `PackedLinear` (wbits < 16) goes through
-`backend.linear` with the requested activation precision; a float32 (N, K) array through
-`backend.linear_float`. Float weights with abits < 16 simulate activation quantization in NumPy (same
-per-token/per-group rule as the backends), so that "A8 only" can be measured too.
+The forward pass is a graph (engine/archs/bert.py) that the backend compiles (engine/graph.py). Linears
+are whatever the packed model holds: a `PackedLinear` (wbits < 16) runs on the backend with the
+requested activation precision; a float32 (N, K) array as a float product. Float weights with abits < 16
+simulate activation quantization in NumPy (same per-token/per-group rule as the backends), so that
+"A8 only" can be measured too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from loader.bipolar import PackedLinear, quantize_activations
+from engine.archs import BUILDERS
+from engine.decoder import Linear, compile_graph
+from engine.graph import Step
+from loader.bipolar import PackedLinear
 from loader.errors import FormatError
-from loader.rotation import rotate_rows
+from loader.precision import check_bits
 
 _LINEARS = (("wq", "bq"), ("wk", "bk"), ("wv", "bv"), ("wo", "bo"), ("w_in", "b_in"), ("w_out", "b_out"))
 
 
-@dataclass
-class _Linear:
-    """One linear layer prepared for the backend: a handle (packed) or a float weight, plus its bias."""
-    handle: object | None
-    agroup: int | None              # activation group handed to the backend ("token" -> Kp)
-    weight: np.ndarray | None       # float32 (N, K) when unquantized
-    bias: np.ndarray | None
-    N: int
-    K: int
-    rotate: int = 0                 # the packed weight holds W R: feed it R x (loader/rotation.py)
+class _Embedding:
+    """Token + position (+ token type 0) rows: the graph's embed op for BERT."""
+
+    def __init__(self, tok, pos, typ):
+        self.tok, self.pos, self.typ = tok, pos, typ
+
+    def rows(self, ids, pos) -> np.ndarray:
+        x = self.tok[ids] + self.pos[pos]
+        if self.typ is not None:
+            x += self.typ[0]          # single-segment input: token type 0 everywhere
+        return x
+
+
+class _Sequence:
+    """Marks the rows of one sequence in a step (engine.graph.Step.caches: attention stays inside it)."""
 
 
 class Encoder:
-    """A BERT encoder bound to one backend and one activation precision.
+    """A BERT encoder bound to one backend and one activation precision: the graph of
+    engine/archs/bert.py, compiled by the backend.
 
     `tensors` maps internal names to float32 arrays or `PackedLinear`s (a `PackedModel.tensors`).
     """
 
-    def __init__(self, config, tensors: dict, backend, *, abits: int = 16, agroup: int | str | None = None):
+    def __init__(self, config, tensors: dict, backend, *, abits: int = 16, agroup: int | str | None = None,
+                 interpret: bool = False):
         if config.arch != "bert":
             raise FormatError(f"the encoder runs BERT models; this model's architecture is {config.arch!r}")
         if config.pooling not in ("mean", "cls"):
             raise FormatError(f"unknown pooling {config.pooling!r}; supported: mean, cls")
         if not (agroup is None or agroup == "token" or (isinstance(agroup, int) and agroup > 0 and agroup % 32 == 0)):
             raise ValueError(f"agroup must be a positive multiple of 32, 'token' or None, got {agroup!r}")
-        if not (abits == 16 or (isinstance(abits, int) and 1 <= abits <= 8)):
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        check_bits(abits, "abits")
         self.config = config
         self.backend = backend
         self.abits = int(abits)
@@ -71,79 +79,52 @@ class Encoder:
                 raise FormatError(f"tensor {name!r} is packed but the encoder needs it in float")
             return np.ascontiguousarray(t, dtype=np.float32)
 
-        self.tok_emb = get("tok_embeddings")
-        self.pos_emb = get("pos_embeddings")
-        # a model without token types (type_vocab_size 0) simply adds nothing
-        self.type_emb = get("type_embeddings") if "type_embeddings" in tensors else None
-        self.emb_norm = (get("emb_norm.weight"), get("emb_norm.bias"))
-        for name, t in (("tok_embeddings", self.tok_emb), ("pos_embeddings", self.pos_emb)):
+        tok_emb, pos_emb = get("tok_embeddings"), get("pos_embeddings")
+        for name, t in (("tok_embeddings", tok_emb), ("pos_embeddings", pos_emb)):
             if t.ndim != 2 or t.shape[1] != self.dim:
                 raise FormatError(f"{name} has shape {t.shape}, expected (*, {self.dim})")
+        # a model without token types (type_vocab_size 0) simply adds nothing
+        W = {"emb": _Embedding(tok_emb, pos_emb, get("type_embeddings") if "type_embeddings" in tensors else None),
+             "emb_norm.weight": get("emb_norm.weight"), "emb_norm.bias": get("emb_norm.bias")}
+        self.n_tokens = tok_emb.shape[0]
         # positions beyond the table cannot be embedded, whatever the config says
-        self.max_len = min(int(config.truncate_len or config.max_seq_len), self.pos_emb.shape[0])
+        self.max_len = min(int(config.truncate_len or config.max_seq_len), pos_emb.shape[0])
 
-        self.layers = []
+        self.layers = []                # per layer: {name: Linear}, as the graph's weight table holds them
         for i in range(int(config.n_layers)):
             p = f"layers.{i}."
             layer = {}
             for wname, bname in _LINEARS:
                 if p + wname not in tensors:
                     raise FormatError(f"BERT model is missing tensor {p + wname!r}")
-                layer[wname] = self._prepare(tensors[p + wname], get(p + bname) if p + bname in tensors else None,
-                                             p + wname)
+                layer[wname] = W[p + wname] = self._prepare(tensors[p + wname], p + wname)
+                if p + bname in tensors:
+                    W[p + bname] = get(p + bname)
             for norm in ("attn_norm", "ffn_norm"):
-                layer[norm] = (get(f"{p}{norm}.weight"), get(f"{p}{norm}.bias"))
+                for part in ("weight", "bias"):
+                    W[f"{p}{norm}.{part}"] = get(f"{p}{norm}.{part}")
             self.layers.append(layer)
+        self.graph = BUILDERS["bert"](config, W)
+        self.program = compile_graph(self.graph, backend, interpret)
 
-    def _prepare(self, w, bias, name: str) -> _Linear:
+    def _prepare(self, w, name: str) -> Linear:
         if isinstance(w, PackedLinear):
-            agroup = w.Kp if self.agroup == "token" else self.agroup
-            return _Linear(self.backend.prepare_linear(w), agroup, None, bias, w.N, w.K, w.rotate)
+            return Linear(self.backend, w, self.abits, self.agroup)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise FormatError(f"linear {name!r} must be 2-D, got shape {w.shape}")
-        return _Linear(None, None, w, bias, w.shape[0], w.shape[1])
+        lin = Linear(self.backend, w, self.abits, None)
+        if self.abits != 16:        # float weights with abits < 16: quantize-dequantize the inputs
+            K = w.shape[1]
+            if self.agroup in (None, "token"):
+                group = -(-K // 32) * 32 if self.agroup == "token" else min(128, -(-K // 32) * 32)
+            else:
+                group = int(self.agroup)
+            lin.act_quant = (self.abits, group)
+        return lin
 
-    # ---- ops ---------------------------------------------------------------------------------------
-
-    def _linear(self, lin: _Linear, x: np.ndarray) -> np.ndarray:
-        if lin.handle is not None:
-            if lin.rotate:
-                x = rotate_rows(self.backend, x, lin.rotate)
-            y = self.backend.linear(lin.handle, x, abits=self.abits, agroup=lin.agroup)
-        else:
-            if self.abits != 16:
-                x = self._fake_quant(x)
-            y = self.backend.linear_float(lin.weight, x)
-        if lin.bias is not None:
-            y += lin.bias
-        return y
-
-    def _fake_quant(self, x: np.ndarray) -> np.ndarray:
-        """Quantize-dequantize activations (float weights, abits < 16): per token or per group."""
-        K = x.shape[1]
-        if self.agroup in (None, "token"):
-            group = -(-K // 32) * 32 if self.agroup == "token" else min(128, -(-K // 32) * 32)
-        else:
-            group = int(self.agroup)
-        return quantize_activations(x, self.abits, group).dequantize()[:, :K].astype(np.float32)
-
-    def _embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.tok_emb.shape[0]):
-            raise ValueError(f"token id out of range 0..{self.tok_emb.shape[0] - 1}")
-        x = self.tok_emb[ids] + self.pos_emb[positions]
-        if self.type_emb is not None:
-            x += self.type_emb[0]          # single-segment input: token type 0 everywhere
-        return self.backend.layernorm(np.ascontiguousarray(x, np.float32), *self.emb_norm, self.eps)
-
-    def _attention(self, q, k, v, starts, lens) -> np.ndarray:
-        """Bidirectional attention, one call per sequence; the mask admits that sequence's keys only."""
-        out = np.empty_like(q)
-        for s, n in zip(starts, lens):
-            mask = np.ones((n,), dtype=bool)
-            pos = np.arange(n, dtype=np.int32)
-            out[s:s + n] = self.backend.attention(q[s:s + n], k[s:s + n], v[s:s + n], n, pos, mask)
-        return out
+    def close(self) -> None:
+        self.program.close()
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -156,21 +137,11 @@ class Encoder:
             raise ValueError(f"sequence of {lens.max()} tokens exceeds the model's maximum {self.max_len}")
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lens.sum()))
-        positions = np.concatenate([np.arange(n) for n in lens])
-        M, H, hd = ids.size, self.n_heads, self.head_dim
-        be = self.backend
-        x = self._embed(ids, positions)
-        for layer in self.layers:
-            q = self._linear(layer["wq"], x).reshape(M, H, hd)
-            k = self._linear(layer["wk"], x).reshape(M, H, hd)
-            v = self._linear(layer["wv"], x).reshape(M, H, hd)
-            a = self._attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                                starts, lens).reshape(M, H * hd)
-            a = self._linear(layer["wo"], a)
-            x = be.layernorm(be.add(a, x), *layer["attn_norm"], self.eps)     # post-LN
-            f = be.gelu(self._linear(layer["w_in"], x))
-            f = self._linear(layer["w_out"], f)
-            x = be.layernorm(be.add(f, x), *layer["ffn_norm"], self.eps)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_tokens):
+            raise ValueError(f"token id out of range 0..{self.n_tokens - 1}")
+        positions = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
+        marks = [m for m, n in zip([_Sequence() for _ in seqs], lens) for _ in range(n)]
+        x = self.program.run(Step(ids, positions, marks, np.arange(ids.size, dtype=np.int32)))
         return x, starts, lens
 
     def pool(self, x: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:

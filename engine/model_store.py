@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from loader.errors import FormatError
 from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
+from loader.fetch import cache_dir
 from loader.packed import is_packed_dir, read_packed, write_packed
 from loader.validate import check_group
 
@@ -21,7 +21,7 @@ QUANT_REVISION = 3          # bump when quantize_model's output changes for the 
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ANYBIT_CACHE") or Path.home() / ".cache" / "anybit")
+    return cache_dir()          # the one cache root ($ANYBIT_CACHE or ~/.cache/anybit): loader/fetch.py
 
 
 def resolve_source(path, kind: str = "decoder") -> Path:

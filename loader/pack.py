@@ -14,16 +14,18 @@ exactly at every p >= 4 (s and o unchanged); Q8_0 only at p = 8.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
 from loader.errors import FormatError
+from loader.packed import PackedModel
+from loader.precision import check_bits
 from loader.gptq import gptq_quantize
 from loader.rotation import check_block, hadamard_blocks
-from loader.source import ModelConfig, SourceModel
+from loader.source import SourceModel
 
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
@@ -54,10 +56,8 @@ class Recipe:
     gptq: bool = False                  # error-compensating rounding with calibration Hessians (loader/gptq.py)
 
     def __post_init__(self):
-        if self.wbits != 16 and not 1 <= self.wbits <= 8:
-            raise ValueError(f"wbits must be 1..8 or 16, got {self.wbits}")
-        if self.abits != 16 and not 1 <= self.abits <= 8:
-            raise ValueError(f"abits must be 1..8 or 16, got {self.abits}")
+        check_bits(self.wbits, "wbits")
+        check_bits(self.abits, "abits")
         if self.group not in (None, "channel") and (not isinstance(self.group, int) or self.group <= 0
                                                     or self.group % 32):
             raise ValueError(f"group must be a positive multiple of 32 or 'channel', got {self.group!r}")
@@ -75,40 +75,6 @@ class Recipe:
             if not d[k]:
                 del d[k]                # recipes from before these existed keep their cache keys
         return d
-
-
-@dataclass
-class PackedModel:
-    config: ModelConfig
-    tensors: dict[str, np.ndarray | PackedLinear]
-    tokenizer_json: str
-    recipe: dict
-    info: dict[str, dict] = field(default_factory=dict)   # per linear: bits, group, exact, rel_err
-    mapping: object = None      # loader.packed.FileMap when the tensors are views of a mapped file
-
-    def release_pages(self, names) -> int:
-        """After a backend has made its own copies of these tensors: let the OS take back the resident
-        pages of their mapped file data (loader.packed.FileMap.release; nothing is lost). Returns bytes."""
-        if self.mapping is None:
-            return 0
-        arrays = []
-        for n in names:
-            t = self.tensors.get(n)
-            if isinstance(t, PackedLinear):
-                arrays += [a for a in (t.planes, t.scales, t.offsets, t.smooth) if a is not None]
-            elif isinstance(t, np.ndarray):
-                arrays.append(t)
-        return self.mapping.release(arrays)
-
-    def linear(self, name: str) -> np.ndarray | PackedLinear:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise FormatError(f"packed model has no tensor {name!r}") from None
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 def exact_import(blocks: tuple, ggml_type: str, bits: int | None = None) -> QuantTensor:

@@ -14,17 +14,52 @@ import json
 import mmap
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
-from loader.pack import PackedModel
 from loader.safe_write import check_destination, clean_stale, make_temp, replace_dir, storage_error
 from loader.source import ModelConfig, expected_shapes
 from loader.validate import (PACKED_SCHEMA, check_model_config, check_object, check_packed_tensor, load_json,
                              read_safetensors_header)
+
+
+@dataclass
+class PackedModel:
+    config: ModelConfig
+    tensors: dict[str, np.ndarray | PackedLinear]
+    tokenizer_json: str
+    recipe: dict
+    info: dict[str, dict] = field(default_factory=dict)   # per linear: bits, group, exact, rel_err
+    mapping: object = None      # loader.packed.FileMap when the tensors are views of a mapped file
+
+    def release_pages(self, names) -> int:
+        """After a backend has made its own copies of these tensors: let the OS take back the resident
+        pages of their mapped file data (loader.packed.FileMap.release; nothing is lost). Returns bytes."""
+        if self.mapping is None:
+            return 0
+        arrays = []
+        for n in names:
+            t = self.tensors.get(n)
+            if isinstance(t, PackedLinear):
+                arrays += [a for a in (t.planes, t.scales, t.offsets, t.smooth) if a is not None]
+            elif isinstance(t, np.ndarray):
+                arrays.append(t)
+        return self.mapping.release(arrays)
+
+    def linear(self, name: str) -> np.ndarray | PackedLinear:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"packed model has no tensor {name!r}") from None
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
 
 FORMAT = "anybit-packed"
 # 2 added a per-tensor "rotate" (loader/rotation.py); 3 adds "config_sha256", a checksum of config.json

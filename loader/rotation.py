@@ -49,7 +49,8 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def rotate_rows(backend, x, block: int) -> np.ndarray:
-    """x R for a linear's input at run time: the backend's own transform where it has one (the CPU
-    backend's C loop, bitwise this module's result), else hadamard_blocks."""
-    fn = getattr(backend, "hadamard", None)
-    return fn(x, block) if fn is not None else hadamard_blocks(np.asarray(x, np.float32), block)
+    """x R for a linear's input at run time: the backend's own transform where it declares one (the
+    "hadamard" capability: the CPU backend's C loop, bitwise this module's result), else hadamard_blocks."""
+    if "hadamard" in getattr(backend, "capabilities", ()):
+        return backend.hadamard(x, block)
+    return hadamard_blocks(np.asarray(x, np.float32), block)

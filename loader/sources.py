@@ -5,21 +5,11 @@ message that says so, and loader.packed reads them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from loader.errors import FormatError
+from loader.packed import is_packed_dir
 from loader.source import SourceModel
-
-
-def is_packed_dir(path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == "anybit-packed"
-    except (ValueError, UnicodeDecodeError, AttributeError, OSError, RecursionError):
-        return False
 
 
 def read_source(path) -> SourceModel:

@@ -3,8 +3,8 @@
 Weights are uploaded once (prepare_linear) through the pool in the GPU layout of runtime/gpu_layout.py;
 activations may be NumPy arrays (uploaded, result copied back: the interface's contract) or
 runtime.memory.DeviceArray (kept on the device, result a new DeviceArray owned by the caller), so an
-engine can run a whole decode step on the device and capture it with `capture_graph`: runtime/gpu_forward.py
-does that for the decoder (fused_model / fused_forward). The device layer is runtime/gpu_device.py.
+engine can run a whole decode step on the device and capture it with `capture_graph`: runtime/gpu_program.py
+does that for any graph (compile). The device layer is runtime/gpu_device.py.
 
 Linear paths (which one ran is recorded in `last_path`):
 - abits 16: gemv_a16_m1 for one token (sign-flip sums, cost linear in p), else gemv_a16 (dequantizes
@@ -39,6 +39,7 @@ def bgemm_geometry(M: int, N: int, K: int, p: int, q: int, arch: str, group: int
 
 class GpuBackend(GpuLayoutOps):
     name = "cuda"
+    capabilities = frozenset({"compile", "device_kv", "hadamard"})
 
     def __init__(self, threads: int | None = None, *, device: int = 0, pool_limit: int | None = None,
                  dev=None):
@@ -47,8 +48,8 @@ class GpuBackend(GpuLayoutOps):
         self._rope: dict[tuple, tuple] = {}
         self._linears: list[GpuLinear] = []
         self.last_path = ""
-        self.arena = None       # while set (runtime/gpu_forward.py), empty() takes memory from it
-        self._fused: list = []
+        self.arena = None       # while set (runtime/gpu_program.py), empty() takes memory from it
+        self._programs: list = []
 
     # ---- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -56,9 +57,9 @@ class GpuBackend(GpuLayoutOps):
         driver call fail); the first error is raised at the end."""
         from runtime.driver import Releaser
         rel = Releaser()
-        for m in self._fused:
+        for m in self._programs:
             rel(m.close)
-        self._fused.clear()
+        self._programs.clear()
         for h in self._linears:
             rel(h.close)
         self._linears.clear()
@@ -112,20 +113,14 @@ class GpuBackend(GpuLayoutOps):
         out.close()
         return r
 
-    # ---- the whole forward on the device (runtime/gpu_forward.py; engine/fast_decode.py calls these) --
-    def fused_supported(self, abits: int) -> bool:
-        return abits == 16 or 1 <= abits <= 8
-
-    def fused_model(self, **kw):
-        from runtime.gpu_forward import GpuFusedModel
-        m = GpuFusedModel(self, **kw)
-        self._fused.append(m)
-        return m
-
-    def fused_forward(self, model, x, k_cache, v_cache, start: int, all_logits: bool) -> np.ndarray:
-        """Logits (M, V) of rows x (M, d) at positions start.., or (1, V) of the last one; the caches are
-        the per-layer device arrays of engine.decoder.KVCache."""
-        return model(x, k_cache, v_cache, start, all_logits)
+    # ---- graphs (engine/graph.py) on the device (runtime/gpu_program.py) -----------------------------
+    def compile(self, graph):
+        """Every activation on the device, decode steps as CUDA graphs. NotImplementedError when an op
+        has no device kernel (the engine then interprets the graph op by op)."""
+        from runtime.gpu_program import GpuProgram
+        p = GpuProgram(self, graph)
+        self._programs.append(p)
+        return p
 
     def capture_graph(self, fn):
         """Capture the launches fn() makes on the backend's stream (device-array arguments only)."""
@@ -138,7 +133,7 @@ class GpuBackend(GpuLayoutOps):
         return h
 
     def linear(self, h: GpuLinear, x, *, abits: int = 16, agroup: int | None = None, out=None, residual=None):
-        """x W^T, or residual + x W^T with residual (M, N): the residual add of a transformer block fused
+        """x W^T, or residual + x W^T with residual (M, N): a residual add fused
         into the GEMV's output store (bgemm_b1: a separate add), bitwise add(residual, x W^T)."""
         xd, host = self._dev(x)
         M, K = xd.shape
@@ -312,8 +307,8 @@ class GpuBackend(GpuLayoutOps):
         self._launch("ops.ptx", name, (cdiv(n, 256), 1, 1), (256, 1, 1), [out] + [d for d, _ in ds] + [n, *n_extra])
         return self._finish(out, ds[0][1], [d for d, hh in ds if hh])
 
-    def swiglu(self, gate, up):
-        return self._ew("swiglu_f32", [gate, up])
+    def swiglu(self, a, b):
+        return self._ew("swiglu_f32", [a, b])
 
     def gelu(self, x):
         return self._ew("gelu_f32", [x])
@@ -341,39 +336,3 @@ class GpuBackend(GpuLayoutOps):
         if host:
             xd.close()
         return int(r[0])
-
-    def sample(self, logits, temperature: float, top_k: int = 0, top_p: float = 1.0, u: float = 0.0) -> int:
-        """engine/sampling.Sampler's temperature / top-k / top-p rule on the device (ptx/sample.ptx) for a
-        uniform u in [0, 1): Sampler draws u = rng.random() and, away from float rounding at the
-        boundaries between tokens, picks the same token. temperature 0 is greedy (argmax)."""
-        if temperature == 0:
-            return self.argmax(logits)
-        if not temperature > 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= u < 1:
-            raise ValueError(f"sample: temperature > 0, top_k >= 0, 0 < top_p <= 1, 0 <= u < 1 "
-                             f"(got {temperature}, {top_k}, {top_p}, {u})")
-        xd, host = self._dev(logits)
-        o = self.empty((2,), np.uint32)
-        self._launch("sample.ptx", "sample_f32", (1, 1, 1), (1024, 1, 1),
-                     [o, xd, int(np.prod(xd.shape)), float(temperature), int(top_k), float(top_p), float(u)])
-        r = self.download(o)
-        o.close()
-        if host:
-            xd.close()
-        return int(r[0])
-
-    def embed(self, table, ids):
-        """Rows of a float32 table (a DeviceArray (V, d) uploaded once) for int32 ids."""
-        idd, ih = self._dev(ids, np.int32)
-        M, d = idd.shape[0], table.shape[1]
-        out = self.empty((M, d))
-        self._launch("ops.ptx", "embed_f32", (M, 1, 1), (128, 1, 1), [out, table, idd, d])
-        return self._finish(out, ih, [idd] if ih else [])
-
-    def embed_packed(self, h: GpuLinear, ids):
-        """Dequantized rows of a packed embedding prepared with prepare_linear (e.g. a tied W8 table)."""
-        idd, ih = self._dev(ids, np.int32)
-        M = idd.shape[0]
-        out = self.empty((M, h.K))
-        self._launch("ops.ptx", "embed_packed", (M, 1, 1), (128, 1, 1),
-                     [out, h.planes, h.scales, h.offsets, idd, h.p, h.N, h.Kw, h.K, h.G, h.ngw])
-        return self._finish(out, ih, [idd] if ih else [])

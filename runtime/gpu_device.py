@@ -2,7 +2,7 @@
 capture) and GpuLinear (a packed linear uploaded once in the GPU layout of runtime/gpu_layout.py).
 
 tools/kernel_runners.SimDevice implements CudaDevice's interface over the PTX interpreter, which lets
-the tests run GpuBackend and runtime/gpu_forward.py without a GPU.
+the tests run GpuBackend and runtime/gpu_program.py without a GPU.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """GpuLayoutOps: reshapes and row views of device arrays, column splits and the block Hadamard rotation
-(ptx/rows.ptx), for the device-resident forward of runtime/gpu_forward.py. A mixin of GpuBackend: it
+(ptx/rows.ptx), for the device-resident forward of runtime/gpu_program.py. A mixin of GpuBackend: it
 uses the backend's _dev, empty, _launch and _finish."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class GpuLayoutOps:
         return x.view(r0 * row, (n,) + tuple(x.shape[1:]))
 
     def columns(self, x, col0: int, width: int):
-        """x[:, col0:col0+width] as a new contiguous (M, width) array (splits fused q|k|v, gate|up)."""
+        """x[:, col0:col0+width] as a new contiguous (M, width) array (splits the product of fused weights)."""
         xd, host = self._dev(x)
         M, cols = xd.shape
         if col0 < 0 or width <= 0 or col0 + width > cols:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from loader.bipolar import round_up
 from runtime.errors import CudaError, OutOfMemoryError
 
 ALIGN = 256
@@ -41,8 +42,6 @@ class Events(Protocol):
     def destroy(self, event) -> None: ...
 
 
-def round_up(n: int, m: int) -> int:
-    return -(-int(n) // m) * m
 
 
 @dataclass(eq=False)
@@ -298,4 +297,4 @@ def cuda_pool(limit: int | None = None, chunk: int = DEFAULT_CHUNK) -> PoolAlloc
 
 
 # the arrays built on the pool live in runtime/device_arrays.py; imported here for existing callers
-from runtime.device_arrays import DeviceArray, KVCacheBlocks, PinnedBuffer  # noqa: E402,F401
+from runtime.device_arrays import DeviceArray  # noqa: E402,F401

@@ -15,7 +15,6 @@ import ctypes
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from runtime import driver as _drv
 from runtime.driver import Releaser, cdiv, check, driver, stream_handle  # noqa: F401  (cdiv re-exported)
@@ -343,44 +342,3 @@ class Function:
             check(driver().cuStreamSynchronize(h), f"cuStreamSynchronize after {self.name}")
 
     __call__ = launch
-
-
-class KernelCache:
-    """Modules by PTX file: the prebuilt cubin for this arch if the build cache has it, else the PTX.
-
-    `load_ptx` / `load_cubin` are injectable so the choice is testable without a GPU.
-    """
-
-    def __init__(self, arch: str, cache_dir=None, load_ptx=None, load_cubin=None):
-        self.arch, self.cache_dir = arch, cache_dir
-        self._load_ptx = load_ptx or Module.load_ptx
-        self._load_cubin = load_cubin or Module.load_cubin
-        self._modules: dict[str, Module] = {}
-        self.origin: dict[str, str] = {}   # path -> "cubin:<file>" | "ptx"
-
-    def get(self, ptx_path) -> Module:
-        from runtime import nvjitlink
-        key = str(Path(ptx_path).resolve())
-        mod = self._modules.get(key)
-        if mod is None:
-            text = Path(ptx_path).read_text()
-            sigs = parse_signatures(text, str(ptx_path))
-            cub = nvjitlink.lookup_cubin(text, Path(ptx_path).stem, self.arch, self.cache_dir)
-            if cub is not None:
-                mod = self._load_cubin(cub.read_bytes(), sigs, str(cub))
-                self.origin[key] = f"cubin:{cub}"
-            else:
-                mod = self._load_ptx(text, str(ptx_path))
-                self.origin[key] = "ptx"
-            self._modules[key] = mod
-        return mod
-
-    def function(self, ptx_path, name: str) -> Function:
-        return self.get(ptx_path).function(name)
-
-    def close(self) -> None:
-        rel = Releaser()                  # every module is unloaded even if one unload fails
-        for m in self._modules.values():
-            rel(m.close)
-        self._modules.clear()
-        rel.done()

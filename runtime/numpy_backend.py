@@ -19,6 +19,7 @@ class NumpyLinear:
 
 class NumpyBackend:
     name = "numpy"
+    capabilities = frozenset({"rope_ext", "attn_ext", "geglu"})
 
     def __init__(self, threads: int | None = None):
         self.threads = threads or 1
@@ -65,45 +66,63 @@ class NumpyBackend:
         var = ((x - mu) ** 2).mean(-1, keepdims=True)
         return ((x - mu) / np.sqrt(var + eps) * w + b).astype(np.float32)
 
-    def rope(self, x, pos, theta, style):
-        """In place. x (M, H, hd); pos (M,)."""
+    def rope(self, x, pos, theta, style, n_rot=None, freqs=None):
+        """In place. x (M, H, hd); pos (M,). The first n_rot (default hd) dims of each head rotate;
+        freqs: per-pair divisors of the frequencies (Llama 3's rope_freqs), or None."""
         M, H, hd = x.shape
-        inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)       # (hd/2,)
-        ang = np.asarray(pos, np.float64)[:, None] * inv[None, :]           # (M, hd/2)
+        n = hd if n_rot is None else int(n_rot)
+        inv = theta ** (-np.arange(0, n, 2, dtype=np.float64) / n)         # (n/2,)
+        if freqs is not None:
+            inv = inv / np.asarray(freqs, np.float64)
+        ang = np.asarray(pos, np.float64)[:, None] * inv[None, :]           # (M, n/2)
         c = np.cos(ang).astype(np.float32)[:, None, :]
         s = np.sin(ang).astype(np.float32)[:, None, :]
         if style == "adjacent":
-            a, b = x[..., 0::2].copy(), x[..., 1::2].copy()
-            x[..., 0::2] = a * c - b * s
-            x[..., 1::2] = a * s + b * c
+            a, b = x[..., 0:n:2].copy(), x[..., 1:n:2].copy()
+            x[..., 0:n:2] = a * c - b * s
+            x[..., 1:n:2] = a * s + b * c
         elif style == "half":
-            a, b = x[..., : hd // 2].copy(), x[..., hd // 2:].copy()
-            x[..., : hd // 2] = a * c - b * s
-            x[..., hd // 2:] = a * s + b * c
+            a, b = x[..., : n // 2].copy(), x[..., n // 2:n].copy()
+            x[..., : n // 2] = a * c - b * s
+            x[..., n // 2:n] = a * s + b * c
         else:
             raise ValueError(f"unknown rope style {style!r}")
 
-    def attention(self, q, k_cache, v_cache, n_ctx, q_pos, mask=None):
-        """q (M,H,hd); caches (T,Hkv,hd); query i sees keys [0, q_pos[i]] (or `mask` (n_ctx,) bool)."""
+    def attention(self, q, k_cache, v_cache, n_ctx, q_pos, mask=None, *, scale=None, window=0, softcap=0.0):
+        """q (M,H,hd); caches (T,Hkv,hd); query i sees keys [0, q_pos[i]] (or `mask` (n_ctx,) bool), and
+        with window > 0 only the last `window` of them; scores scaled by `scale` (default 1/sqrt(hd)),
+        then soft-capped to (-softcap, softcap) when softcap > 0."""
         M, H, hd = q.shape
         Hkv = k_cache.shape[1]
         rep = H // Hkv
         k = np.repeat(k_cache[:n_ctx], rep, axis=1)                         # (T, H, hd)
         v = np.repeat(v_cache[:n_ctx], rep, axis=1)
-        s = np.einsum("mhd,thd->hmt", q, k) / np.sqrt(hd)                   # (H, M, T)
+        s = np.einsum("mhd,thd->hmt", q, k)                                 # (H, M, T)
+        s = s / np.sqrt(hd) if scale is None else s * scale
+        if softcap:
+            s = np.tanh(s / softcap) * softcap
         if mask is not None:
             allowed = np.broadcast_to(np.asarray(mask, bool)[:n_ctx][None, :], (M, n_ctx))
         else:
-            allowed = np.arange(n_ctx)[None, :] <= np.asarray(q_pos)[:, None]
+            qp = np.asarray(q_pos)[:, None]
+            t = np.arange(n_ctx)[None, :]
+            allowed = (t <= qp) & ((t > qp - window) if window else True)
         s = np.where(allowed[None], s, -np.inf)
         s = s - s.max(-1, keepdims=True)
         p = np.exp(s)
         p /= p.sum(-1, keepdims=True)
         return np.einsum("hmt,thd->mhd", p, v).astype(np.float32)
 
-    def swiglu(self, gate, up):
-        g = np.asarray(gate, np.float32)
-        return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
+    def swiglu(self, a, b):
+        """silu(a) * b."""
+        g = np.asarray(a, np.float32)
+        return (g / (1.0 + np.exp(-g)) * b).astype(np.float32)
+
+    def geglu_tanh(self, a, b):
+        """gelu with the tanh approximation (Gemma's GeGLU) times b."""
+        a = np.asarray(a, np.float32)
+        g = 0.5 * a * (1.0 + np.tanh(np.float32(0.7978845608028654) * (a + np.float32(0.044715) * a * a * a)))
+        return (g * b).astype(np.float32)
 
     def gelu(self, x):
         from math import erf, sqrt

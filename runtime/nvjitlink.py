@@ -1,4 +1,4 @@
-"""PTX -> cubin with nvJitLink (no GPU needed), per-kernel resource usage, and a content-hashed cache.
+"""PTX -> cubin with nvJitLink (no GPU needed) and per-kernel resource usage.
 
 nvJitLink runs the same ptxas as the driver's JIT, so linking every kernel for sm_80/86/89/90 on a
 machine without a GPU tells us whether the PTX assembles, how many registers, how much shared and
@@ -8,12 +8,9 @@ named `__cuda_sm_9x_mma_*`, visible in the cubin's ELF symbol table).
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 DEFAULT_OPTIONS = ("-O3",)
@@ -249,74 +246,3 @@ def static_smem_from_cubin(cubin: bytes) -> dict[str, int]:
     """Static shared memory per kernel: the size of its `.nv.shared.<kernel>` (NOBITS) section."""
     return {name[len(".nv.shared."):]: size for name, _t, _o, size, _l in _sections(cubin)
             if name.startswith(".nv.shared.")}
-
-
-# ---- cache of prebuilt cubins ----------------------------------------------------------------------
-
-def cache_root() -> Path:
-    """$ANYBIT_CACHE or ~/.cache/anybit."""
-    env = os.environ.get("ANYBIT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "anybit"
-
-
-def cubin_cache_dir() -> Path:
-    return cache_root() / "cubin"
-
-
-def cache_key(ptx_text: str | bytes, arch: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> str:
-    """sha256 over the PTX text, the arch, the linker options and the nvJitLink version: a change in
-    any of them makes a different cubin."""
-    data = ptx_text.encode() if isinstance(ptx_text, str) else bytes(ptx_text)
-    h = hashlib.sha256()
-    for part in (data, arch.encode(), " ".join(options).encode(),
-                 ".".join(map(str, nvjitlink_version())).encode()):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()
-
-
-def cubin_path(cache_dir: Path, stem: str, arch: str, key: str) -> Path:
-    return Path(cache_dir) / f"{stem}.{arch}.{key[:20]}.cubin"
-
-
-def lookup_cubin(ptx_text: str | bytes, stem: str, arch: str, cache_dir: Path | None = None,
-                 options: tuple[str, ...] = DEFAULT_OPTIONS) -> Path | None:
-    """Path of a cached cubin for exactly this PTX/arch/options/linker, or None."""
-    try:
-        key = cache_key(ptx_text, arch, options)
-    except LinkError:  # no nvJitLink here: there cannot be a matching cache entry
-        return None
-    p = cubin_path(cache_dir or cubin_cache_dir(), stem, arch, key)
-    return p if p.is_file() else None
-
-
-@dataclass
-class BuildRecord:
-    ptx: Path
-    arch: str
-    cubin: Path | None
-    cached: bool
-    result: LinkResult | None   # None when the cubin came from the cache
-
-
-def build_all(ptx_dir, cache_dir=None, archs=DEFAULT_ARCHS,
-              options: tuple[str, ...] = DEFAULT_OPTIONS) -> list[BuildRecord]:
-    """Link every `*.ptx` in ptx_dir for every arch into the cache (skipping up-to-date entries).
-    Raises LinkError on the first file that does not link; the info log is kept beside each cubin."""
-    cache = Path(cache_dir) if cache_dir is not None else cubin_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    out = []
-    for ptx in sorted(Path(ptx_dir).glob("*.ptx")):
-        text = ptx.read_text()
-        for arch in archs:
-            dst = cubin_path(cache, ptx.stem, arch, cache_key(text, arch, options))
-            if dst.is_file():
-                out.append(BuildRecord(ptx, arch, dst, True, None))
-                continue
-            res = link_ptx(text, arch, name=ptx.name, options=options)
-            tmp = dst.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(res.cubin)
-            os.replace(tmp, dst)  # atomic: a concurrent reader sees the old state or the whole file
-            dst.with_suffix(".log").write_text(res.info_log)
-            out.append(BuildRecord(ptx, arch, dst, False, res))
-    return out

@@ -3,8 +3,8 @@
 A plan fixes, for one (M, N, K, p, q, arch, mode), everything a kernel needs to agree on with its
 launcher: block tile (BM tokens x BN outputs x BK input lanes), pipeline stages, warp layout, split-K,
 and the byte layout of dynamic shared memory. ptx/bgemm_b1.ptx, whose tile is fixed in its PTX, is
-described by plan_bgemm_b1 (GpuBackend launches it from that plan); plan_gemm / plan_gemv search the
-wider family of tiles, stages and recovery buffers below, which the kernels do not implement yet.
+described by plan_bgemm_b1 (GpuBackend launches it from that plan). (Planners for a wider family of
+tiles, stages and recovery buffers were removed with no kernel to use them; see git history.)
 
 Conventions (both modes): the weight plane tile is the MMA A operand (16 output rows per instruction),
 the activation tile the B operand (8 tokens per instruction):
@@ -31,6 +31,9 @@ by 32 consecutive lanes and need no padding. Every buffer starts on a 16-byte bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from loader.bipolar import round_up
+from runtime.driver import cdiv
 
 KIB = 1024
 
@@ -68,22 +71,6 @@ def arch_limits(arch: str) -> ArchLimits:
         raise PlanError(f"unknown arch {arch!r}; known: {', '.join(ARCH_LIMITS)}") from None
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-    return cdiv(a, b) * b
-
-
-def frag_stride_words(words: int) -> int:
-    """Smallest row stride >= words that is 4 (mod 8) words: conflict-free 8x4 fragment loads."""
-    return words + (4 - words) % 8
-
-
-def acc_stride_words(words: int) -> int:
-    """Smallest row stride >= words that is 4 (mod 16) words: conflict-free accumulator stores."""
-    return words + (4 - words) % 16
 
 
 @dataclass(frozen=True)
@@ -195,34 +182,6 @@ class StagingPlan:
                 f"grid {self.grid()} block {self.block}")
 
 
-def _layout(mode, p, q, BM, BN, BK, stages, gps, agps, offsets, plane_split) -> list[SmemBuffer]:
-    bufs, off = [], 0
-
-    def add(name, rows, row_bytes, stride, elem):
-        nonlocal off
-        off = round_up(off, 16)
-        bufs.append(SmemBuffer(name, off, rows, row_bytes, stride, elem))
-        off += rows * stride
-
-    bit_stride = 4 * frag_stride_words(BK // 32)
-    for s in range(stages):
-        add(f"w_planes.s{s}", p * BN, BK // 8, bit_stride, "b1")
-        if mode == "quant":
-            add(f"a_planes.s{s}", q * BM, BK // 8, bit_stride, "b1")
-        else:
-            add(f"a_half.s{s}", BM, BK * 2, 4 * frag_stride_words(BK // 2), "f16")
-        add(f"w_scales.s{s}", gps, BN * 4, BN * 4, "f32")
-        if offsets:
-            add(f"w_offsets.s{s}", gps, BN * 4, BN * 4, "f32")
-        if mode == "quant":
-            add(f"a_scales.s{s}", agps, BM * 4, BM * 4, "f32")
-        add(f"a_sums.s{s}", agps, BM * 4, BM * 4, "s32" if mode == "quant" else "f32")
-    acc = 4 * acc_stride_words(BN)
-    add("psum", plane_split * BM, BN * 4, acc, "s32" if mode == "quant" else "f32")
-    add("out", BM, BN * 4, acc, "f32")
-    return bufs
-
-
 def _validate(M, N, K, p, q, mode, group, agroup):
     for nm, v in (("M", M), ("N", N), ("K", K)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -250,93 +209,6 @@ def _validate(M, N, K, p, q, mode, group, agroup):
     return Kp, G, Ga
 
 
-def _fit(kind, mode, arch, M, N, K, Kp, p, q, G, Ga, offsets, candidates, split_k_fn, stages):
-    lim = arch_limits(arch)
-    L = min(G, Ga)
-    mma_k = (256 if L % 256 == 0 else 128) if mode == "quant" else 16
-    if mode == "quant":
-        bound = (2 ** p - 1) * (2 ** q - 1) * L
-        if bound > 2 ** 31 - 1:
-            raise PlanError(f"int32 recovery overflows: (2^{p}-1)(2^{q}-1)*{L} lanes = {bound} > 2^31-1; "
-                            "use smaller groups")
-    pairs = p * q if mode == "quant" else p
-    failures = []
-    for BM, BN, BK in candidates:
-        # a group either spans whole k-tiles or a k-tile holds whole groups (per channel / per token
-        # needs neither: one group covers all of K and the last tile is zero-padded)
-        if (G < Kp and max(G, BK) % min(G, BK)) or (mode == "quant" and Ga < Kp
-                                                    and max(Ga, BK) % min(Ga, BK)):
-            failures.append((BM, BN, BK, f"BK={BK} and the groups ({G}, {Ga}) do not nest", 0))
-            continue
-        gps, agps = max(1, BK // G), max(1, BK // Ga)
-        WN, WM = 32, min(BM, 32)
-        warps_n, warps_m = BN // WN, BM // WM
-        split = 1
-        for d in range(1, pairs + 1):   # extra warp groups over plane pairs, up to 8 warps
-            if pairs % d == 0 and warps_n * warps_m * d <= 8:
-                split = d
-        bufs = _layout(mode, p, q if mode == "quant" else 0, BM, BN, BK, stages, gps, agps, offsets,
-                       split)
-        smem = round_up(max(b.end for b in bufs), 16)
-        threads = 32 * warps_m * warps_n * split
-        if smem > lim.smem_per_block_optin:
-            failures.append((BM, BN, BK, f"shared memory {smem} B exceeds the {arch} per-block "
-                             f"opt-in limit {lim.smem_per_block_optin} B by "
-                             f"{smem - lim.smem_per_block_optin} B", smem - lim.smem_per_block_optin))
-            continue
-        if threads > lim.max_threads_per_block:
-            failures.append((BM, BN, BK, f"{threads} threads exceed {lim.max_threads_per_block} by "
-                             f"{threads - lim.max_threads_per_block}", threads))
-            continue
-        # k-tiles per group: splits keep groups whole (scaling is linear, so a per-channel group may
-        # be split: each split recovers and scales its own partial sum)
-        unit = 1 if G >= Kp else max(1, G // BK)
-        split_k = split_k_fn(cdiv(N, BN) * cdiv(M, BM), cdiv(Kp, BK) // unit, lim)
-        return StagingPlan(kind, mode, arch, M, N, K, Kp, p, q if mode == "quant" else 16, G, Ga,
-                           BM, BN, BK, mma_k, stages, warps_m, warps_n, split, split_k, tuple(bufs), lim)
-    best = min(failures, key=lambda f: f[4])
-    raise PlanError(f"no tile fits {kind} M={M} N={N} K={K} W{p}A{q if mode == 'quant' else 16} on "
-                    f"{arch}: smallest candidate {best[0]}x{best[1]}x{best[2]}: {best[3]}")
-
-
-def _candidates(bm_pref, bn_pref, bk_pref, tile):
-    if tile is not None:
-        return [tuple(tile)]
-    bms = [b for b in (128, 64, 32, 16, 8) if b <= bm_pref]
-    bns = [b for b in (256, 128, 64, 32) if b <= bn_pref]
-    bks = [b for b in (1024, 512, 256) if b <= bk_pref]
-    # shrink BK first (cheapest loss), then BN, then BM
-    return [(bm, bn, bk) for bm in bms for bn in bns for bk in bks]
-
-
-def _check_tile(tile):
-    if tile is None:
-        return
-    BM, BN, BK = tile
-    if BM % 8 or BM < 8 or BN % 32 or BN < 32 or BK % 256 or BK < 256:
-        raise PlanError(f"tile {tile}: BM must be a multiple of 8, BN of 32, BK of 256 lanes")
-    if BM > 32 and BM % 32:
-        raise PlanError(f"tile {tile}: BM above 32 must be a multiple of 32 (warp tile)")
-
-
-def plan_gemm(M: int, N: int, K: int, p: int, q: int, arch: str, mode: str = "quant", *,
-              group: int = 128, agroup: int | None = None, offsets: bool = True,
-              tile: tuple[int, int, int] | None = None, stages: int = 2,
-              sm_count: int | None = None) -> StagingPlan:
-    """Plan Y (M x N) = X (M x K) . W^T for p-bit weights and q-bit (quant) or fp16 (a16) activations."""
-    Kp, G, Ga = _validate(M, N, K, p, q, mode, group, agroup)
-    _check_tile(tile)
-    if stages not in (1, 2, 3, 4):
-        raise PlanError(f"stages must be 1..4, got {stages}")
-    lim = arch_limits(arch)
-    sms = sm_count or lim.sm_count
-    bm = min(128, max(8, 1 << (M - 1).bit_length()))
-    bn = 128 if cdiv(N, 128) * cdiv(M, bm) >= sms else 64
-    bk = 512 if Kp >= 512 else 256
-    return _fit("gemm", mode, arch, M, N, K, Kp, p, q, G, Ga, offsets, _candidates(bm, bn, bk, tile),
-                lambda blocks, units, lim: 1, stages)
-
-
 def plan_bgemm_b1(M: int, N: int, K: int, p: int, q: int, arch: str, *, group: int = 128,
                   agroup: int | None = None) -> StagingPlan:
     """The plan of ptx/bgemm_b1.ptx, whose tile is fixed in its PTX: 64 tokens x 32 outputs x 256 lanes,
@@ -361,22 +233,3 @@ def plan_bgemm_b1(M: int, N: int, K: int, p: int, q: int, arch: str, *, group: i
     return plan
 
 
-def plan_gemv(N: int, K: int, p: int, q: int, arch: str, mode: str = "quant", *, M: int = 1,
-              group: int = 128, agroup: int | None = None, offsets: bool = True,
-              tile: tuple[int, int, int] | None = None, sm_count: int | None = None) -> StagingPlan:
-    """Decode-time plan (M = 1..8 tokens): BM = 8, split-K until the grid covers every SM."""
-    if not 1 <= M <= 8:
-        raise PlanError(f"plan_gemv is for M = 1..8 tokens, got M={M}; use plan_gemm")
-    Kp, G, Ga = _validate(M, N, K, p, q, mode, group, agroup)
-    _check_tile(tile)
-    lim = arch_limits(arch)
-    sms = sm_count or lim.sm_count
-
-    def split_k(blocks, units, lim):
-        if blocks >= sms or units <= 1:
-            return 1
-        return max(1, min(units, cdiv(sms, blocks)))
-
-    bn = 128 if cdiv(N, 128) >= sms else 64
-    return _fit("gemv", mode, arch, M, N, K, Kp, p, q, G, Ga, offsets,
-                _candidates(8, bn, 512 if Kp >= 512 else 256, tile), split_k, 2)

@@ -1,4 +1,6 @@
 """CPU backend linears against the float64 references of loader/bipolar.py, on every ISA path."""
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -60,7 +62,7 @@ CASES = [  # M, N, K, bits, group, asym
 @pytest.mark.parametrize("case", CASES)
 def test_a16_matches_reference(isa, case, kernel):
     M, N, K, bits, group, asym = case
-    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))   # reproducible across runs
     bits = bits or int(rng.integers(1, 9))
     lin = make_lin(rng, N, K, bits, group, asym, smooth=(N % 2 == 1))
     x = rng.standard_normal((M, K)).astype(np.float32)
@@ -223,7 +225,7 @@ QCASES = [  # M, N, K, bits, abits, group, agroup, asym
 @pytest.mark.parametrize("case", QCASES)
 def test_quant_matches_reference_and_integers(isa, case, kernel):
     M, N, K, bits, abits, group, agroup, asym = case
-    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))   # reproducible across runs
     lin = make_lin(rng, N, K, bits, group, asym, smooth=(M % 2 == 0))
     x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 3, K)).astype(np.float32)
     be = qbackend(isa, kernel)

@@ -35,9 +35,10 @@ def reference_forward(src, ids):
     for i in range(c.n_layers):
         p = f"layers.{i}."
         h = norm(x, W[p + "attn_norm"])
-        q = rope((h @ W[p + "wq"].T).reshape(T, H, hd))
-        k = rope((h @ W[p + "wk"].T).reshape(T, Hkv, hd))
-        v = (h @ W[p + "wv"].T).reshape(T, Hkv, hd)
+        bq, bk, bv = (W.get(p + b, 0.0) for b in ("bq", "bk", "bv"))      # Qwen2-style biases, if any
+        q = rope((h @ W[p + "wq"].T + bq).reshape(T, H, hd))
+        k = rope((h @ W[p + "wk"].T + bk).reshape(T, Hkv, hd))
+        v = (h @ W[p + "wv"].T + bv).reshape(T, Hkv, hd)
         att = np.zeros((T, H, hd))
         for hh in range(H):
             kv = hh // (H // Hkv)
@@ -109,6 +110,7 @@ def test_real_model_float_path_matches_reference(default_gguf):
 
 @pytest.mark.parametrize("wbits,abits,group,n_ids", [(4, 16, 32, 3), (8, 8, 32, 3), (4, 8, 128, 10)],
                          ids=["W4A16-gemv", "W8A8-gemv_q", "W4A8-bgemm"])
+@pytest.mark.slow
 def test_engine_on_gpu_backend_in_interpreter_matches_cpu(wbits, abits, group, n_ids):
     """The whole decoder on GpuBackend, its kernels executed by the PTX interpreter (no GPU needed):
     same logits as the NumPy backend, and the same greedy tokens."""

@@ -1,6 +1,6 @@
-"""The device-resident GPU forward (runtime/gpu_forward.py) in the PTX interpreter: no GPU needed.
+"""The compiled GPU program (runtime/gpu_program.py) in the PTX interpreter: no GPU needed.
 
-It must give bitwise the logits of the op-by-op Decoder on the same backend (same kernels, same inputs),
+It must give bitwise the logits of the op-by-op interpreter on the same backend (same kernels, same inputs),
 through prefill, an eager first decode step and graph replays, and the NumPy backend's greedy tokens.
 """
 import numpy as np
@@ -8,11 +8,10 @@ import pytest
 
 import tools.kernelcheck as kc
 from engine.decoder import Decoder
-from engine.fast_decode import FastDecoder
 from loader.pack import Recipe, quantize_model
 from loader.rotation import hadamard_blocks
 from runtime.gpu_backend import GpuBackend
-from runtime.gpu_forward import Arena
+from runtime.gpu_program import Arena, GpuProgram
 from runtime.numpy_backend import NumpyBackend
 from tests.test_pack import tiny_llama
 
@@ -23,14 +22,15 @@ def sim_backend():
 
 @pytest.mark.parametrize("wbits,abits,agroup,rotate", [(4, 16, None, 64), (8, 8, "token", 0)],
                          ids=["W4A16-rotated", "W8A8-token"])
-def test_fused_forward_equals_op_by_op_and_replays(wbits, abits, agroup, rotate):
+@pytest.mark.slow
+def test_compiled_equals_op_by_op_and_replays(wbits, abits, agroup, rotate):
     src = tiny_llama(layers=1, d=64, F=64, V=40, seed=5)
     pm = quantize_model(src, Recipe(wbits=wbits, group=32, rotate=rotate))
     ref_be, be = sim_backend(), sim_backend()
-    ref = Decoder(pm, ref_be, abits=abits, agroup=agroup)
-    fast = FastDecoder(pm, be, abits=abits, agroup=agroup)
+    ref = Decoder(pm, ref_be, abits=abits, agroup=agroup, interpret=True)
+    fast = Decoder(pm, be, abits=abits, agroup=agroup)
     host = Decoder(pm, NumpyBackend(), abits=abits, agroup=agroup)
-    assert fast.fast
+    assert isinstance(fast.program, GpuProgram)
     c_ref, c, c_host = ref.new_cache(), fast.new_cache(), host.new_cache()
     assert c.device
     ids, steps = [3, 7], [5, 9]
@@ -41,13 +41,13 @@ def test_fused_forward_equals_op_by_op_and_replays(wbits, abits, agroup, rotate)
     c2 = fast.new_cache()
     fast.forward(ids, c2)
     np.testing.assert_array_equal(fast.forward([steps[0]], c2), ref.forward([steps[0]], _prefilled(ref, ids)))
-    assert fast.fused.graph is not graph
+    assert fast.program.graph_exec is not graph
     be.close()
     ref_be.close()
 
 
 def run_and_compare(fast, ref, host, prompt, steps):
-    """(decoder, cache) pairs: the fused one must give bitwise the op-by-op logits on prefill and every
+    """(decoder, cache) pairs: the compiled one must give bitwise the op-by-op logits on prefill and every
     step, close to the host backend's with the same argmax, with one graph captured and then replayed."""
     (fd, c), (rd, c_ref), (hd, c_host) = fast, ref, host
     np.testing.assert_array_equal(fd.forward(prompt, c), rd.forward(prompt, c_ref))
@@ -59,7 +59,7 @@ def run_and_compare(fast, ref, host, prompt, steps):
         want = hd.forward([tok], c_host)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
         assert got.argmax() == want.argmax()
-        graphs.append(fd.fused.graph)
+        graphs.append(fd.program.graph_exec)
     assert graphs[0] is not None and all(g is graphs[0] for g in graphs)     # captured once, then replayed
     return graphs[0]
 
@@ -70,11 +70,12 @@ def _prefilled(dec, ids):
     return cache
 
 
+@pytest.mark.slow
 def test_all_logits_prefill_equals_per_token_rows():
     src = tiny_llama(layers=1, d=64, F=64, V=40, seed=6)
     pm = quantize_model(src, Recipe(wbits=4, group=32))
     be = sim_backend()
-    fast, ref = FastDecoder(pm, be), Decoder(pm, NumpyBackend())
+    fast, ref = Decoder(pm, be), Decoder(pm, NumpyBackend())
     got = fast.forward([1, 2, 3], fast.new_cache(), all_logits=True)
     want = ref.forward([1, 2, 3], ref.new_cache(), all_logits=True)
     assert got.shape == (3, 40)

@@ -191,19 +191,6 @@ def test_events_time_work(ctx):
         e1.close()
 
 
-def test_pinned_buffer_roundtrip(ctx, pool):
-    from runtime.memory import DeviceArray, PinnedBuffer
-    with PinnedBuffer(4096) as pin, drv.Stream() as s:
-        h = pin.array((1024,), np.float32)
-        h[:] = np.arange(1024, dtype=np.float32)
-        with DeviceArray(pool, (1024,), np.float32) as d:
-            drv.memcpy_htod(d.ptr, h, s)
-            back = np.zeros(1024, np.float32)
-            drv.memcpy_dtoh(back, d.ptr, s)
-            s.synchronize()
-            np.testing.assert_array_equal(back, h)
-
-
 def test_graph_capture_replay_equals_direct_launches(mods, pool):
     from runtime.graph import Graph
     from runtime.memory import DeviceArray

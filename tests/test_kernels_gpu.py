@@ -78,12 +78,12 @@ def test_backend_on_gpu_matches_numpy():
 
 
 @pytest.mark.parametrize("wbits,abits,agroup,rotate", [(4, 16, None, 64), (8, 8, "token", 0), (4, 8, 128, 0)])
-def test_fused_forward_with_graphs_on_gpu_equals_op_by_op(wbits, abits, agroup, rotate):
-    """runtime/gpu_forward.py on the device: the same logits, bit for bit, as Decoder op by op on the
+def test_compiled_graph_on_gpu_equals_op_by_op(wbits, abits, agroup, rotate):
+    """runtime/gpu_program.py on the device: the same logits, bit for bit, as the graph op by op on the
     same GPU (same kernels, deterministic), through prefill, the captured first step and replays; greedy
     tokens as the NumPy backend's."""
     from engine.decoder import Decoder
-    from engine.fast_decode import FastDecoder
+    from runtime.gpu_program import GpuProgram
     from loader.pack import Recipe, quantize_model
     from runtime.gpu_backend import GpuBackend
     from runtime.numpy_backend import NumpyBackend
@@ -92,10 +92,10 @@ def test_fused_forward_with_graphs_on_gpu_equals_op_by_op(wbits, abits, agroup, 
     src = tiny_llama(layers=2, d=256, F=512, V=300, H=8, Hkv=2, seed=9)
     pm = quantize_model(src, Recipe(wbits=wbits, group=32 if agroup != 128 else 128, rotate=rotate))
     with GpuBackend() as be_ref, GpuBackend() as be:
-        ref = Decoder(pm, be_ref, abits=abits, agroup=agroup)
-        fast = FastDecoder(pm, be, abits=abits, agroup=agroup)
+        ref = Decoder(pm, be_ref, abits=abits, agroup=agroup, interpret=True)
+        fast = Decoder(pm, be, abits=abits, agroup=agroup)
         host = Decoder(pm, NumpyBackend(), abits=abits, agroup=agroup)
-        assert fast.fast
+        assert isinstance(fast.program, GpuProgram)
         c_ref, c, c_host = ref.new_cache(), fast.new_cache(), host.new_cache()
         prompt = [5, 17, 3, 99, 42, 0, 7, 250, 31]          # M = 9: bgemm_b1 where the groups allow
         run_and_compare((fast, c), (ref, c_ref), (host, c_host), prompt, [11, 12, 13, 14, 15, 16])

@@ -6,6 +6,7 @@ integer paths exact), and runtime.gpu_backend.GpuBackend driven through the inte
 No GPU is needed; a GPU run of the same kernels is tests/test_kernels_gpu.py.
 """
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ CASES = kc.cases(quick=True)
 @pytest.mark.parametrize("label", [c[0] for c in CASES])
 def test_kernelcheck_case(label):
     fn = dict(CASES)[label]
-    seed = abs(hash(label)) % (1 << 31)
+    seed = zlib.crc32(label.encode())          # reproducible: hash() of a str changes per run
     results = fn(kc.SimRunner(), np.random.default_rng(seed))
     bad = [f"{r.case} {r.shape}: {r.note}" for r in results if not r.ok]
     assert not bad, f"seed {seed}: " + "; ".join(bad)
@@ -150,21 +151,6 @@ def test_sampling_rule_of_the_kernel_is_the_host_samplers():
         assert Sampler(SamplingParams(temperature=T, top_k=k, top_p=p, seed=seed))(x, []) == tok, seed
         checked += 1
     assert checked >= 35
-
-
-def test_backend_sample_matches_host_sampler(be):
-    from engine.sampling import Sampler, SamplingParams
-    rng = np.random.default_rng(8)
-    x = (rng.standard_normal(3000) * 2).astype(np.float32)
-    for seed, (T, k, p) in enumerate([(0.9, 0, 1.0), (1.0, 30, 0.9), (0.6, 0, 0.85)]):
-        u = np.random.default_rng(seed).random()
-        if min(kc.ref_sample(x, T, k, p, u)[2:]) < 1e-4:
-            continue
-        want = Sampler(SamplingParams(temperature=T, top_k=k, top_p=p, seed=seed))(x, [])
-        assert be.sample(x, T, k, p, float(u)) == want
-    assert be.sample(x, 0.0) == int(np.argmax(x))
-    with pytest.raises(ValueError, match="top_p"):
-        be.sample(x, 1.0, 0, 1.5, 0.3)
 
 
 @pytest.mark.parametrize("M,abits,G,path", [(1, 16, 32, "gemv_a16_m1"), (3, 16, 32, "gemv_a16"),

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import OutOfMemoryError
-from runtime.memory import (ALIGN, DeviceArray, KVCacheBlocks, PoolAllocator, UpstreamExhausted,
+from runtime.memory import (ALIGN, DeviceArray, PoolAllocator, UpstreamExhausted,
                             round_up)
 
 MiB = 1 << 20
@@ -317,29 +317,6 @@ def test_device_array_views_share_memory_and_never_free():
         d.view(0, (1,))
 
 
-def test_kv_cache_blocks():
-    pool, up, _ = make()
-    kv = KVCacheBlocks(pool, n_layers=3, n_blocks=4, block_tokens=16, n_kv_heads=3, head_dim=64,
-                       dtype=np.float16)
-    half = 16 * 3 * 64 * 2
-    assert kv.half_bytes == half and kv.block_bytes == 2 * half
-    ptrs = [(kv.k_ptr(l, b), kv.v_ptr(l, b)) for l in range(3) for b in range(4)]
-    spans = sorted(x for k, v in ptrs for x in ((k, k + half), (v, v + half)))
-    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:]))      # no overlap
-    assert all(p % ALIGN == 0 for k, v in ptrs for p in (k, v))
-    ids = kv.allocate(3)
-    assert kv.n_free == 1 and len(set(ids)) == 3 and kv.blocks_for(33) == 3
-    with pytest.raises(OutOfMemoryError):
-        kv.allocate(2)
-    kv.release(ids)
-    with pytest.raises(ValueError):
-        kv.release([ids[0]])
-    with pytest.raises(IndexError):
-        kv.k_ptr(3, 0)
-    kv.close()
-    assert pool.stats().used == 0
-
-
 class FaultedUpstream(FakeUpstream):
     """After a device fault every driver call fails with the same error (CUDA_ERROR_ILLEGAL_ADDRESS)."""
 
@@ -367,19 +344,3 @@ def test_close_after_a_fault_tries_every_segment_and_raises_the_first_error():
     assert len(up.tried) == 3 and ei.value.call == f"cuMemFree({up.tried[0]:#x})"   # the first one
     assert pool.stats().reserved == 0 and pool.blocks() == []                       # nothing kept
     pool.close()                                  # and a second close has nothing left to do
-
-
-def test_kv_blocks_close_returns_every_layer_even_if_one_free_fails():
-    pool, up, _ = make()
-    kv = KVCacheBlocks(pool, n_layers=3, n_blocks=2, block_tokens=16, n_kv_heads=1, head_dim=64)
-    freed, real_free = [], pool.free
-
-    def flaky(p, stream=None):
-        freed.append(p)
-        if len(freed) == 1:
-            raise RuntimeError("first free fails")
-        real_free(p, stream)
-    pool.free = flaky
-    with pytest.raises(RuntimeError, match="first free fails"):
-        kv.close()
-    assert len(freed) == 3 and pool.stats().n_allocations == 1     # the other two were returned

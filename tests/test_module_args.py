@@ -1,4 +1,4 @@
-"""PTX header parsing, cross-checks against .entry, argument packing, KernelCache choice (no GPU)."""
+"""PTX header parsing, cross-checks against .entry, argument packing (no GPU)."""
 import ctypes
 import struct
 from pathlib import Path
@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import nvjitlink
-from runtime.module import (KernelCache, SignatureError, _dim3, pack_args, parse_entries,
+from runtime.module import (SignatureError, _dim3, pack_args, parse_entries,
                             parse_signatures)
 
 SAMPLES = Path(__file__).parent / "data" / "ptx_samples"
@@ -121,24 +120,3 @@ def test_dim3_validation():
     for bad in (0, (1, 0), (1, 1, 1, 1), (1.0,), (True,)):
         with pytest.raises(ValueError):
             _dim3(bad, "grid")
-
-
-def test_kernel_cache_prefers_cached_cubin(tmp_path):
-    src = tmp_path / "ptx"
-    src.mkdir()
-    (src / "axpy_smem.ptx").write_text((SAMPLES / "axpy_smem.ptx").read_text())
-    loaded = []
-    fake_ptx = lambda text, source: loaded.append(("ptx", source)) or "ptx-module"
-    fake_cubin = lambda data, sigs, source: loaded.append(("cubin", data[:4], sorted(sigs))) or "cubin-module"
-    cache = KernelCache("sm_90", tmp_path / "cubin", load_ptx=fake_ptx, load_cubin=fake_cubin)
-    assert cache.get(src / "axpy_smem.ptx") == "ptx-module"
-    assert cache.origin[str((src / "axpy_smem.ptx").resolve())] == "ptx"
-    assert cache.get(src / "axpy_smem.ptx") == "ptx-module" and len(loaded) == 1  # cached module
-
-    nvjitlink.build_all(src, tmp_path / "cubin", archs=("sm_90",))
-    cache2 = KernelCache("sm_90", tmp_path / "cubin", load_ptx=fake_ptx, load_cubin=fake_cubin)
-    assert cache2.get(src / "axpy_smem.ptx") == "cubin-module"
-    assert loaded[-1] == ("cubin", b"\x7fELF", ["sample_axpy", "sample_block_sum"])
-    # another arch has no cubin in the cache: falls back to PTX
-    cache3 = KernelCache("sm_86", tmp_path / "cubin", load_ptx=fake_ptx, load_cubin=fake_cubin)
-    assert cache3.get(src / "axpy_smem.ptx") == "ptx-module"

@@ -14,7 +14,7 @@ def source(default_gguf):
     return read_source(default_gguf)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [pytest.param(b, marks=pytest.mark.slow) for b in (1, 2, 3)] + [4, 8])
 def test_pack_default_model_and_read_back(tmp_path, default_gguf, source, bits, capsys):
     out = tmp_path / f"w{bits}"
     assert pack.main([str(default_gguf), str(out), "--wbits", str(bits), "--no-clip"]) == 0

@@ -130,28 +130,6 @@ def test_link_error_carries_log():
     assert not r.ok and "frobnicate" in r.error_log
 
 
-def test_cache_key_and_build_all(tmp_path, monkeypatch):
-    monkeypatch.setenv("ANYBIT_CACHE", str(tmp_path / "root"))
-    assert nj.cubin_cache_dir() == tmp_path / "root" / "cubin"
-    text = (SAMPLES / "args_all.ptx").read_text()
-    k = nj.cache_key(text, "sm_90")
-    assert len(k) == 64 and k == nj.cache_key(text, "sm_90")
-    assert k != nj.cache_key(text, "sm_89") and k != nj.cache_key(text + " ", "sm_90")
-    assert k != nj.cache_key(text, "sm_90", options=("-O2",))
-    src = tmp_path / "ptx"
-    src.mkdir()
-    (src / "args_all.ptx").write_text(text)
-    first = nj.build_all(src, archs=("sm_80", "sm_90"))
-    assert [r.cached for r in first] == [False, False]
-    assert all(r.cubin.parent == tmp_path / "root" / "cubin" and r.cubin.read_bytes()[:4] == b"\x7fELF"
-               for r in first)
-    assert nj.lookup_cubin(text, "args_all", "sm_90") == first[1].cubin
-    again = nj.build_all(src, archs=("sm_80", "sm_90"))
-    assert [r.cached for r in again] == [True, True]
-    (src / "args_all.ptx").write_text(text.replace("st.global.u32 [%rd0+28], 0;", ""))
-    assert [r.cached for r in nj.build_all(src, archs=("sm_80",))] == [False]
-
-
 def run_check(capsys, *args):
     rc = ptxcheck.main(list(args))
     out = capsys.readouterr()

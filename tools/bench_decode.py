@@ -8,7 +8,7 @@ The machine may be shared, so every repetition runs ours and llama.cpp back to b
 medians. Prefill: one forward over a fixed 128-token prompt (fresh cache). Decode: 64 greedy steps after
 a short prompt, one token per forward. llama.cpp runs in this interpreter if `llama_cpp` imports, else in
 a persistent subprocess of --llama-python that answers one JSON line per request. Ours runs through
-engine/fast_decode.py (one C call per step) and, for comparison, the per-op engine/decoder.py.
+the compiled graph (one C call per step) and, for comparison, the op-by-op interpreter of the same graph.
 Results go to bench/results/cpu-decode-<date>.json with the machine description.
 """
 from __future__ import annotations
@@ -133,7 +133,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from engine.decoder import Decoder
-    from engine.fast_decode import FastDecoder
     from engine.model_store import load_packed_model
     from loader.tokenizer import Tokenizer
     from runtime.cpu import CpuBackend
@@ -152,10 +151,10 @@ def main(argv=None) -> int:
             ids = tok.encode(TEXT)
             prompt, short = ids[:a.prompt_tokens], ids[:5]
             kw = dict(wbits_run=None if wb == 16 else wb, abits=c["abits"], agroup=c["agroup"], context=512)
-            decs = {"fused": FastDecoder(pm, be, **kw)}
+            decs = {"compiled": Decoder(pm, be, **kw)}
             if a.per_op:
-                decs["per-op"] = Decoder(pm, be, **kw)
-            ours_run(decs["fused"], prompt[:16], short, 4)            # warm-up
+                decs["per-op"] = Decoder(pm, be, interpret=True, **kw)
+            ours_run(decs["compiled"], prompt[:16], short, 4)            # warm-up
             runs = {k: [] for k in decs}
             lr = []
             for _ in range(a.reps):
@@ -167,7 +166,7 @@ def main(argv=None) -> int:
             for k, rs in runs.items():
                 pre = statistics.median(len(prompt) / r["prefill_s"] for r in rs)
                 dec = statistics.median(a.decode_tokens / r["decode_s"] for r in rs)
-                row = {"config": spec, "path": k, "fast": getattr(decs[k], "fast", False),
+                row = {"config": spec, "path": k, "fast": k == "compiled",
                        "prefill_tok_s": pre, "decode_tok_s": dec, "runs": rs}
                 if lr:
                     lp = statistics.median(len(prompt) / r["prefill_s"] for r in lr)

@@ -14,13 +14,12 @@ import numpy as np
 
 from loader.bipolar import (PackedLinear, pack_planes, quantize_activations, quantize_weights, round_up,
                             values_of)
+from runtime.driver import cdiv
 from runtime.gpu_layout import chunk_code_sums, gpu_words, to_gpu_planes
 
 
 # ---- helpers shared by the cases ----------------------------------------------------------------------
 
-def cdiv(a, b):
-    return -(-a // b)
 
 
 @dataclass

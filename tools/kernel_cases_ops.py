@@ -6,7 +6,8 @@ import math
 import numpy as np
 
 from loader.bipolar import PackedLinear, quantize_weights
-from tools.kernel_cases import Result, cdiv, close, exact
+from runtime.driver import cdiv
+from tools.kernel_cases import Result, close, exact
 
 
 # ---- cases: transformer ops -------------------------------------------------------------------------

@@ -37,8 +37,8 @@ int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, 
               int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
               int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch);
 
-/* RoPE split in two (kernels_ops.c): the table once per forward, then applied per layer. */
-void ab_rope_table(const int32_t *pos, int M, int hd, float theta, double *cs, double *sn);
+/* RoPE split in two (kernels_ops.c): the table once per step, then applied per rope op. */
+void ab_rope_table(const int32_t *pos, int M, int n_rot, float theta, const float *freqs, double *cs, double *sn);
 void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, const double *cs, const double *sn);
 
 #define AB_INLINE static inline __attribute__((always_inline))

@@ -59,9 +59,16 @@ void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out);
 void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out);
 int64_t ab_argmax(const float *x, int64_t n);
 
-/* Whole-forward fusion (kernels_decode.c). Linear weights in the A16 table layout; the kv caches are
- * (n_layers, T, Hkv, hd); x (M, d) holds the embeddings on entry and the residual stream on return;
- * logits (M or 1, out.N). */
+int ab_attention_ex(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
+                    int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float scale, int window,
+                    float softcap, float *out);
+
+/* x R in place for M rows of K floats: blocks of b lanes (a power of two dividing K) times H_b / sqrt(b),
+ * by the butterfly of loader/rotation.py in the same order, so the results are bitwise NumPy's. */
+int ab_hadamard_rows(float *x, int M, int K, int b);
+
+/* The graph executor (kernels_graph.c; runtime/cpu/program.py compiles engine/graph.py graphs into these).
+ * A prepared linear: weights in the A16 table layout or byte-code tiles. */
 typedef struct {
     const uint8_t *wl;          /* table-kernel planes, or NULL when codes is set */
     const uint8_t *codes;       /* byte-code tiles (kernels_int8.c), or NULL */
@@ -73,26 +80,50 @@ typedef struct {
     const int32_t *wpw;         /* quantized activations: word code sums (ab_qd_word_sums), else NULL */
     int Ga, L;                  /* quantized activations: activation group and block lanes */
     int rotate;                 /* > 0: the weight is W R; the input is rotated first (ab_hadamard_rows) */
+    const float *smooth;        /* (K,) divisor of the input, or NULL */
 } ab_lin;
 
-typedef struct {
-    const float *attn_norm;
-    const float *ffn_norm;
-    ab_lin qkv, wo, gate_up, down;
-} ab_layer;
+enum {
+    AB_G_RMSNORM = 1, AB_G_LAYERNORM = 2, AB_G_LINEAR = 3, AB_G_ROPE = 4, AB_G_KV_STORE = 5, AB_G_ATTENTION = 6,
+    AB_G_ACT_MUL = 7, AB_G_GELU = 8, AB_G_ADD = 9, AB_G_SCALE = 10, AB_G_SOFTCAP = 11, AB_G_TAKE_ROWS = 12
+};
 
 typedef struct {
-    int n_layers, d, H, Hkv, hd, F, rope_style;
+    float *base;                /* row 0, column 0 */
+    int ld;                     /* floats per row */
+} ab_gbuf;
+
+/* One op: out/a/b are buffer indices (-1: none) with a first column each; n the output columns; rows 0:
+ * the step's token rows, 1: its output rows. i0..i5, f0, f1, w, w2 as kernels_graph.c's run_op says. */
+typedef struct {
+    int kind, rows, n;
+    int out, out_col, a, a_col, b, b_col;
+    int i0, i1, i2, i3, i4, i5;
+    float f0, f1;
+    const float *w, *w2;
+    const ab_lin *lin;
+} ab_gop;
+
+typedef struct {
+    const ab_gop *ops;
+    int n_ops;
+    const ab_gbuf *bufs;
     int abits;                  /* 16: A16; 1..8: activations quantized per token and group (ab_lin Ga) */
-    float eps, theta;
-    const ab_layer *layers;
-    const float *norm;
-    ab_lin out;
-} ab_model;
+    int cap_rows, cap_out;      /* rows the buffers, scratch and tables hold */
+    void *scratch;              /* ab_lin_scratch(cap_rows, largest Kp) bytes */
+    float *xr;                  /* cap_rows * largest K floats */
+    double *rope;               /* RoPE tables, rope_stride doubles each */
+    size_t rope_stride;
+} ab_graph;
 
-/* x R in place for M rows of K floats: blocks of b lanes (a power of two dividing K) times H_b / sqrt(b),
- * by the butterfly of loader/rotation.py in the same order, so the results are bitwise NumPy's. */
-int ab_hadamard_rows(float *x, int M, int K, int b);
+/* A step: M token rows at positions pos, row i's KV cache (planes, T, kv_heads, head_dim) at kc[i] /
+ * vc[i]; out_rows: the R rows take_rows gathers. */
+typedef struct {
+    int M, R, T, kv_heads, head_dim;
+    const int32_t *pos;
+    const int32_t *out_rows;
+    float **kc, **vc;
+} ab_gstep;
 
-int ab_forward(ab_pool *pool, int isa, const ab_model *m, float *x, int M, int pos0, float *kc, float *vc,
-               int T, int all_logits, float *logits);
+size_t ab_lin_scratch(int M, int Kp);
+int ab_graph_run(ab_pool *pool, int isa, const ab_graph *g, const ab_gstep *s, int op0, int op1);

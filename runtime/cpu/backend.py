@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader.bipolar import LANES, LinearShape, PackedLinear, round_up
+from loader.precision import check_bits
 from runtime.cpu import build, layout
 from runtime.cpu.errors import check as _check
 from runtime.cpu.ops import CpuOps
@@ -23,7 +24,7 @@ from runtime.cpu.params import derived_zero, f16_params
 ISAS = ("portable", "avx2", "avx512")      # index = the C isa code
 # From which weight precision the byte-code kernel (kernels_int8.c) replaces the table kernel, per isa.
 # Measured one thread, AMD EPYC (Zen 4), M = 1, G = 32 (tools/bench_cpu_kernels.py): with AVX-512 VNNI
-# the integer dot products beat the tables at every precision (gate/up 1536x576: W1 22 vs 28 us, W4 25
+# the integer dot products beat the tables at every precision (N x K = 1536x576: W1 22 vs 28 us, W4 25
 # vs 57 us; output 49152x576: W1 0.46 vs 0.69 ms, W8 0.78 vs 3.2 ms), the table cost being linear in
 # planes; AVX2 has no byte dot product (codes are widened to 16 bits) and wins only from 3 bits.
 I8_MIN_BITS = {"portable": 1, "avx2": 3, "avx512": 1}
@@ -75,16 +76,6 @@ class LinearHandle:
         return self.lin.K
 
 
-@dataclass
-class FusedModel:
-    """The C description of a model for CpuBackend.fused_forward; holds the arrays it points into."""
-    model: object
-    layers: object
-    keep: list
-    d: int
-    V: int
-
-
 class CpuBackend(CpuOps):
     """threads: pool size (default os.cpu_count()). isa: "avx512" | "avx2" | "portable" | None (best
     available; env ANYBIT_CPU_ISA overrides None). a16: "lut" (16-bit tables, fast) or "f32" (exact float
@@ -93,6 +84,7 @@ class CpuBackend(CpuOps):
     (9 keeps every weight on the table kernel)."""
 
     name = "cpu"
+    capabilities = frozenset({"compile", "hadamard"})
 
     def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut",
                  i8_min_bits: int | None = None, quant: str | None = None, params: str = "auto"):
@@ -166,7 +158,7 @@ class CpuBackend(CpuOps):
             woff = None if lin.offsets is None else layout.tile_rows(np.asarray(lin.offsets, np.float32))
         # the kernels read their tiles; only the float32 A16 kernel and the popcount kernel read the planes
         # on every call, so the handle keeps them for those alone and rebuilds them from the tiles when
-        # another path needs them once (_planes): a fused q|k|v's concatenated planes are then freed
+        # another path needs them once (_planes): the concatenated planes of fused weights are then freed
         keep = self.a16 == "f32" or self.quant == "popcount"
         return LinearHandle(LinearShape.of(lin), None if bytecodes else layout.preprocess(planes),
                             layout.codes_tiles(planes) if bytecodes else None, wsc, woff,
@@ -246,8 +238,8 @@ class CpuBackend(CpuOps):
     def quantize_activations(self, x: np.ndarray, abits: int, ga: int, Kp: int, smooth=None):
         """C quantizer: (planes uint32 (q, M, Kp/32), scales f32 (M, ceil(Kp/ga)), code sums uint16 (M, Kp/32))."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if not 1 <= int(abits) <= 8:
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if check_bits(abits, "abits") == 16:
+            raise ValueError("quantized activations take abits 1..8, got 16")
         if x.ndim != 2:
             raise ValueError(f"activations must be (M, K), got {x.shape}")
         M, K = x.shape
@@ -282,8 +274,8 @@ class CpuBackend(CpuOps):
     def _linear_bytes(self, h, x, abits, agroup, y, debug=False):
         lin = h.lin
         ga, L = self._agroups(lin, agroup)
-        if not 1 <= int(abits) <= 8:
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        if check_bits(abits, "abits") == 16:
+            raise ValueError("quantized activations take abits 1..8, got 16")
         self._quant_weights(h)
         M = x.shape[0]
         nb = lin.Kp // L
@@ -336,96 +328,11 @@ class CpuBackend(CpuOps):
         """Unquantized x @ w.T in float32 (NumPy's BLAS is already cache-blocked and threaded)."""
         return np.matmul(np.asarray(x, np.float32), np.asarray(w, np.float32).T)
 
-    # ---- whole forward in one C call (engine/fast_decode.py) ----------------------------------------
-    def fused_supported(self, abits: int) -> bool:
-        """Whether fused_model covers this configuration (the table-lookup A16 path, the byte kernel)."""
-        return self.a16 == "lut" and (abits == 16 or self.quant == "bytes")
-
-    def fused_model(self, *, d: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn: int, eps: float,
-                    theta: float, rope_style: str, layers: list[dict], norm: np.ndarray,
-                    output: LinearHandle, abits: int = 16, agroup=None, context=None) -> "FusedModel":
-        """Describe a Llama model to the C forward pass. layers: dicts with attn_norm, ffn_norm (d,) and
-        LinearHandles qkv (fused q|k|v), wo, gate_up (fused gate|up), down. abits 16 (A16) or 1..8 with
-        agroup as in linear() (the byte-code kernel; needs quant="bytes"). context: unused (the C
-        forward builds its RoPE table per call)."""
-        abits = int(abits)
-        if not (abits == 16 or 1 <= abits <= 8):
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
-        if abits < 16 and self.quant != "bytes":
-            raise ValueError("the fused forward runs quantized activations on the byte kernel (quant='bytes')")
-        if self.a16 != "lut":
-            raise ValueError("the fused forward runs the table-lookup A16 path only (a16='lut')")
-        if rope_style not in ("adjacent", "half"):
-            raise ValueError(f"rope style must be 'adjacent' or 'half', got {rope_style!r}")
-        ffi = self._ffi
-        keep = []
-
-        def vec(a, n):
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            if a.shape != (n,):
-                raise ValueError(f"norm weight must be ({n},), got {a.shape}")
-            keep.append(a)
-            return ffi.cast("float *", a.ctypes.data)
-
-        def fill(dst, h: LinearHandle):
-            if not isinstance(h, LinearHandle):
-                raise ValueError("fused forward needs packed linears prepared by this backend")
-            keep.append(h)
-            dst.wl = self._p("uint8_t *", h.wl)
-            dst.codes = self._p("uint8_t *", h.codes)
-            dst.cw = layout.container_bits(h.lin.bits)
-            dst.wsc = self._p("void *", h.wsc)
-            dst.woff = self._p("void *", h.woff)
-            dst.f16 = h.f16
-            dst.p, dst.N, dst.Kp, dst.G, dst.K = h.lin.bits, h.lin.N, h.lin.Kp, h.lin.group, h.lin.K
-            dst.rotate = h.lin.rotate
-            if abits < 16:
-                ga, L = self._agroups(h.lin, agroup)
-                if h.lin.Kp > 32768:
-                    raise ValueError("fused forward: quantized activations need Kp <= 32768")
-                self._quant_weights(h)
-                dst.codes = self._p("uint8_t *", h.qcodes)
-                dst.cw = layout.container_bits(h.lin.bits)
-                dst.wpw = self._p("int32_t *", h.wpw)
-                dst.Ga, dst.L = ga, L
-
-        for L in layers:
-            for k in ("qkv", "wo", "gate_up", "down"):
-                if L[k].lin.smooth is not None:
-                    raise ValueError("fused forward: smoothed linears are not supported")
-        arr = ffi.new("ab_layer[]", len(layers))
-        for i, L in enumerate(layers):
-            arr[i].attn_norm = vec(L["attn_norm"], d)
-            arr[i].ffn_norm = vec(L["ffn_norm"], d)
-            for k in ("qkv", "wo", "gate_up", "down"):
-                fill(getattr(arr[i], k), L[k])
-        m = ffi.new("ab_model *")
-        m.n_layers, m.d, m.H, m.Hkv, m.hd, m.F = len(layers), d, n_heads, n_kv_heads, head_dim, ffn
-        m.rope_style = 0 if rope_style == "adjacent" else 1
-        m.abits = abits
-        m.eps, m.theta = float(eps), float(theta)
-        m.layers = arr
-        m.norm = vec(norm, d)
-        if output.lin.smooth is not None:
-            raise ValueError("fused forward: a smoothed output linear is not supported")
-        fill(m.out, output)
-        return FusedModel(m, arr, keep, d, output.lin.N)
-
-    def fused_forward(self, fm: "FusedModel", x: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-                      pos0: int, all_logits: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-        """x (M, d) embeddings (overwritten with the residual stream); caches (n_layers, T, Hkv, hd)
-        float32 C-contiguous, written at positions pos0..pos0+M-1. Returns logits (M or 1, V)."""
-        if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != fm.d:
-            raise ValueError(f"x must be a C-contiguous float32 (M, {fm.d}) array")
-        for c in (k_cache, v_cache):
-            if c.dtype != np.float32 or not c.flags.c_contiguous or c.ndim != 4:
-                raise ValueError("kv caches must be C-contiguous float32 (n_layers, T, Hkv, hd)")
-        M = x.shape[0]
-        y = self._output(out, M if all_logits else 1, fm.V)
-        _check(self._lib.ab_forward(self._live_pool, self._isa_code, fm.model, self._p("float *", x), M, int(pos0),
-                                    self._p("float *", k_cache), self._p("float *", v_cache), k_cache.shape[1],
-                                    1 if all_logits else 0, self._p("float *", y)), "forward")
-        return y
+    # ---- graphs (engine/graph.py) ---------------------------------------------------------------
+    def compile(self, graph):
+        """The graph as C op records, run per step in one C call (runtime/cpu/program.py)."""
+        from runtime.cpu.program import CpuProgram
+        return CpuProgram(self, graph)
 
 
-__all__ = ["CpuBackend", "FusedModel", "LinearHandle", "available_isas", "a16_block"]
+__all__ = ["CpuBackend", "LinearHandle", "available_isas", "a16_block"]

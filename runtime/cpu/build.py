@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_decode.c", "kernels_int8.c",
+SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_graph.c", "kernels_int8.c",
            "kernels_quant.c", "kernels_attn.c")
 HEADERS = ("anybit_cpu.h", "ab_internal.h")
 # No -march=native: ISA-specific functions carry target attributes and are chosen at run time.
@@ -31,7 +31,8 @@ _lib = None
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ANYBIT_CACHE") or Path.home() / ".cache" / "anybit") / "cpu"
+    from loader.fetch import cache_dir
+    return cache_dir() / "cpu"
 
 
 def build_key() -> str:

@@ -28,7 +28,9 @@ typedef struct {
     const uint8_t *mask;
     float *out;
     int M, H, Hkv, hd, n_ctx, isa, g, nch, chunk, failed;
-    float *part;            /* [M][H][nch][2 + hd]: max, sum, unnormalised output */
+    float *part;
+    float scale, softcap;   /* score scale; > 0: scores soft-capped to (-softcap, softcap) */
+    int window;             /* > 0: query m sees keys qpos[m] - window + 1 .. qpos[m] only */            /* [M][H][nch][2 + hd]: max, sum, unnormalised output */
 } attn_ctx;
 
 /* Keys visible to query m: indices 0..last (masked ones excluded later); -1 when none. */
@@ -45,16 +47,17 @@ static inline float *part_at(const attn_ctx *c, int m, int h, int ch) {
 /* s[hh][j - j0] = scaled scores of heads h0..h0+hb-1 (-inf where masked). */
 static void scores_portable(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
     size_t ks = (size_t)c->Hkv * c->hd;
-    float scale = 1.0f / sqrtf((float)c->hd);
+    float scale = c->scale;
     for (int hh = 0; hh < hb; hh++) {
         const float *q = c->q + ((size_t)m * c->H + h0 + hh) * c->hd;
         for (int j = j0; j < j1; j++) {
             float *sj = s + hh * ATT_CHUNK + (j - j0);
             if (c->mask && !c->mask[j]) { *sj = -INFINITY; continue; }
+            if (c->window && j <= c->qpos[m] - c->window) { *sj = -INFINITY; continue; }
             const float *k = c->k + j * ks + (size_t)hk * c->hd;
             float d = 0.0f;
             for (int i = 0; i < c->hd; i++) d += q[i] * k[i];
-            *sj = d * scale;
+            *sj = c->softcap > 0.0f ? c->softcap * tanhf(d * scale / c->softcap) : d * scale;
         }
     }
 }
@@ -90,7 +93,7 @@ static void values_portable(const attn_ctx *c, int hk, int hb, int j0, int j1, c
 AB_AVX512 static void scores_avx512(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
     int hd = c->hd, nv = (hd + 15) / 16;
     size_t ks = (size_t)c->Hkv * hd;
-    float scale = 1.0f / sqrtf((float)hd);
+    float scale = c->scale;
     const float *q0 = c->q + ((size_t)m * c->H + h0) * hd;
     for (int j = j0; j < j1; j++) {
         if (c->mask && !c->mask[j]) {
@@ -178,7 +181,7 @@ AB_AVX2 static inline float hsum256(__m256 a) {
 AB_AVX2 static void scores_avx2(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
     int hd = c->hd, nv = hd / 8;
     size_t ks = (size_t)c->Hkv * hd;
-    float scale = 1.0f / sqrtf((float)hd);
+    float scale = c->scale;
     const float *q0 = c->q + ((size_t)m * c->H + h0) * hd;
     for (int j = j0; j < j1; j++) {
         if (c->mask && !c->mask[j]) {
@@ -249,7 +252,8 @@ static void attn_task(void *ctx, int task) {
     j1 = j1 <= last + 1 ? j1 : last + 1;
     int n = j1 > j0 ? j1 - j0 : 0;
     float s[ATT_HB * ATT_CHUNK] __attribute__((aligned(64)));
-    int isa = c->isa == AB_ISA_AVX2 && c->hd % 8 ? AB_ISA_PORTABLE : c->isa;
+    /* the vector paths score plainly: a window or soft-capping takes the portable one */
+    int isa = (c->isa == AB_ISA_AVX2 && c->hd % 8) || c->window || c->softcap > 0.0f ? AB_ISA_PORTABLE : c->isa;
     for (int h0 = hk * c->g; h0 < (hk + 1) * c->g; h0 += ATT_HB) {
         int hb = (hk + 1) * c->g - h0 < ATT_HB ? (hk + 1) * c->g - h0 : ATT_HB;
         float *pp[ATT_HB];
@@ -299,8 +303,16 @@ static void merge_task(void *ctx, int task) {
 
 int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
                  int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out) {
+    return ab_attention_ex(pool, isa, q, k, v, M, H, Hkv, hd, n_ctx, qpos, mask, 0.0f, 0, 0.0f, out);
+}
+
+/* scale 0: 1/sqrt(hd); window 0: every earlier key; softcap 0: none. */
+int ab_attention_ex(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
+                    int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float scale, int window,
+                    float softcap, float *out) {
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
-    if (Hkv <= 0 || H % Hkv || hd < 1 || hd > 4096 || M < 0 || n_ctx < 0) return -3;
+    if (Hkv <= 0 || H % Hkv || hd < 1 || hd > 4096 || M < 0 || n_ctx < 0 || window < 0 || softcap < 0.0f) return -3;
+    if (window && !qpos) return -3;
     if (M == 0 || H == 0) return 0;
     /* Equal chunks of at most ATT_CHUNK keys, and enough of them that a single query (decode) gives every
      * thread about two tasks: 160 keys on 3 kv heads and 2 threads run as 6 tasks of 80, not 128 + 32. */
@@ -310,7 +322,8 @@ int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const f
     int chunk = n_ctx > 0 ? ((n_ctx + nch - 1) / nch + 15) / 16 * 16 : ATT_CHUNK;
     chunk = chunk < ATT_CHUNK ? chunk : ATT_CHUNK;
     nch = n_ctx > 0 ? (n_ctx + chunk - 1) / chunk : 1;
-    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, chunk, 0, NULL};
+    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, chunk, 0, NULL,
+                  scale != 0.0f ? scale : 1.0f / sqrtf((float)hd), softcap, window};
     c.part = malloc((size_t)M * H * nch * (2 + (size_t)hd) * sizeof(float));
     if (!c.part) return -1;
     ab_pool_run(pool, attn_task, &c, M * Hkv * nch);

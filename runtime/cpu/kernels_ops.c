@@ -46,13 +46,15 @@ void ab_layernorm(ab_pool *pool, const float *x, const float *w, const float *b,
     ab_pool_run(pool, ln_task, &c, M);
 }
 
-/* Rotation table of M positions: cs/sn (M, hd/2) = cos/sin(pos * theta^(-2i/hd)) in double. Built once per
- * forward call and shared by the q and k of every layer (ab_forward), so the pow/sin/cos cost is paid
- * per token, not per layer and head. */
-void ab_rope_table(const int32_t *pos, int M, int hd, float theta, double *cs, double *sn) {
-    int half = hd / 2;
+/* Rotation table of M positions: cs/sn (M, n_rot/2) = cos/sin(pos * theta^(-2i/n_rot) / freqs[i]) in double
+ * (freqs: per-pair frequency divisors, Llama 3's rope_freqs, or NULL). Built once per step and shared by
+ * every rope op of the graph that has the same parameters (kernels_graph.c), so the pow/sin/cos cost is
+ * paid per token, not per op and head. */
+void ab_rope_table(const int32_t *pos, int M, int n_rot, float theta, const float *freqs, double *cs, double *sn) {
+    int half = n_rot / 2;
     for (int i = 0; i < half; i++) {
-        double f = pow((double)theta, -2.0 * i / hd);
+        double f = pow((double)theta, -2.0 * i / n_rot);
+        if (freqs) f /= (double)freqs[i];
         for (int m = 0; m < M; m++) {
             double a = (double)pos[m] * f;
             cs[(size_t)m * half + i] = cos(a);
@@ -92,7 +94,7 @@ int ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, f
     if (M <= 0 || hd < 2) return 0;
     double *t = malloc((size_t)M * (hd / 2) * 2 * sizeof(double));
     if (!t) return -1;
-    ab_rope_table(pos, M, hd, theta, t, t + (size_t)M * (hd / 2));
+    ab_rope_table(pos, M, hd, theta, NULL, t, t + (size_t)M * (hd / 2));
     ab_rope_apply(pool, x, M, H, hd, style, t, t + (size_t)M * (hd / 2));
     free(t);
     return 0;

@@ -91,13 +91,14 @@ class CpuOps:
         _check(self._lib.ab_hadamard_rows(self._p("float *", y), y.size // max(K, 1), K, int(block)), "hadamard")
         return y
 
-    def swiglu(self, gate, up) -> np.ndarray:
-        gate, up = self._f32(gate), self._f32(up)
-        if gate.shape != up.shape:
-            raise ValueError(f"swiglu shapes differ: {gate.shape} vs {up.shape}")
-        out = np.empty_like(gate)
-        _check(self._lib.ab_swiglu(self._live_pool, self._isa_code, self._p("float *", gate), self._p("float *", up),
-                                   gate.size, self._p("float *", out)), "swiglu")
+    def swiglu(self, a, b) -> np.ndarray:
+        """silu(a) * b."""
+        a, b = self._f32(a), self._f32(b)
+        if a.shape != b.shape:
+            raise ValueError(f"swiglu shapes differ: {a.shape} vs {b.shape}")
+        out = np.empty_like(a)
+        _check(self._lib.ab_swiglu(self._live_pool, self._isa_code, self._p("float *", a), self._p("float *", b),
+                                   a.size, self._p("float *", out)), "swiglu")
         return out
 
     def gelu(self, x) -> np.ndarray:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from loader.precision import check_bits
 from tools.bench import machine, peers
 from tools.bench.stats import print_table, report_and_save, summarize
 
@@ -33,8 +34,10 @@ def parse_precision(s: str) -> dict:
     except ValueError:
         raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>[t]], e.g. w4a16, w4a8g32 or "
                          "w8a8g128t") from None
-    if not (1 <= cfg["wbits"] <= 8 or cfg["wbits"] == 16) or not (1 <= cfg["abits"] <= 8 or cfg["abits"] == 16):
-        raise ValueError(f"precision {s!r}: bits must be 1..8 or 16")
+    try:
+        check_bits(cfg["wbits"], "wbits"), check_bits(cfg["abits"], "abits")
+    except ValueError as e:
+        raise ValueError(f"precision {s!r}: {e}") from None
     return cfg
 
 

@@ -2,7 +2,7 @@
 
 No such model can be fetched here, and decode speed depends on shapes and bit widths, not on the values:
 random planes and scales run the same kernels as real weights. Per precision: prefill of a short prompt,
-then single-token decode steps through the engine's decoder (engine.fast_decode.FastDecoder: the C
+then single-token decode steps through the engine's decoder (engine.decoder.Decoder: the compiled graph, the C
 forward on the CPU, the device-resident forward with CUDA graphs on a GPU), each step timed alone.
 Figures: tokens/s (median step, with spread), the packed weight bytes every step streams, that rate in
 GB/s, and its fraction of the machine's measured copy bandwidth (host memcpy on the CPU, a device copy
@@ -66,12 +66,13 @@ def weight_bytes_per_token(pm) -> int:
 
 
 def run_one(pm, device: str, threads: int, abits: int, prompt: int, steps: int) -> dict:
-    from engine.fast_decode import FastDecoder
+    from engine.decoder import Decoder
+    from runtime.interpret import Interpreter
     from runtime.select import select_backend
     be = select_backend(device, threads)
     try:
         t0 = time.perf_counter()
-        dec = FastDecoder(pm, be, abits=abits, context=prompt + steps + 8)
+        dec = Decoder(pm, be, abits=abits, context=prompt + steps + 8)
         prep = time.perf_counter() - t0
         cache = dec.new_cache()
         V = pm.config.vocab_size
@@ -86,7 +87,7 @@ def run_one(pm, device: str, threads: int, abits: int, prompt: int, steps: int) 
             if i >= 2:
                 samples.append(time.perf_counter() - t0)
         cache.close()
-        return {"fast": dec.fast, "prepare_s": prep, "prefill_tok_s": prompt / prefill, "step_s": summarize(samples)}
+        return {"fast": not isinstance(dec.program, Interpreter), "prepare_s": prep, "prefill_tok_s": prompt / prefill, "step_s": summarize(samples)}
     finally:
         be.close()
 
