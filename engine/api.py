@@ -3,6 +3,7 @@
     m = engine.load(wbits=4)                 # default SmolLM2, fetched and packed on first use
     for piece in m.stream("Hello", max_tokens=20): print(piece, end="")
     r = m.generate("Hello", max_tokens=20); r.text, r.ids, r.decode_tok_s
+    r = m.chat([{"role": "user", "content": "Hi"}], stop=["\n\n"])   # multi-turn: the KV cache is kept
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from engine.decoder import ContextOverflow, Decoder
 from engine.model_store import load_packed_model
 from engine.sampling import Sampler, SamplingParams
+from engine.stop_text import StopText
 from loader.tokenizer import Tokenizer
 from runtime.select import select_backend
 
@@ -30,7 +32,7 @@ class Generation:
     prompt_tok_s: float
     decode_tok_s: float
     ttft_s: float
-    stop_reason: str                    # "eos" | "max_tokens" | "context" | "interrupted"
+    stop_reason: str                    # "eos" | "stop" | "max_tokens" | "context" | "interrupted"
     stats: dict = field(default_factory=dict)
 
 
@@ -52,9 +54,12 @@ class Model:
                                agroup=agroup, context=context)
         self.device = backend.name
         self.weight_bytes = packed.weight_bytes
+        self._chat_cache = None             # the conversation's KV cache, kept between chat turns
+        self._chat_ids: list[int] = []      # the ids whose keys and values it holds
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
+        self.reset_chat()
         self.decoder.close()
         self.backend.close()
 
@@ -88,8 +93,8 @@ class Model:
 
     def _prompt_ids(self, prompt_or_ids, chat: bool, truncate: bool, max_tokens: int) -> list[int]:
         if isinstance(prompt_or_ids, str):
-            text = self.chat_prompt(prompt_or_ids) if chat else prompt_or_ids
-            ids = self.tokenize(text)
+            ids = (self.tokenizer.encode_chat([{"role": "user", "content": prompt_or_ids}]) if chat
+                   else self.tokenize(prompt_or_ids))
         else:
             ids = [int(i) for i in prompt_or_ids]
         if not ids:
@@ -104,16 +109,22 @@ class Model:
 
     def stream(self, prompt_or_ids, *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repeat_penalty: float = 1.0, seed: int | None = None,
-               chat: bool = False, truncate: bool = False) -> Iterator[str]:
-        """Yield text pieces as tokens are produced. The finished Generation is `self.last`."""
+               chat: bool = False, truncate: bool = False, stop=None, _keep_cache: bool = False) -> Iterator[str]:
+        """Yield text pieces as tokens are produced. The finished Generation is `self.last`.
+
+        stop: strings that end the generation where they appear; they are not emitted (nor in .text).
+        _keep_cache (stream_chat): start from the conversation's KV cache and leave it filled."""
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        stops = StopText(stop)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, repeat_penalty, seed=seed))
         ids = self._prompt_ids(prompt_or_ids, chat, truncate, max_tokens)
         eos = set(self.tokenizer.eos_ids)
         dec = self.tokenizer.stream_decoder(skip_special=True)
-        cache = self.decoder.new_cache()
+        cache, start = self._chat_cache_for(ids) if _keep_cache else (self.decoder.new_cache(), 0)
+        fed = list(ids[:start])                # ids whose keys and values the cache holds
         out: list[int] = []
+        emitted: list[str] = []
         reason = "max_tokens"
         t0 = time.perf_counter()
         t_first = t_prefill = None
@@ -121,7 +132,8 @@ class Model:
             if max_tokens == 0:
                 reason = "max_tokens"
             else:
-                logits = self.decoder.forward(ids, cache)
+                logits = self.decoder.forward(ids[start:], cache)
+                fed = list(ids)
                 t_prefill = time.perf_counter()
                 history = list(ids)
                 while True:
@@ -133,43 +145,91 @@ class Model:
                         break
                     out.append(tok)
                     history.append(tok)
-                    piece = dec.push(tok)
+                    piece = stops.push(dec.push(tok))
                     if piece:
+                        emitted.append(piece)
                         yield piece
+                    if stops.hit is not None:
+                        reason = "stop"
+                        break
                     if len(out) >= max_tokens:
                         break
                     if cache.n >= cache.T:
                         reason = "context"
                         break
                     logits = self.decoder.forward([tok], cache)
-            tail = dec.flush()
+                    fed.append(tok)
+            tail = stops.push(dec.flush()) + stops.flush()
             if tail:
+                emitted.append(tail)
                 yield tail
         except KeyboardInterrupt:
             reason = "interrupted"
         finally:
-            cache.close()
+            if _keep_cache:
+                self._chat_ids = fed[:cache.n]
+            else:
+                cache.close()
             t_end = time.perf_counter()
             prefill_s = (t_prefill - t0) if t_prefill else 0.0
             n_decode = max(len(out) - 1, 0)        # the first token comes from the prefill logits
             decode_s = (t_end - t_first) if t_first else 0.0
+            stats = {"device": self.device, "wbits": self.wbits, "abits": self.abits,
+                     "weight_bytes": self.weight_bytes, "peak_rss_bytes": peak_rss_bytes()}
+            if chat or _keep_cache:
+                stats["chat_template"] = self.tokenizer.template_source
+            if _keep_cache:
+                stats["cached_prompt_tokens"] = start
             self.last = Generation(
-                ids=out, text=self.tokenizer.decode(out, skip_special=True), prompt_tokens=len(ids),
-                generated_tokens=len(out),
-                prompt_tok_s=len(ids) / prefill_s if prefill_s > 0 else 0.0,
+                ids=out, text="".join(emitted) if stops.stops else self.tokenizer.decode(out, skip_special=True),
+                prompt_tokens=len(ids), generated_tokens=len(out),
+                prompt_tok_s=(len(ids) - start) / prefill_s if prefill_s > 0 else 0.0,
                 decode_tok_s=n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
-                ttft_s=(t_first - t0) if t_first else 0.0, stop_reason=reason,
-                stats={"device": self.device, "wbits": self.wbits, "abits": self.abits,
-                       "weight_bytes": self.weight_bytes, "peak_rss_bytes": peak_rss_bytes()})
+                ttft_s=(t_first - t0) if t_first else 0.0, stop_reason=reason, stats=stats)
 
     def generate(self, prompt_or_ids, *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repeat_penalty: float = 1.0, seed: int | None = None,
-                 chat: bool = False, truncate: bool = False) -> Generation:
+                 chat: bool = False, truncate: bool = False, stop=None) -> Generation:
         for _ in self.stream(prompt_or_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, repeat_penalty=repeat_penalty, seed=seed, chat=chat,
-                             truncate=truncate):
+                             truncate=truncate, stop=stop):
             pass
         return self.last
+
+    # ---- multi-turn chat ------------------------------------------------------------------------
+    def stream_chat(self, messages, **kw) -> Iterator[str]:
+        """Stream the reply to a conversation ([{"role", "content"}, ...], rendered with the model's chat
+        template). The KV cache stays between calls: the longest start of the new prompt that it already
+        holds (usually every earlier turn) is not computed again. Keyword arguments as for stream()."""
+        if "chat" in kw:
+            raise TypeError("stream_chat() takes messages; chat= is for stream()")
+        ids = self.tokenizer.encode_chat(messages)
+        yield from self.stream(ids, _keep_cache=True, **kw)
+
+    def chat(self, messages, **kw) -> Generation:
+        for _ in self.stream_chat(messages, **kw):
+            pass
+        return self.last
+
+    def reset_chat(self) -> None:
+        """Forget the conversation's KV cache (the next chat turn computes its whole prompt)."""
+        if self._chat_cache is not None:
+            self._chat_cache.close()
+        self._chat_cache, self._chat_ids = None, []
+
+    def _chat_cache_for(self, ids):
+        """The conversation's cache, cut back to the longest start of `ids` it holds, and that length
+        (at most len(ids) - 1: the last prompt token is computed again for its logits)."""
+        if self._chat_cache is None:
+            self._chat_cache, self._chat_ids = self.decoder.new_cache(), []
+        cache, held = self._chat_cache, self._chat_ids
+        n = min(len(held), len(ids) - 1, cache.n)
+        p = 0
+        while p < n and held[p] == ids[p]:
+            p += 1
+        cache.n = p                      # rows past n are never read; the next forward overwrites them
+        self._chat_ids = held[:p]
+        return cache, p
 
 
 def load(path=None, *, wbits: int = 4, abits: int = 16, group: int | None = None, agroup=None,

@@ -31,7 +31,7 @@ def _agroup(s: str):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.generate",
                                 description="Generate text with a 1-8 bit quantized language model.")
-    p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads it from stdin)")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--wbits", type=_bits, default=4, help="weight bits 1..8, or 16 for unquantized (default 4)")
@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="KV-cache length (default min(model, 4096))")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
+    p.add_argument("--interactive", action="store_true",
+                   help="chat: read user turns from stdin, keep the conversation (as python -m engine.chat)")
+    p.add_argument("--system", default=None, help="with --interactive: a system message to start with")
+    from engine.chat import add_reply_options
+    add_reply_options(p)             # --stop
     return p
 
 
@@ -66,6 +71,9 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     check_ranges(p, args, GENERATE_BOUNDS)
+    if args.prompt is None and not args.interactive:
+        p.error("the prompt is required (or --interactive)")
+    from runtime.errors import OutOfMemoryError
 
     prompt = args.prompt
     try:
@@ -84,10 +92,13 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     with model:
+        if args.interactive:
+            from engine.chat import interactive
+            return interactive(model, args)
         model.last = None
         gen = model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-                           chat=args.chat, truncate=args.truncate)
+                           chat=args.chat, truncate=args.truncate, stop=args.stop)
         interrupted = False
         try:
             for piece in gen:
@@ -116,7 +127,9 @@ def main(argv=None) -> int:
         print(f"[{r.prompt_tokens} prompt tokens at {r.prompt_tok_s:.1f} tok/s, {r.generated_tokens} generated "
               f"at {r.decode_tok_s:.1f} tok/s, first token after {r.ttft_s * 1000:.0f} ms; device "
               f"{r.stats['device']}, W{r.stats['wbits']}A{r.stats['abits']}, "
-              f"{r.stats['weight_bytes'] / 2**20:.1f} MiB weights, stop: {r.stop_reason}]", file=sys.stderr)
+              f"{r.stats['weight_bytes'] / 2**20:.1f} MiB weights, stop: {r.stop_reason}"
+              + ("; chat template: ChatML (fallback: the model has none)"
+                 if r.stats.get("chat_template") == "chatml-fallback" else "") + "]", file=sys.stderr)
         return 130 if r.stop_reason == "interrupted" else 0
 
 

@@ -1,86 +1,22 @@
-"""Tokenizer: a thin wrapper over `tokenizers.Tokenizer`, built from a tokenizer.json or from GGUF metadata.
+"""Tokenizer: a thin wrapper over `tokenizers.Tokenizer`, built from a tokenizer.json or from GGUF metadata
+(loader/tokenizer_gguf.py builds the latter for every GGUF vocabulary kind).
 
-Also the ChatML chat template (written out by hand: no jinja2), an incremental decoder that never
-splits a multi-byte UTF-8 character across two pieces, and the BERT-style batch encoding the embedder
-needs (special tokens from the tokenizer's own post-processor, truncation, no padding: the embedder
-builds its own mask).
+Also the chat template (loader/chat_template.py: the model's own, ChatML only for a model without one),
+an incremental decoder that never splits a multi-byte UTF-8 character across two pieces, and the
+BERT-style batch encoding the embedder needs (special tokens from the tokenizer's own post-processor,
+truncation, no padding: the embedder builds its own mask).
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors
 
+from loader import chat_template as _chat
 from loader.errors import FormatError
+from loader.tokenizer_gguf import adds_bos, tokenizer_from_gguf, tokenizer_json_from_gguf
 
-# tokenizer.ggml.token_type values (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined,
-# 5 unused, 6 byte
-_CONTROL, _USER_DEFINED = 3, 4
-
-# tokenizer.ggml.pre -> pre-tokenizer. SmolLM2 ("smollm") uses the StarCoder scheme: every digit is a
-# piece of its own, then the GPT-2 byte-level regex (llama.cpp: "\p{N}" before the GPT-2 pattern; the
-# SmolLM2 tokenizer.json: Sequence[Digits(individual_digits), ByteLevel(add_prefix_space=False)]).
-_DIGITS_THEN_GPT2 = ("smollm", "starcoder")
-_GPT2 = ("default", "gpt2", "gpt-2")
-
-
-def _pre_tokenizer(pre: str, source: str):
-    if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in _GPT2:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    raise FormatError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
-                      f"(supported: {', '.join(_DIGITS_THEN_GPT2 + _GPT2)})")
-
-
-def tokenizer_json_from_gguf(meta: dict, source: str = "GGUF") -> str:
-    """A tokenizer.json (text) for the byte-level BPE vocabulary described by GGUF metadata."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise FormatError(f"{source}: tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not tokens or not isinstance(merges, list):
-        raise FormatError(f"{source}: missing tokenizer.ggml.tokens or tokenizer.ggml.merges")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise FormatError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = []
-    for m in merges:
-        # a merge is "left right"; the separator is the first space after position 0 (as llama.cpp reads it)
-        cut = m.find(" ", 1) if isinstance(m, str) else -1
-        if cut < 0:
-            raise FormatError(f"{source}: malformed BPE merge {m!r}")
-        pairs.append((m[:cut], m[cut + 1:]))
-    try:
-        bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
-    except Exception as e:  # the Rust side rejects merges whose parts are not in the vocabulary
-        raise FormatError(f"{source}: inconsistent BPE vocabulary/merges: {e}") from None
-    tok = _HFTokenizer(bpe)
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), source)
-    tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
-    tok.add_special_tokens(special)
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", False) and isinstance(bos, int) and bos < len(tokens)
-    add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and isinstance(eos, int) and eos < len(tokens)
-    if add_bos or add_eos:
-        parts, specials = ["$A"], []
-        if add_bos:
-            parts.insert(0, tokens[bos])
-            specials.append((tokens[bos], bos))
-        if add_eos:
-            parts.append(tokens[eos])
-            specials.append((tokens[eos], eos))
-        tok.post_processor = processors.TemplateProcessing(single=" ".join(parts), special_tokens=specials)
-    return tok.to_str()
-
+__all__ = ["Tokenizer", "StreamDecoder", "tokenizer_json_from_gguf"]
 
 class StreamDecoder:
     """Turns ids arriving one at a time into text pieces, holding back bytes of an unfinished character.
@@ -113,19 +49,23 @@ class StreamDecoder:
         return text[len(before):] if len(text) > len(before) else ""
 
 
-_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
-
-
 class Tokenizer:
     def __init__(self, tok: _HFTokenizer, *, chat_template: str | None = None, bos_id: int | None = None,
-                 eos_ids=()):
-        self._json = tok.to_str()
+                 eos_ids=(), bos_token: str | None = None, eos_token: str | None = None,
+                 json_text: str | None = None):
+        """bos_id: the BOS the model wants at the start of a prompt (None: none). bos_token/eos_token: the
+        texts a chat template sees (default: those of bos_id and the first of eos_ids)."""
+        self._json = json_text     # serialized on demand: a 262k-entry vocabulary takes seconds
         tok.no_padding()
         tok.no_truncation()      # the decoder must see the whole prompt; encode_for_encoder truncates
         self._tok = tok
         self.chat_template = chat_template
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
+        self.bos_token = bos_token if bos_token is not None else (
+            tok.id_to_token(bos_id) or "" if bos_id is not None else "")
+        self.eos_token = eos_token if eos_token is not None else (
+            tok.id_to_token(self.eos_ids[0]) or "" if self.eos_ids else "")
         self._encoder_tok: dict[int, _HFTokenizer] = {}
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
 
@@ -136,7 +76,7 @@ class Tokenizer:
             tok = _HFTokenizer.from_str(text)
         except Exception as e:
             raise FormatError(f"invalid tokenizer.json: {e}") from None
-        return cls(tok, **kw)
+        return cls(tok, json_text=text, **kw)
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":
@@ -155,9 +95,12 @@ class Tokenizer:
                 eos.append(meta[k])
         if "<|im_end|>" in tokens and tokens.index("<|im_end|>") not in eos:
             eos.append(tokens.index("<|im_end|>"))
-        bos = meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None
-        return cls.from_json(tokenizer_json_from_gguf(meta, source), chat_template=meta.get("tokenizer.chat_template"),
-                             bos_id=bos, eos_ids=eos)
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        bos = bos if isinstance(bos, int) and 0 <= bos < len(tokens) else None
+        return cls(tokenizer_from_gguf(meta, source), chat_template=meta.get("tokenizer.chat_template"),
+                             bos_id=bos if adds_bos(meta) else None, eos_ids=eos,
+                             bos_token=tokens[bos] if bos is not None else "",
+                             eos_token=tokens[eos[0]] if eos and 0 <= eos[0] < len(tokens) else "")
 
     @classmethod
     def from_source(cls, src) -> "Tokenizer":
@@ -166,6 +109,8 @@ class Tokenizer:
         return cls.from_json(src.tokenizer_json, chat_template=c.chat_template, bos_id=c.bos_id, eos_ids=c.eos_ids)
 
     def to_json(self) -> str:
+        if self._json is None:
+            self._json = self._tok.to_str()
         return self._json
 
     # --- vocabulary ---------------------------------------------------------------------------
@@ -180,12 +125,18 @@ class Tokenizer:
         return self._tok.id_to_token(int(token_id))
 
     # --- text <-> ids -------------------------------------------------------------------------
-    def encode(self, text: str, add_special: bool = False) -> list[int]:
-        """Ids of `text`. Special-token strings in the text (e.g. "<|im_start|>") map to their ids.
-        With add_special, the tokenizer's post-processor adds what the model wants (BOS, or [CLS]/[SEP])."""
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Ids of `text`. With parse_special, special-token strings in the text (e.g. "<|im_start|>") map to
+        their ids; without, they are plain text (llama.cpp's `special=False`; user-defined tokens are
+        still split out, as there). With add_special, the tokenizer's post-processor adds what the model
+        wants (BOS, or [CLS]/[SEP])."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        self._tok.encode_special_tokens = not parse_special
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special).ids
+        finally:
+            self._tok.encode_special_tokens = False
 
     def decode(self, ids, skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -204,29 +155,29 @@ class Tokenizer:
             raise ValueError(f"max_len must be at least 2, got {max_len}")
         tok = self._encoder_tok.get(max_len)
         if tok is None:
-            tok = _HFTokenizer.from_str(self._json)
+            tok = _HFTokenizer.from_str(self.to_json())
             tok.no_padding()
             tok.enable_truncation(max_length=max_len)
             self._encoder_tok[max_len] = tok
         return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=True)]
 
     # --- chat ---------------------------------------------------------------------------------
+    @property
+    def template_source(self) -> str:
+        """Where the chat template comes from: "model", or "chatml-fallback" for a model without one."""
+        return "model" if self.chat_template else "chatml-fallback"
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """The ChatML prompt for `messages` ([{"role", "content"}, ...]), as SmolLM2's template writes it."""
-        tpl = self.chat_template
-        if not tpl or "<|im_start|>" not in tpl:
-            raise FormatError("unsupported chat template" + ("" if tpl else " (the model has none)"))
-        out = []
-        msgs = list(messages)
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"a chat message must be a dict with str 'role' and 'content', got {m!r}")
-        # the template's own default system prompt, used when the conversation does not start with one
-        default = _CHATML_SYSTEM.search(tpl)
-        if default and msgs and msgs[0]["role"] != "system":
-            out.append(f"<|im_start|>system\n{default.group(1)}<|im_end|>\n")
-        for m in msgs:
-            out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-        if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
-        return "".join(out)
+        """The prompt text for `messages` ([{"role", "content"}, ...]): the model's own template rendered
+        with jinja2, or ChatML when the model has none (see template_source)."""
+        return _chat.render(self.chat_template or _chat.CHATML, messages,
+                            add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                            eos_token=self.eos_token)
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Ids of the rendered conversation: special tokens parsed, and BOS added only where the
+        template did not already write it (templates like Gemma's start with {{ bos_token }})."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids

@@ -7,7 +7,7 @@ import pytest
 from loader.errors import FormatError
 from loader.gguf_reader import read_gguf_metadata
 from loader.tokenizer import Tokenizer, tokenizer_json_from_gguf
-from tests.data_gen.tiny_models import bert_tokenizer_json, byte_symbols, tiny_vocab
+from tests.data_gen.tiny_models import CHAT_TEMPLATE, bert_tokenizer_json, byte_symbols, tiny_vocab
 
 TEXTS = ["Hello world! How are you doing today?", "ünïcödé façade naïve — “quotes” …",
          "日本語のテキストと中文和한국어", "emoji 🎉🚀👩‍👩‍👧 flags 🇫🇷", "tabs\tand\nnewlines\r\n  spaces   ",
@@ -20,7 +20,7 @@ def tiny_meta(**over):
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 0,
-            "tokenizer.chat_template": "{{ '<|im_start|>system\nYou are tiny.<|im_end|>\n' }} <|im_start|>"}
+            "tokenizer.chat_template": CHAT_TEMPLATE}
     meta.update(over)
     return meta
 
@@ -59,7 +59,7 @@ def test_tiny_merges_by_hand(tiny):
     # "smollm" isolates every digit before BPE, so the merges "1 2" and "Ġ 1" never apply ...
     assert toks(tiny, "12") == ["1", "2"] and toks(tiny, " 1") == ["Ġ", "1"]
     # ... while the plain GPT-2 pre-tokenizer keeps " 12" together and lets them apply
-    gpt2 = Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.pre": "gpt2"}))
+    gpt2 = Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.pre": "gpt-2"}))
     assert toks(gpt2, "12") == ["12"] and toks(gpt2, " 1") == ["Ġ1"]
 
 
@@ -74,15 +74,17 @@ def test_tiny_specials_and_ids(tiny):
 
 
 def test_gguf_tokenizer_errors():
-    with pytest.raises(FormatError, match="pre-tokenizer 'qwen2'"):
-        tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.pre": "qwen2"}))
-    with pytest.raises(FormatError, match="'llama'"):
+    with pytest.raises(FormatError, match="tokenizer.ggml.pre 'no-such-pre' is not a pre-tokenizer"):
+        tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.pre": "no-such-pre"}))
+    with pytest.raises(FormatError, match="tokenizer.ggml.model 'rwkv' is not supported"):
+        tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.model": "rwkv"}))
+    with pytest.raises(FormatError, match="tokenizer.ggml.scores"):
         tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.model": "llama"}))
     with pytest.raises(FormatError, match="inconsistent"):
         tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.merges": ["x yz"]}))
     with pytest.raises(FormatError, match="malformed BPE merge"):
         tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.merges": ["nospace"]}))
-    with pytest.raises(FormatError, match="token types"):
+    with pytest.raises(FormatError, match="token_type"):
         tokenizer_json_from_gguf(tiny_meta(**{"tokenizer.ggml.token_type": [1]}))
 
 
@@ -108,13 +110,15 @@ def test_chatml(tiny):
     assert ids[0] == 1 and ids.count(2) == 2
 
 
-def test_chat_template_unsupported():
-    jinja_llama = Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.chat_template": "{{ bos_token }}[INST]"}))
-    with pytest.raises(FormatError, match="unsupported chat template"):
-        jinja_llama.apply_chat_template([{"role": "user", "content": "x"}])
+def test_chat_template_any_jinja_and_chatml_fallback():
+    tpl = "{{ bos_token }}{% for m in messages %}[{{ m.role | upper }}] {{ m.content }}{% endfor %}"
+    other = Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.chat_template": tpl}))
+    assert other.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_start|>[USER] x"
+    assert other.template_source == "model"
     none = Tokenizer.from_json(bert_tokenizer_json())
-    with pytest.raises(FormatError, match="unsupported chat template"):
-        none.apply_chat_template([{"role": "user", "content": "x"}])
+    assert none.template_source == "chatml-fallback"
+    assert none.apply_chat_template([{"role": "user", "content": "x"}]) == (
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n")
 
 
 # ---- streaming ----------------------------------------------------------------------------------
@@ -171,7 +175,7 @@ def test_smol_matches_reference_bpe(smol, smol_meta):
     vocab = set(smol_meta["tokenizer.ggml.tokens"])
     sym = byte_symbols()
     hf = json.loads(smol.to_json())
-    assert [p["type"] for p in hf["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert [p["type"] for p in hf["pre_tokenizer"]["pretokenizers"]] == ["Split", "Split", "ByteLevel"]
     from tokenizers import Tokenizer as HF
     pre = HF.from_str(smol.to_json()).pre_tokenizer
     text = " ".join(TEXTS) + " The quick brown fox jumps over the lazy dog. Antidisestablishmentarianism!"

@@ -1,0 +1,45 @@
+"""Stop strings for streamed text: generation ends where one appears, and it is never emitted.
+
+A stop string can arrive split across pieces ("<|e" then "nd|>"), so text that could still become one
+is held back until the next piece decides: the longest tail of the pending text that is a prefix of a
+stop string waits, the rest goes out.
+"""
+from __future__ import annotations
+
+
+class StopText:
+    def __init__(self, stops=None):
+        stops = [stops] if isinstance(stops, str) else list(stops or [])
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"a stop string must be a non-empty str, got {s!r}")
+        self.stops = stops
+        self.pending = ""
+        self.hit: str | None = None      # the stop string that ended the text
+
+    def push(self, piece: str) -> str:
+        """The text that can be emitted now that `piece` arrived ("" once a stop string was seen)."""
+        if self.hit is not None:
+            return ""
+        buf = self.pending + piece
+        first = None
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (first is None or i < first[0]):
+                first = (i, s)
+        if first is not None:
+            self.hit, self.pending = first[1], ""
+            return buf[:first[0]]
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.pending = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text (it did not grow into a stop string)."""
+        out, self.pending = ("" if self.hit is not None else self.pending), ""
+        return out
