@@ -6,6 +6,10 @@ The float path (--wbits 16) on the NumPy and CPU backends: three prompts whose l
 have KL < 1e-2 to the reference and the same top-1 on >= 99% of positions, and a greedy continuation
 decoded one token per step through the KV cache (past Gemma 3's sliding window) equal to the reference's
 (or differing first at a logit tie). A mutated config (one option dropped) must fail the same check.
+Also: packed embedding rows, op variants a backend lacks run on the host, unsupported GGUFs refused in
+one line with exit 2. Slow: the float path against llama.cpp itself on the same random GGUFs (greedy 32
+tokens), the real Gemma 3 270M file (its F32 copy strictly, the Q4_K_M file within bounds), the GPU
+backend in the PTX interpreter, `engine.generate` on two architectures.
 """
 import copy
 
