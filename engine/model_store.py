@@ -9,11 +9,14 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from loader.errors import FormatError
-from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
-from loader.packed import is_packed_dir, read_packed, write_packed
+from loader.pack import PackedModel, Recipe, quantize_model
+from loader.pack_writer import pack_to_dir
+from loader.packed import is_packed_dir, read_packed
+from loader.progress import Progress, summary
 
 ROTATE_BLOCK = 256          # most lanes per Hadamard block for per-token activation scales (576 -> 64)
 QUANT_REVISION = 3          # bump when quantize_model's output changes for the same recipe
@@ -89,6 +92,7 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             return read_packed(out), wbits
         except FormatError as e:
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
+    t0 = time.perf_counter()
     source = _read_source(src)
     hessians = None
     if recipe.gptq:
@@ -96,7 +100,10 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         if progress:
             print("anybit: calibrating (GPTQ) on the calibration text ...", file=sys.stderr)
         hessians = encoder_hessians(source, recipe)
-    show = progress_bar(f"packing {src.name} at W{wbits}") if progress else None
-    pm = quantize_model(source, recipe, hessians=hessians, progress=show)
-    write_packed(pm, out)
-    return read_packed(out, verify=False), wbits
+    show = Progress(f"anybit: first use of {src.name} at W{wbits}: packing (cached for later runs)") if progress else None
+    _, info, _ = pack_to_dir(source, recipe, out, hessians=hessians, progress=show)
+    pm = read_packed(out, verify=False)
+    if progress:
+        size = src.stat().st_size if src.is_file() else None
+        print("anybit: " + summary(info, time.perf_counter() - t0, pm.weight_bytes, size), file=sys.stderr)
+    return pm, wbits

@@ -13,13 +13,9 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
-
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
 from loader.pack import PackedModel
@@ -50,47 +46,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
-    """Write `model` to `out_dir` atomically. An existing directory is replaced only on success."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
-    tensors: dict[str, dict] = {}
-    for name, t in model.tensors.items():
-        if isinstance(t, PackedLinear):
-            arrays[f"{name}.planes"] = np.ascontiguousarray(t.planes)
-            arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
-            if t.offsets is not None:
-                arrays[f"{name}.offsets"] = np.ascontiguousarray(t.offsets, np.float32)
-            if t.smooth is not None:
-                arrays[f"{name}.smooth"] = np.ascontiguousarray(t.smooth, np.float32)
-            meta = model.info.get(name, {})
-            tensors[name] = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
-                             "offsets": t.offsets is not None, "smooth": t.smooth is not None,
-                             "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
-                             "source_type": meta.get("source_type"), "rotate": t.rotate}
-        else:
-            arrays[name] = np.ascontiguousarray(t, np.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(arrays, str(tmp / "model.safetensors"))
-        (tmp / "tokenizer.json").write_text(model.tokenizer_json)
-        rotated = any(m["rotate"] for m in tensors.values())
-        config = {"format": FORMAT, "version": VERSION if rotated else 1, "architecture": model.config.arch,
-                  "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
-                  "sha256": sha256_file(tmp / "model.safetensors")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """Write `model` to `out_dir` atomically. An existing directory is replaced only on success.
+    (The writer is loader/pack_writer.py, which also streams a model to disk while it is packed.)"""
+    from loader.pack_writer import write_model
+    return write_model(model, out_dir)
 
 
 class FileMap:
