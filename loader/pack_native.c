@@ -224,73 +224,104 @@ int abl_hadamard(double *x, int64_t rows, int64_t K, int b, int threads) {
 
 /* ---- round to nearest with the clipping search ------------------------------------------------- */
 
-/* NumPy's summation order for a contiguous float64 axis of n elements */
-static double pairwise_sum(const double *a, int64_t n) {
+/* NumPy's summation order for a contiguous float64 axis of n elements: blocks of up to 128 summed with
+ * 8 partial sums, longer axes split in halves (multiples of 8) */
+static inline __attribute__((always_inline)) double pairwise_block(const double *a, int64_t n) {
     if (n < 8) {
         double r = -0.0;
         for (int64_t i = 0; i < n; i++) r += a[i];
         return r;
     }
-    if (n <= 128) {
-        double r[8];
-        int64_t i;
-        for (int j = 0; j < 8; j++) r[j] = a[j];
-        for (i = 8; i < n - (n % 8); i += 8)
-            for (int j = 0; j < 8; j++) r[j] += a[i + j];
-        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; i++) res += a[i];
-        return res;
-    }
+    double r[8];
+    int64_t i;
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    for (i = 8; i < n - (n % 8); i += 8)
+        for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += a[i];
+    return res;
+}
+
+static double pairwise_sum(const double *a, int64_t n) {
+    if (n <= 128) return pairwise_block(a, n);
     int64_t n2 = n / 2;
     n2 -= n2 % 8;
     return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-static inline uint8_t code_of(double x, double safe, int top) {
-    double c = rint((x / safe + top) / 2.0);
-    if (!(c > 0)) c = 0;                      /* also NaN -> 0, as NumPy's uint8 cast of a clipped NaN */
-    if (c > top) c = top;
-    return (uint8_t)c;
-}
-
 struct quant_ctx {
     const double *w; int64_t K, Kp, Ntot, row0; int bits, group, asym, nr;
-    const double *ratios; uint32_t *planes; float *s, *o; double *sqerr; volatile int failed;
+    const double *ratios; uint32_t *planes; float *s, *o;
+    double *sqerr;                  /* per row: squared error of the stored weight, squared norm of x */
+    volatile int failed;
 };
 
-/* The squared errors of one group's lanes under scale s and offset o (safe: s, or 1 where s = 0), in a
- * form the compiler vectorises: rint is one rounding instruction from SSE4.1 on, hence the per-ISA copies
- * of quant_rows below (selected at run time; every copy computes the same IEEE operations). */
+/* The squared errors of one group's lanes under scale s and offset o (safe: s, or 1 where s = 0), as
+ * NumPy computes them: code c = clip(rint(((x - o) / safe + top) / 2), 0, top), error s*(2c - top) + o - x.
+ * Division is most of the cost, so the codes are first found with the reciprocal. x * (1/safe) is within
+ * 2 ulps of x / safe, and |(x - o) / safe| stays near top, so the two halves h differ by under 1e-12:
+ * rint gives the same code unless h lies within 1e-6 of a half-integer. Only then (rarely: ~1e-6 of the
+ * lanes of random weights) are the group's codes computed again by division, so every code, error and
+ * choice of clipping ratio is still NumPy's bit for bit. rint is one rounding instruction from SSE4.1
+ * on, hence the per-ISA copies of quant_rows below (every copy performs the same IEEE operations). */
 static inline __attribute__((always_inline)) void group_errors(const double *xg, int64_t nv, double s, double o,
-                                                               double safe, int top, double *e) {
-    const double t = (double)top;
+                                                               double safe, int top, double *e, double *cs) {
+    const double t = (double)top, inv = 1.0 / safe;
+    if (inv < 1e300) {                           /* a finite reciprocal (safe is no subnormal) */
+        int64_t near = 0;
+        for (int64_t j = 0; j < nv; j++) {
+            double h = ((xg[j] - o) * inv + t) * 0.5;
+            double c = rint(h);
+            near += fabs(fabs(h - c) - 0.5) < 1e-6;
+            c = c > 0 ? c : 0.0;
+            c = c < t ? c : t;
+            double d = s * (2.0 * c - t) + o - xg[j];
+            e[j] = d * d;
+            if (cs) cs[j] = c;
+        }
+        if (!near) return;
+    }
     for (int64_t j = 0; j < nv; j++) {
         double c = rint(((xg[j] - o) / safe + t) / 2.0);
         c = c > 0 ? c : 0.0;
         c = c < t ? c : t;
         double d = s * (2.0 * c - t) + o - xg[j];
         e[j] = d * d;
+        if (cs) cs[j] = c;
     }
 }
 
 static inline __attribute__((always_inline)) void quant_rows_body(struct quant_ctx *c, int64_t lo, int64_t hi) {
     int top = (1 << c->bits) - 1, G = c->group;
     int64_t ng = c->Kp / G, W = c->Kp / 32;
-    double *e = malloc(sizeof(double) * (size_t)G);
+    double *e = malloc(sizeof(double) * (size_t)G * 2);
     uint8_t *codes = malloc((size_t)c->Kp);
     if (!e || !codes) { free(e); free(codes); c->failed = 1; return; }
+    double *cs = e + G;
     for (int64_t n = lo; n < hi; n++) {
         const double *x = c->w + n * c->K;
-        double row_err = 0.0;
+        double row_err = 0.0, row_ref = 0.0;
         for (int64_t g = 0; g < ng; g++) {
             int64_t base = g * G, nv = c->K - base < G ? c->K - base : G;
             const double *xg = x + base;
-            double gmax = -INFINITY, gmin = INFINITY;         /* NaN weights: the readers refuse them */
-            for (int64_t j = 0; j < nv; j++) {
-                gmax = xg[j] > gmax ? xg[j] : gmax;
-                gmin = xg[j] < gmin ? xg[j] : gmin;
+            /* four running extremes: independent chains (NaN weights: the readers refuse them) */
+            double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, mn[4] = {INFINITY, INFINITY, INFINITY, INFINITY};
+            int64_t j = 0;
+            for (; j + 4 <= nv; j += 4)
+                for (int u = 0; u < 4; u++) {
+                    mx[u] = xg[j + u] > mx[u] ? xg[j + u] : mx[u];
+                    mn[u] = xg[j + u] < mn[u] ? xg[j + u] : mn[u];
+                }
+            for (; j < nv; j++) {
+                mx[0] = xg[j] > mx[0] ? xg[j] : mx[0];
+                mn[0] = xg[j] < mn[0] ? xg[j] : mn[0];
             }
-            for (int64_t j = nv; j < G; j++) e[j] = 0.0;
+            double gmax = mx[0], gmin = mn[0];
+            for (int u = 1; u < 4; u++) {
+                gmax = mx[u] > gmax ? mx[u] : gmax;
+                gmin = mn[u] < gmin ? mn[u] : gmin;
+            }
+            for (j = nv; j < G; j++) e[j] = 0.0;
             double best = INFINITY, bs = 1.0, bo = 0.0;
             for (int r = 0; r < c->nr; r++) {
                 double ratio = c->ratios[r], s, o;
@@ -304,25 +335,30 @@ static inline __attribute__((always_inline)) void quant_rows_body(struct quant_c
                     o = 0.0;
                 }
                 if (!(s > 0)) s = 0.0;
-                group_errors(xg, nv, s, o, s > 0 ? s : 1.0, top, e);
-                double err = 0.0 + pairwise_sum(e, G);
+                group_errors(xg, nv, s, o, s > 0 ? s : 1.0, top, e, NULL);
+                double err = 0.0 + (G <= 128 ? pairwise_block(e, G) : pairwise_sum(e, G));
                 if (err < best) { best = err; bs = s; bo = o; }
             }
-            double safe = bs > 0 ? bs : 1.0;
+            /* the codes under the chosen parameters; the error (for the report) at their float32 values */
             float s32 = (float)bs, o32 = c->asym ? (float)bo : 0.0f;
-            for (int64_t j = 0; j < nv; j++) {
-                uint8_t q = code_of(xg[j] - bo, safe, top);
-                codes[base + j] = q;
-                double d = (double)s32 * (double)(2 * (int)q - top) + (double)o32 - xg[j];
-                row_err += d * d;
+            group_errors(xg, nv, bs, bo, bs > 0 ? bs : 1.0, top, e, cs);
+            double gs = (double)s32, go = (double)o32, ge = 0.0, gr = 0.0;
+            for (j = 0; j < nv; j++) {
+                codes[base + j] = (uint8_t)cs[j];
+                double d = gs * (2.0 * cs[j] - top) + go - xg[j];
+                ge += d * d;
+                gr += xg[j] * xg[j];
             }
-            for (int64_t j = nv; j < G; j++) codes[base + j] = 0;
+            for (j = nv; j < G; j++) codes[base + j] = 0;
+            row_err += ge;
+            row_ref += gr;
             c->s[n * ng + g] = s32;
             if (c->asym) c->o[n * ng + g] = o32;
         }
         int64_t gn = c->row0 + n;
         for (int64_t w = 0; w < W; w++) pack32(codes + 32 * w, c->bits, c->planes + gn * W + w, c->Ntot * W);
-        c->sqerr[n] = row_err;
+        c->sqerr[2 * n] = row_err;
+        c->sqerr[2 * n + 1] = row_ref;
     }
     free(e);
     free(codes);

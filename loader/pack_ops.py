@@ -121,7 +121,7 @@ def quantize_source(t, bits: int, group: int, *, asymmetric: bool, clip: bool,
     rows = _row_source(t)
     step = max(1, CHUNK_BYTES // (8 * K))
     buf = np.empty((min(step, N), K), np.float64)
-    sq = np.empty(min(step, N), np.float64)
+    sq = np.empty((min(step, N), 2), np.float64)          # per row: squared error, squared norm
     err2 = ref2 = 0.0
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
@@ -133,8 +133,8 @@ def quantize_source(t, bits: int, group: int, *, asymmetric: bool, clip: bool,
                                 _ptr(ffi, "double *", ratios), len(ratios), _ptr(ffi, "uint32_t *", planes), N,
                                 r0, _ptr(ffi, "float *", s[r0:r1]), _ptr(ffi, "float *", None if o is None else o[r0:r1]),
                                 _ptr(ffi, "double *", sq), threads()), f"quantizing {t.name}")
-        err2 += float(sq[:r1 - r0].sum())
-        ref2 += float(np.einsum("ij,ij->", x, x))
+        err2 += float(sq[:r1 - r0, 0].sum())
+        ref2 += float(sq[:r1 - r0, 1].sum())
     return PackedLinear(planes, s, o, bits, group, K, N, None, rotate), float(np.sqrt(err2) / max(np.sqrt(ref2), 1e-30))
 
 
