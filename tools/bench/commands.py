@@ -53,7 +53,7 @@ def run(a) -> dict:
             argv = [x.replace("{tmp}", str(tmp)) for x in argv]
             for phase in (("first", "again") if twice else ("once",)):
                 r = run_timed(argv, _env(threads, cache))
-                rows.append({"command": label, "phase": phase, "wall_s": r["wall_s"],
+                rows.append({"command": label, "phase": phase, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
                              "peak_rss_bytes": r["peak_rss_bytes"], "status": r["status"],
                              "output": r["stdout"].strip()[:200]})
                 print(f"  {phase:5s} {r['wall_s']:6.1f} s {r['peak_rss_bytes'] / 2**20:6.0f} MiB  {label}",
@@ -67,8 +67,9 @@ def run(a) -> dict:
 
 def print_report(doc: dict) -> None:
     print(f"\nREADME commands on {doc['machine']['kind']} (ANYBIT_THREADS={doc['threads']})")
-    print_table(["command", "run", "seconds", "peak RSS MiB", "status"],
-                [[r["command"], r["phase"], f"{r['wall_s']:.1f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", r["status"]]
+    print_table(["command", "run", "seconds", "CPU s", "peak RSS MiB", "status"],
+                [[r["command"], r["phase"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
+                  r["status"]]
                  for r in doc["rows"]])
 
 

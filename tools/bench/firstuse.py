@@ -39,7 +39,8 @@ print(llm.detokenize([tok]).decode(errors="replace"), time.perf_counter() - t0, 
 
 
 def run_timed(argv: list[str], env: dict, timeout: float = 1800) -> dict:
-    """Run argv to completion: wall seconds from launch, peak RSS (wait4), status, the tail of stderr."""
+    """Run argv to completion: wall seconds from launch, CPU seconds (user + system, all threads: on a
+    shared machine the steadier figure), peak RSS (wait4), status, the tail of stderr."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         p = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
@@ -52,7 +53,8 @@ def run_timed(argv: list[str], env: dict, timeout: float = 1800) -> dict:
         p.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         out.seek(0)
-        return {"wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024, "status": p.returncode,
+        return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": ru.ru_maxrss * 1024,
+                "status": p.returncode,
                 "stdout": out.read().decode(errors="replace")[-2000:],
                 "stderr_tail": err.read().decode(errors="replace")[-1500:]}
 
@@ -133,6 +135,7 @@ def run(a) -> dict:
     for name, rs in samples.items():
         if rs:
             rows.append({"case": name, "wall_s": summarize([r["wall_s"] for r in rs]),
+                         "cpu_s": summarize([r["cpu_s"] for r in rs]),
                          "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
                          "progress_lines": rs[-1].get("progress_lines"), "first_token": rs[-1]["stdout"].strip()[:40]})
     big = []
@@ -161,15 +164,16 @@ def run(a) -> dict:
 def print_report(doc: dict) -> None:
     print(f"\nfirst use on {doc['threads']} threads ({doc['machine']['kind']}), fresh packed cache, "
           f"process launch to first token")
-    print_table(["case", "seconds (median, min-max)", "peak RSS MiB", "progress lines", "first token"],
+    print_table(["case", "seconds (median, min-max)", "CPU s", "peak RSS MiB", "progress lines", "first token"],
                 [[r["case"], f"{r['wall_s']['median']:.2f} ({r['wall_s']['min']:.2f}-{r['wall_s']['max']:.2f})",
+                  f"{r['cpu_s']['median']:.2f}",
                   f"{r['peak_rss_bytes'] / 2**20:.0f}", r["progress_lines"] if r["progress_lines"] is not None else "",
                   repr(r["first_token"])] for r in doc["rows"]])
     if "w4a16_over_llama_ttft" in doc:
         print(f"anybit W4A16 first use / llama.cpp time to first token: {doc['w4a16_over_llama_ttft']:.2f}x")
     if doc["packing"]:
-        print_table(["packing", "seconds", "peak RSS GiB", "packed GiB", "peak / packed"],
-                    [[r["case"], f"{r['wall_s']:.0f}", f"{r['peak_rss_bytes'] / 2**30:.2f}",
+        print_table(["packing", "seconds", "CPU s", "peak RSS GiB", "packed GiB", "peak / packed"],
+                    [[r["case"], f"{r['wall_s']:.0f}", f"{r['cpu_s']:.0f}", f"{r['peak_rss_bytes'] / 2**30:.2f}",
                       f"{r['packed_bytes'] / 2**30:.2f}", f"{r['peak_over_packed']:.2f}"] for r in doc["packing"]])
 
 
