@@ -25,16 +25,15 @@ from tools.bench import machine
 from tools.bench.stats import print_table, report_and_save, summarize
 
 PROMPT = "The capital of France is"
+# the peer's own API end to end; (llm.scores after llm.eval reads zeros in llama-cpp-python 0.3.36 unless
+# logits_all is set, so a hand-rolled argmax there would pick token 0)
 LLAMA_TTFT = r'''
-import sys, time
-t0 = time.perf_counter()
-import llama_cpp, numpy as np
+import sys
+import llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]),
                       n_ctx=512, verbose=False)
-ids = llm.tokenize(sys.argv[3].encode(), add_bos=True)
-llm.eval(ids)
-tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-print(llm.detokenize([tok]).decode(errors="replace"), time.perf_counter() - t0, flush=True)
+out = llm.create_completion(sys.argv[3], max_tokens=1, temperature=0.0)
+print(out["choices"][0]["text"], flush=True)
 '''
 
 
