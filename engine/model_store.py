@@ -19,7 +19,7 @@ from loader.packed import is_packed_dir, read_packed
 from loader.progress import Progress, summary
 
 ROTATE_BLOCK = 256          # most lanes per Hadamard block for per-token activation scales (576 -> 64)
-QUANT_REVISION = 3          # bump when quantize_model's output changes for the same recipe
+QUANT_REVISION = 4          # bump when quantize_model's output changes for the same recipe (4: GPTQ batch updates)
 
 
 def cache_root() -> Path:

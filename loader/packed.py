@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
 from loader.pack import PackedModel
