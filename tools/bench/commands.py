@@ -6,6 +6,7 @@ right after on the cache the first run filled, which is what every later run cos
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -62,7 +63,8 @@ def run(a) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return {"bench": "commands", "schema": 1, "machine": machine.describe(threads), "threads": threads,
-            "rows": rows, "note": "one process per command; the machine may be shared"}
+            "rows": rows, "note": "one process per command; the machine may be shared",
+            "load_avg_end": os.getloadavg()}
 
 
 def print_report(doc: dict) -> None:

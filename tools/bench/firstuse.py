@@ -152,7 +152,8 @@ def run(a) -> dict:
                   f"packed {r['packed_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     doc = {"bench": "firstuse", "schema": 1, "machine": machine.describe(threads), "threads": threads,
            "model": str(gguf), "prompt": PROMPT, "peer": note, "rows": rows, "packing": big,
-           "note": "wall time from process launch to exit (one generated token); the machine may be shared"}
+           "note": "wall time from process launch to exit (one generated token); the machine may be shared",
+            "load_avg_end": os.getloadavg()}
     w4 = next((r for r in rows if r["case"] == "smollm2-w4a16"), None)
     ll = next((r for r in rows if r["case"] == "llama.cpp"), None)
     if w4 and ll:
