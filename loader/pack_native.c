@@ -272,7 +272,7 @@ static inline __attribute__((always_inline)) void group_errors(const double *xg,
         for (int64_t j = 0; j < nv; j++) {
             double h = ((xg[j] - o) * inv + t) * 0.5;
             double c = rint(h);
-            near += fabs(fabs(h - c) - 0.5) < 1e-6;
+            near += fabs(h - c) > 0.5 - 1e-6;     /* rint leaves |h - c| <= 1/2: a tie is near 1/2 */
             c = c > 0 ? c : 0.0;
             c = c < t ? c : t;
             double d = s * (2.0 * c - t) + o - xg[j];
