@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps({"text": r.text, "ids": r.ids, "prompt_tokens": r.prompt_tokens,
                               "generated_tokens": r.generated_tokens, "prompt_tok_s": r.prompt_tok_s,
-                              "decode_tok_s": r.decode_tok_s, "ttft_s": r.ttft_s, "stop_reason": r.stop_reason, "chat": chat,
+                              "decode_tok_s": r.decode_tok_s, "ttft_s": r.ttft_s, "stop_reason": r.stop_reason,
+                              "chat": chat,
                               **r.stats}))
         else:
             sys.stdout.write("\n")

@@ -100,7 +100,8 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         if progress:
             print("anybit: calibrating (GPTQ) on the calibration text ...", file=sys.stderr)
         hessians = encoder_hessians(source, recipe)
-    show = Progress(f"anybit: first use of {src.name} at W{wbits}: packing (cached for later runs)") if progress else None
+    label = f"anybit: first use of {src.name} at W{wbits}: packing (cached for later runs)"
+    show = Progress(label) if progress else None
     _, info, _ = pack_to_dir(source, recipe, out, hessians=hessians, progress=show)
     pm = read_packed(out, verify=False)
     if progress:

@@ -195,7 +195,8 @@ class TensorPlan:
             return [(self.name, "F32", shape)]
         N, K = shape
         Kp = padded_k(K, self.group)
-        out = [(f"{self.name}.planes", "U32", (self.bits, N, Kp // 32)), (f"{self.name}.scales", "F32", (N, Kp // self.group))]
+        out = [(f"{self.name}.planes", "U32", (self.bits, N, Kp // 32)),
+               (f"{self.name}.scales", "F32", (N, Kp // self.group))]
         if self.offsets:
             out.append((f"{self.name}.offsets", "F32", (N, Kp // self.group)))
         if self.smooth is not None:
@@ -241,7 +242,8 @@ def pack_tensor(plan: TensorPlan, recipe: Recipe, hessians: dict | None = None) 
         else:
             q = exact_import(t.blocks(), t.ggml_type, bits)
             lin = PackedLinear(pack_codes(q.codes, q.bits), q.scales.astype(np.float32),
-                               q.offsets.astype(np.float32), q.bits, q.group, q.K, q.codes.shape[0])
+                               None if q.offsets is None else q.offsets.astype(np.float32), q.bits, q.group, q.K,
+                               q.codes.shape[0])
     elif s is None and (H is None or t.shape[-1] % group):
         lin, err = quantize_source(t, bits, group, asymmetric=recipe.asymmetric, clip=recipe.clip, rotate=rot)
     else:                                                   # smoothing or GPTQ: the NumPy path
@@ -264,7 +266,8 @@ def pack_tensor(plan: TensorPlan, recipe: Recipe, hessians: dict | None = None) 
 
 
 def iter_packed(src: SourceModel, recipe: Recipe, plans: list[TensorPlan], *, hessians: dict | None = None,
-                progress: Callable[[int, int, str], None] | None = None) -> Iterator[tuple[TensorPlan, object, dict | None]]:
+                progress: Callable[[int, int, str], None] | None = None
+                ) -> Iterator[tuple[TensorPlan, object, dict | None]]:
     """Pack the planned tensors one at a time, in order; progress(done, total, name) counts weights.
     Each source tensor's mapped pages are handed back once it is packed (loader/pack_ops.release)."""
     total = sum(p.weights for p in plans)

@@ -131,7 +131,8 @@ def quantize_source(t, bits: int, group: int, *, asymmetric: bool, clip: bool,
             _check(lib.abl_hadamard(_ptr(ffi, "double *", x), r1 - r0, K, rotate, threads()), "rotation")
         _check(lib.abl_quantize(_ptr(ffi, "double *", x), r1 - r0, K, bits, group, int(asymmetric),
                                 _ptr(ffi, "double *", ratios), len(ratios), _ptr(ffi, "uint32_t *", planes), N,
-                                r0, _ptr(ffi, "float *", s[r0:r1]), _ptr(ffi, "float *", None if o is None else o[r0:r1]),
+                                r0, _ptr(ffi, "float *", s[r0:r1]),
+                                _ptr(ffi, "float *", None if o is None else o[r0:r1]),
                                 _ptr(ffi, "double *", sq), threads()), f"quantizing {t.name}")
         err2 += float(sq[:r1 - r0, 0].sum())
         ref2 += float(sq[:r1 - r0, 1].sum())

@@ -78,7 +78,8 @@ def summary(info: dict[str, dict], seconds: float, packed_bytes: int, src_bytes:
     exact: dict[str, int] = {}
     rounded: dict[str, int] = {}
     for m in info.values():
-        key = f"{m.get('source_type') or 'float'} -> W{m['bits']} G{m['group']}" + (" rotated" if m.get("rotate") else "")
+        key = f"{m.get('source_type') or 'float'} -> W{m['bits']} G{m['group']}"
+        key += " rotated" if m.get("rotate") else ""
         book = exact if m["exact"] else rounded
         book[key] = book.get(key, 0) + 1
     size = f"{src_bytes / 2**20:.1f} MiB source -> " if src_bytes else ""

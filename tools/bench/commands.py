@@ -18,10 +18,11 @@ from tools.bench.stats import print_table, report_and_save
 
 GEN = [sys.executable, "-m", "engine.generate"]
 COMMANDS = [   # (label, argv after the interpreter, runs twice: first use then cached)
-    ('generate "The capital of France is" --max-tokens 40', GEN + ["The capital of France is", "--max-tokens", "40"], True),
+    ('generate "The capital of France is" --max-tokens 40',
+     GEN + ["The capital of France is", "--max-tokens", "40"], True),
     ('generate "Write a haiku about bits" --chat ... --temperature 0.7 --seed 1',
-     GEN + ["Write a haiku about bits", "--chat", "--wbits", "4", "--abits", "16", "--temperature", "0.7", "--seed", "1"],
-     False),
+     GEN + ["Write a haiku about bits", "--chat", "--wbits", "4", "--abits", "16", "--temperature", "0.7",
+            "--seed", "1"], False),
     ('generate "Hello" --wbits 8 --abits 8 --group 32 --json',
      GEN + ["Hello", "--wbits", "8", "--abits", "8", "--group", "32", "--json"], True),
     ('generate "Hello" --wbits 8 --abits 8 --group 128 --agroup token',
@@ -70,8 +71,8 @@ def run(a) -> dict:
 def print_report(doc: dict) -> None:
     print(f"\nREADME commands on {doc['machine']['kind']} (ANYBIT_THREADS={doc['threads']})")
     print_table(["command", "run", "seconds", "CPU s", "peak RSS MiB", "status"],
-                [[r["command"], r["phase"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
-                  r["status"]]
+                [[r["command"], r["phase"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+                  f"{r['peak_rss_bytes'] / 2**20:.0f}", r["status"]]
                  for r in doc["rows"]])
 
 
