@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,11 +44,15 @@ def run_timed(argv: list[str], env: dict, timeout: float = 1800) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         p = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        killer = threading.Timer(timeout, p.kill)            # a hung case ends as a failed one
+        killer.start()
         try:
             _, status, ru = os.wait4(p.pid, 0)
         except KeyboardInterrupt:
             p.kill()
             raise
+        finally:
+            killer.cancel()
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -100,9 +105,10 @@ def _llama(py: str, gguf: Path, threads: int) -> dict:
 
 def _pack(gguf: Path, wbits: int, threads: int, real_cache: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="anybit-pack-", dir=gguf.parent)) / "packed"
+    cache = fresh_cache(real_cache)
     try:
         r = run_timed([sys.executable, "-m", "tools.pack", str(gguf), str(out), "--wbits", str(wbits)],
-                      _env(threads, fresh_cache(real_cache)), timeout=3600)
+                      _env(threads, cache), timeout=3600)
         if r["status"] != 0:
             raise RuntimeError(f"tools.pack failed ({r['status']}): {r['stderr_tail']}")
         r["packed_bytes"] = sum(f.stat().st_size for f in out.iterdir())
@@ -110,6 +116,7 @@ def _pack(gguf: Path, wbits: int, threads: int, real_cache: Path) -> dict:
         return r
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def run(a) -> dict:
