@@ -348,7 +348,8 @@ def read_gguf(path) -> SourceModel:
         tensors[internal] = SourceTensor(
             name=internal, shape=shape, ggml_type=tname,
             load=(lambda n=name: finite(g.load(n), f"{g.path}: tensor {n!r}")),
-            blocks=(lambda n=name: g.blocks(n)) if tname in EXACT_TYPES and len(shape) == 2 else None)
+            blocks=(lambda n=name: g.blocks(n)) if tname in EXACT_TYPES and len(shape) == 2 else None,
+            raw=(lambda n=name: g.raw(n)) if len(shape) == 2 else None)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise FormatError(f"{g.path}: missing tensors {', '.join(missing[:5])}"

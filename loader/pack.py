@@ -14,18 +14,19 @@ exactly at every p >= 4 (s and o unchanged); Q8_0 only at p = 8.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
-from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
+from loader.bipolar import PackedLinear, QuantTensor, padded_k, quantize_weights
 from loader.errors import FormatError
 from loader.packed import PackedModel
 from loader.precision import check_bits
 from loader.gptq import gptq_quantize
+from loader.pack_ops import can_read_raw, exact_from_raw, pack_codes, quantize_source, release
 from loader.rotation import check_block, hadamard_blocks
-from loader.source import SourceModel
+from loader.source import ModelConfig, SourceModel, SourceTensor
 
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
@@ -141,11 +142,120 @@ def _resolve_group(recipe_group, bits: int, ggml_type: str | None, K: int) -> tu
     return group, exact_possible and group == 32
 
 
+@dataclass
+class TensorPlan:
+    """What one source tensor becomes, decided before any of it is read: the streaming writer
+    (loader/pack_writer.py) lays out the file from these, so every shape must be known up front."""
+    name: str
+    source: SourceTensor
+    kind: str                           # "float" | "exact" | "round"
+    bits: int = 16
+    group: int = 0
+    rotate: int = 0
+    smooth: np.ndarray | None = None
+    offsets: bool = True
+
+    def arrays(self) -> list[tuple[str, str, tuple]]:
+        """(file key, safetensors dtype, shape) of what this tensor is stored as, in file order."""
+        shape = tuple(self.source.shape)
+        if self.kind == "float":
+            return [(self.name, "F32", shape)]
+        N, K = shape
+        Kp = padded_k(K, self.group)
+        out = [(f"{self.name}.planes", "U32", (self.bits, N, Kp // 32)),
+               (f"{self.name}.scales", "F32", (N, Kp // self.group))]
+        if self.offsets:
+            out.append((f"{self.name}.offsets", "F32", (N, Kp // self.group)))
+        if self.smooth is not None:
+            out.append((f"{self.name}.smooth", "F32", (K,)))
+        return out
+
+    @property
+    def weights(self) -> int:
+        return int(np.prod(self.source.shape, dtype=np.int64))
+
+
+def plan_model(src: SourceModel, recipe: Recipe, smooth: dict[str, np.ndarray] | None = None) -> list[TensorPlan]:
+    """The TensorPlan of every source tensor under `recipe` (see quantize_model)."""
+    smooth = smooth or {}
+    plans = []
+    for name, t in src.tensors.items():
+        if not is_linear(name, src.config.arch) or recipe.wbits == 16:
+            plans.append(TensorPlan(name, t, "float"))
+            continue
+        bits = recipe.wbits
+        if name == "output":
+            bits = recipe.head_bits or default_head_bits(bits, t.ggml_type)
+        group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
+        rot = rotation_block(name, t.shape[-1], recipe.rotate)
+        s = None if rot else smooth.get(name)            # the rotation replaces smoothing for this input
+        exact = exact and s is None and not rot and (t.blocks is not None or can_read_raw(t))
+        plans.append(TensorPlan(name, t, "exact" if exact else "round", bits, group, rot,
+                                None if s is None else np.asarray(s, np.float32), exact or recipe.asymmetric))
+    return plans
+
+
+def pack_tensor(plan: TensorPlan, recipe: Recipe, hessians: dict | None = None) -> tuple[object, dict | None]:
+    """-> (float32 array or PackedLinear, info or None) for one planned tensor."""
+    t = plan.source
+    if plan.kind == "float":
+        return np.ascontiguousarray(t.load(), dtype=np.float32), None
+    bits, group, rot, s = plan.bits, plan.group, plan.rotate, plan.smooth
+    err = 0.0
+    H = (hessians or {}).get(plan.name) if recipe.gptq else None
+    if plan.kind == "exact":
+        if can_read_raw(t):
+            lin = exact_from_raw(t, bits)                   # the same values, straight from the mapped blocks
+        else:
+            q = exact_import(t.blocks(), t.ggml_type, bits)
+            lin = PackedLinear(pack_codes(q.codes, q.bits), q.scales.astype(np.float32),
+                               None if q.offsets is None else q.offsets.astype(np.float32), q.bits, q.group, q.K,
+                               q.codes.shape[0])
+    elif s is None and (H is None or t.shape[-1] % group):
+        lin, err = quantize_source(t, bits, group, asymmetric=recipe.asymmetric, clip=recipe.clip, rotate=rot)
+    else:                                                   # smoothing or GPTQ: the NumPy path
+        w_ref = t.load().astype(np.float64)
+        if rot:
+            w_ref = hadamard_blocks(w_ref, rot)             # W R: the decoder feeds R x
+        w_in = w_ref * s[None, :] if s is not None else w_ref
+        if H is not None:
+            q = gptq_quantize(w_in, H, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
+        else:
+            q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
+        lin = PackedLinear(pack_codes(q.codes, q.bits), q.scales.astype(np.float32),
+                           None if q.offsets is None else q.offsets.astype(np.float32), q.bits, q.group, q.K,
+                           q.codes.shape[0], s, rot)
+        deq = q.dequantize() / (s[None, :] if s is not None else 1.0)
+        err = float(np.linalg.norm(deq - w_ref) / max(np.linalg.norm(w_ref), 1e-30))
+    info = {"bits": bits, "group": group, "exact": plan.kind == "exact", "rel_err": err,
+            "source_type": t.ggml_type or "float", "rotate": rot}
+    return lin, info
+
+
+def iter_packed(src: SourceModel, recipe: Recipe, plans: list[TensorPlan], *, hessians: dict | None = None,
+                progress: Callable[[int, int, str], None] | None = None
+                ) -> Iterator[tuple[TensorPlan, object, dict | None]]:
+    """Pack the planned tensors one at a time, in order; progress(done, total, name) counts weights.
+    Each source tensor's mapped pages are handed back once it is packed (loader/pack_ops.release)."""
+    total = sum(p.weights for p in plans)
+    done = 0
+    for plan in plans:
+        if progress:
+            progress(done, total, plan.name)
+        packed, info = pack_tensor(plan, recipe, hessians)
+        release(plan.source)
+        done += plan.weights
+        yield plan, packed, info
+    if progress:
+        progress(total, total, "done")
+
+
 def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
                    smooth: dict[str, np.ndarray] | None = None,
                    hessians: dict[str, np.ndarray] | None = None,
                    progress: Callable[[int, int, str], None] | None = None) -> PackedModel:
-    """Quantize every linear of `src` by `recipe` (wbits 16: keep float32).
+    """Quantize every linear of `src` by `recipe` (wbits 16: keep float32), all in memory (to write a
+    large model as it is packed, see loader.pack_writer.pack_to_dir).
 
     smooth: per linear name, factors s (K,) from calibration; the weight is multiplied by s along K
     before quantization and the backend divides activations by s (SPEC.md section 1). Smoothing
@@ -154,64 +264,17 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
     with recipe.gptq those linears are rounded by GPTQ (loader/gptq.py) instead of to nearest.
     """
     recipe = recipe or Recipe()
-    smooth = smooth or {}
-    cfg = src.config
-    names = list(src.tensors)
     out: dict[str, np.ndarray | PackedLinear] = {}
     info: dict[str, dict] = {}
-    for i, name in enumerate(names):
-        t = src.tensors[name]
-        if progress:
-            progress(i, len(names), name)
-        if not is_linear(name, cfg.arch) or recipe.wbits == 16:
-            out[name] = np.ascontiguousarray(t.load(), dtype=np.float32)
-            continue
-        bits = recipe.wbits
-        if name == "output":
-            bits = recipe.head_bits or default_head_bits(bits, t.ggml_type)
-        group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
-        s = smooth.get(name)
-        rot = rotation_block(name, t.shape[-1], recipe.rotate)
-        if rot:
-            s = None                    # the rotation replaces smoothing for this input
-        if exact and s is None and not rot and t.blocks is not None:
-            q = exact_import(t.blocks(), t.ggml_type, bits)
-            w_ref = None
-        else:
-            exact = False
-            w_ref = t.load().astype(np.float64)
-            if rot:
-                w_ref = hadamard_blocks(w_ref, rot)          # W R: the decoder feeds R x
-            w_in = w_ref * s[None, :] if s is not None else w_ref
-            H = (hessians or {}).get(name) if recipe.gptq else None
-            if H is not None and w_in.shape[1] % group == 0:
-                q = gptq_quantize(w_in, H, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
-            else:
-                q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
-        lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32), rot)
-        err = 0.0
-        if w_ref is not None:
-            deq = q.dequantize() / (s[None, :] if s is not None else 1.0)
-            err = float(np.linalg.norm(deq - w_ref) / max(np.linalg.norm(w_ref), 1e-30))
-        out[name] = lin
-        info[name] = {"bits": bits, "group": group, "exact": exact, "rel_err": err,
-                      "source_type": t.ggml_type or "float", "rotate": rot}
-    if progress:
-        progress(len(names), len(names), "done")
-    return PackedModel(cfg, out, src.tokenizer_json, recipe.to_dict(), info)
+    for plan, packed, meta in iter_packed(src, recipe, plan_model(src, recipe, smooth), hessians=hessians,
+                                          progress=progress):
+        out[plan.name] = packed
+        if meta is not None:
+            info[plan.name] = meta
+    return PackedModel(src.config, out, src.tokenizer_json, recipe.to_dict(), info)
 
 
-def progress_bar(label: str) -> Callable[[int, int, str], None]:
-    """A one-line progress bar on stderr (silent when stderr is not a terminal except at the end)."""
-    tty = sys.stderr.isatty()
-
-    def show(i: int, n: int, what: str) -> None:
-        if not tty and i < n:
-            return
-        width = 30
-        fill = width * i // max(n, 1)
-        sys.stderr.write(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {i}/{n} {what[:40]:<40}")
-        if i >= n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
+def progress_bar(label: str):
+    """Progress on stderr for quantize_model: a bar on a terminal, else a line every few seconds."""
+    from loader.progress import Progress
+    return Progress(label)

@@ -95,28 +95,6 @@ def config_digest(config: dict) -> str:
 
 
 PACKED_FILES = {"model.safetensors", "tokenizer.json", "config.json"}
-_ST_NAMES = {np.dtype(v): k for k, v in _NP.items()}
-
-
-def save_file(arrays: dict[str, np.ndarray], path: str) -> None:
-    """Write a safetensors file, streaming each array from its own memory: the Rust writer builds the
-    whole file in memory first (a second copy of the model) and aborts the process when that allocation
-    fails under a memory limit, where this raises MemoryError or OSError like any other write."""
-    # wider items first: every tensor then starts aligned to its item size (the header is padded to 8)
-    arrays = dict(sorted(arrays.items(), key=lambda kv: -kv[1].dtype.itemsize))
-    header, off = {}, 0
-    for name, a in arrays.items():
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for a in arrays.values():
-            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def check_out_dir(out, *, force: bool = False, source=None) -> Path:
@@ -136,51 +114,10 @@ def _check_finite(name: str, arrays) -> None:
 def write_packed(model: PackedModel, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Write `model` to `out_dir` atomically. An existing packed (or empty) directory is replaced only on
     success; anything else at out_dir is refused unless force. Temporaries of writers that died are
-    removed first."""
-    out = check_out_dir(out_dir, force=force)
-    arrays: dict[str, np.ndarray] = {}
-    tensors: dict[str, dict] = {}
-    for name, t in model.tensors.items():
-        if isinstance(t, PackedLinear):
-            _check_finite(name, (t.scales, t.offsets, t.smooth))
-            arrays[f"{name}.planes"] = np.ascontiguousarray(t.planes)
-            arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
-            if t.offsets is not None:
-                arrays[f"{name}.offsets"] = np.ascontiguousarray(t.offsets, np.float32)
-            if t.smooth is not None:
-                arrays[f"{name}.smooth"] = np.ascontiguousarray(t.smooth, np.float32)
-            meta = model.info.get(name, {})
-            tensors[name] = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
-                             "offsets": t.offsets is not None, "smooth": t.smooth is not None,
-                             "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
-                             "source_type": meta.get("source_type"), "rotate": t.rotate}
-        else:
-            arrays[name] = np.ascontiguousarray(t, np.float32)
-            _check_finite(name, (arrays[name],))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out.parent, out.name, PACKED_FILES)       # what writers of this output left when killed
-        tmp = make_temp(out)
-    except OSError as e:
-        raise storage_error(e, out) from None
-    try:
-        try:
-            save_file(arrays, str(tmp / "model.safetensors"))
-            (tmp / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
-            config = {"format": FORMAT, "version": VERSION, "architecture": model.config.arch,
-                      "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
-                      "sha256": sha256_file(tmp / "model.safetensors")}
-            config["config_sha256"] = config_digest(config)
-            (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-            replace_dir(tmp, out)
-        except MemoryError:
-            raise
-        except Exception as e:          # OSError (a full disk), and whatever a writer raises
-            raise storage_error(e, out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    removed first. (The writer is loader/pack_writer.py, which also streams a model to disk while it is
+    packed.)"""
+    from loader.pack_writer import write_model
+    return write_model(model, out_dir, force=force)
 
 
 class FileMap:

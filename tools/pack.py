@@ -33,19 +33,8 @@ def source_bytes(src: Path) -> int:
 
 
 def summarize(pm, src_bytes: int, seconds: float) -> str:
-    info = pm.info
-    exact = [n for n, m in info.items() if m["exact"]]
-    approx = sorted(((m["rel_err"], n) for n, m in info.items() if not m["exact"]), reverse=True)
-    lines = [f"packed {len(info)} linear tensors in {seconds:.1f} s: {src_bytes / 2**20:.1f} MiB source -> "
-             f"{pm.weight_bytes / 2**20:.1f} MiB packed",
-             f"  exact import (lossless): {len(exact)} tensors"]
-    if approx:
-        errs = [e for e, _ in approx]
-        lines.append(f"  rounded: {len(approx)} tensors, relative error mean {sum(errs) / len(errs):.4f}, "
-                     f"worst {approx[0][0]:.4f} ({approx[0][1]})")
-    bits = sorted({(m["bits"], m["group"]) for m in info.values()})
-    lines.append("  recipes: " + ", ".join(f"W{b} G{g}" for b, g in bits))
-    return "\n".join(lines)
+    from loader.progress import summary
+    return summary(pm.info, seconds, pm.weight_bytes, src_bytes)
 
 
 def main(argv=None) -> int:
@@ -71,8 +60,10 @@ def main(argv=None) -> int:
 
     from engine.cli_common import report
     from engine.model_store import resolve_source
-    from loader.pack import Recipe, progress_bar, quantize_model
-    from loader.packed import check_out_dir, write_packed
+    from loader.pack import Recipe
+    from loader.pack_writer import pack_to_dir
+    from loader.packed import check_out_dir, read_packed
+    from loader.progress import Progress
     from loader.sources import read_source
     from loader.validate import check_group
     try:
@@ -91,8 +82,10 @@ def main(argv=None) -> int:
             from engine.calibrate import smoothing_factors
             smooth = smoothing_factors(src)
         t0 = time.perf_counter()
-        pm = quantize_model(src, recipe, smooth=smooth, progress=progress_bar(f"packing W{args.wbits}"))
-        write_packed(pm, args.out, force=args.force)
+        # each tensor goes to disk as soon as it is packed: peak memory stays near one tensor's work
+        pack_to_dir(src, recipe, args.out, smooth=smooth, progress=Progress(f"packing W{args.wbits}"),
+                    force=args.force)
+        pm = read_packed(args.out, verify=False)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
