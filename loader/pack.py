@@ -10,6 +10,13 @@ per-group offset, losslessly, when the requested precision is 4 (Q4_x) or 8 (Q8_
 since v = 2c - (2^p - 1) gives s*v + o = w in each case. A 4-bit grid also sits exactly inside any wider
 bipolar grid: with c' = c + (2^p - 16)/2 the value v' = 2c' - (2^p - 1) equals v, so Q4_x imports
 exactly at every p >= 4 (s and o unchanged); Q8_0 only at p = 8.
+
+The other types whose sub-blocks are affine maps of unsigned codes (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q3_K,
+Q2_K, IQ4_XS / IQ4_NL at p = 8) import the same way into the two-level form of loader/kquant.py: the
+source's codes at its own bits (or shifted into a wider grid), the source's float16 d / dmin and integer
+sub-scales, sub-blocks of 16 or 32 lanes. A tensor asked at fewer bits than its source is re-quantized,
+in groups of the source's sub-block (32 lanes for 16-lane sources: float32 parameters per 16 lanes would
+cost 4 bits per weight); float sources default to 128.
 """
 from __future__ import annotations
 
@@ -22,12 +29,15 @@ import numpy as np
 from loader.bipolar import PackedLinear, QuantTensor, quantize_weights
 from loader.errors import FormatError
 from loader.gptq import gptq_quantize
+from loader.kquant import KQ_TYPES, SubScales
 from loader.rotation import check_block, hadamard_blocks
 from loader.source import ModelConfig, SourceModel
 
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 BERT_LINEARS = ("wq", "wk", "wv", "wo", "w_in", "w_out")
 EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}    # the source grid's bits: exact at p >= these
+EXACT_BITS.update({t: v[0] for t, v in KQ_TYPES.items()})
+SOURCE_GROUP = {t: KQ_TYPES[t][1] if t in KQ_TYPES else 32 for t in EXACT_BITS}   # exact import's G
 
 
 def is_linear(name: str, arch: str) -> bool:
@@ -40,8 +50,10 @@ def is_linear(name: str, arch: str) -> bool:
 
 @dataclass
 class Recipe:
-    """How to quantize. group=None: the source block size where it maps exactly (32), else 128.
-    head_bits=None: default_head_bits (the output projection is never below 4 bits by default)."""
+    """How to quantize. wbits 0: every tensor at its source type's own bits (exact import; float and
+    other sources at 8). group=None: the source's sub-block where it maps exactly (16 or 32), 32 for
+    other quantized sources, else 128. head_bits=None: default_head_bits (the output projection is
+    never below 4 bits by default)."""
     wbits: int = 4
     group: int | str | None = None      # "channel": one group per output row
     asymmetric: bool = True
@@ -54,8 +66,8 @@ class Recipe:
     gptq: bool = False                  # error-compensating rounding with calibration Hessians (loader/gptq.py)
 
     def __post_init__(self):
-        if self.wbits != 16 and not 1 <= self.wbits <= 8:
-            raise ValueError(f"wbits must be 1..8 or 16, got {self.wbits}")
+        if self.wbits != 16 and not 0 <= self.wbits <= 8:
+            raise ValueError(f"wbits must be 1..8, 16 or 0 (the source's own), got {self.wbits}")
         if self.abits != 16 and not 1 <= self.abits <= 8:
             raise ValueError(f"abits must be 1..8 or 16, got {self.abits}")
         if self.group not in (None, "channel") and (not isinstance(self.group, int) or self.group <= 0
@@ -112,7 +124,13 @@ class PackedModel:
 
 
 def exact_import(blocks: tuple, ggml_type: str, bits: int | None = None) -> QuantTensor:
-    """Raw GGUF block fields -> QuantTensor with G = 32 at `bits` (default: the source grid's own)."""
+    """Raw GGUF block fields -> QuantTensor with G = 32 at `bits` (default: the source grid's own).
+    The two-level types (loader/kquant.py) give their codes with float32 parameters here; use
+    exact_import_sub for the form that keeps the source's bytes."""
+    if ggml_type in KQ_TYPES:
+        q, sub = exact_import_sub(blocks, ggml_type, bits)
+        q.scales, q.offsets = sub.params()
+        return q
     if ggml_type == "Q4_1":
         d, m, q = blocks
         codes, off = q, 7.5 * d.astype(np.float64) + m
@@ -128,13 +146,29 @@ def exact_import(blocks: tuple, ggml_type: str, bits: int | None = None) -> Quan
     N, K = codes.shape
     if K % 32:
         raise FormatError(f"{ggml_type} tensor with K={K} not a multiple of 32")
+    bits = _exact_bits(ggml_type, bits)
+    codes = codes.astype(np.int16) + ((1 << bits) - (1 << EXACT_BITS[ggml_type])) // 2
+    return QuantTensor(codes.astype(np.uint8), (d.astype(np.float64) / 2).astype(np.float32),
+                       off.astype(np.float32), bits, 32, K)
+
+
+def _exact_bits(ggml_type: str, bits: int | None) -> int:
     src_bits = EXACT_BITS[ggml_type]
     bits = src_bits if bits is None else bits
     if not src_bits <= bits <= 8:
         raise FormatError(f"{ggml_type} maps exactly onto {src_bits}..8 bits, not {bits}")
-    codes = codes.astype(np.int16) + ((1 << bits) - (1 << src_bits)) // 2
-    return QuantTensor(codes.astype(np.uint8), (d.astype(np.float64) / 2).astype(np.float32),
-                       off.astype(np.float32), bits, 32, K)
+    return bits
+
+
+def exact_import_sub(blocks: tuple, ggml_type: str, bits: int | None = None) -> tuple[QuantTensor, SubScales]:
+    """(codes (scales / offsets None), SubScales) of a two-level type at `bits` >= the source's: codes
+    shifted by (2^bits - 2^p)/2 keep v, so s and o (d, c0, ...) stay as they are."""
+    codes, sub = blocks
+    bits = _exact_bits(ggml_type, bits)
+    shift = ((1 << bits) - (1 << EXACT_BITS[ggml_type])) // 2
+    if shift:
+        codes = (codes.astype(np.int16) + shift).astype(np.uint8)
+    return QuantTensor(codes, None, None, bits, sub.G, codes.shape[1]), sub
 
 
 def default_head_bits(wbits: int, ggml_type: str | None) -> int:
@@ -171,8 +205,20 @@ def _resolve_group(recipe_group, bits: int, ggml_type: str | None, K: int) -> tu
     exact_possible = ggml_type in EXACT_BITS and EXACT_BITS[ggml_type] <= bits
     if recipe_group == "channel":
         return -(-K // 32) * 32, False
-    group = recipe_group if recipe_group is not None else (32 if exact_possible else 128)
-    return group, exact_possible and group == 32
+    if recipe_group is None:
+        if exact_possible:
+            return SOURCE_GROUP[ggml_type], True
+        return (32 if ggml_type not in (None, "F32", "F16", "BF16", "F64") else 128), False
+    return recipe_group, exact_possible and recipe_group == SOURCE_GROUP[ggml_type]
+
+
+def source_bits(ggml_type: str | None) -> int:
+    """A tensor's own bits for wbits = 0: its type's exact grid, else 8. IQ4_NL / IQ4_XS are exact only
+    at 8 bits (their codebook values are integers in [-127, 113]), twice their 4.25-4.5 bits per
+    weight: they are re-quantized at 4 (the packer reports their loss) unless 8 bits are asked for."""
+    if (ggml_type or "").startswith("IQ"):
+        return 4
+    return EXACT_BITS.get(ggml_type or "", 8)
 
 
 def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
@@ -200,19 +246,24 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
         if not is_linear(name, cfg.arch) or recipe.wbits == 16:
             out[name] = np.ascontiguousarray(t.load(), dtype=np.float32)
             continue
-        bits = recipe.wbits
+        bits = recipe.wbits or source_bits(t.ggml_type)
         if name == "output":
-            bits = recipe.head_bits or default_head_bits(bits, t.ggml_type)
+            bits = recipe.head_bits or (bits if not recipe.wbits else default_head_bits(bits, t.ggml_type))
         group, exact = _resolve_group(recipe.group, bits, t.ggml_type, t.shape[-1])
         s = smooth.get(name)
         rot = rotation_block(name, t.shape[-1], recipe.rotate)
         if rot:
             s = None                    # the rotation replaces smoothing for this input
+        sub = None
         if exact and s is None and not rot and t.blocks is not None:
-            q = exact_import(t.blocks(), t.ggml_type, bits)
+            if t.ggml_type in KQ_TYPES:
+                q, sub = exact_import_sub(t.blocks(), t.ggml_type, bits)
+            else:
+                q = exact_import(t.blocks(), t.ggml_type, bits)
             w_ref = None
         else:
             exact = False
+            group = max(group, 32)               # a 16-lane source sub-block re-quantizes at 32
             w_ref = t.load().astype(np.float64)
             if rot:
                 w_ref = hadamard_blocks(w_ref, rot)          # W R: the decoder feeds R x
@@ -222,7 +273,7 @@ def quantize_model(src: SourceModel, recipe: Recipe | None = None, *,
                 q = gptq_quantize(w_in, H, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
             else:
                 q = quantize_weights(w_in, bits, group, asymmetric=recipe.asymmetric, clip_search=recipe.clip)
-        lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32), rot)
+        lin = PackedLinear.from_quant(q, None if s is None else np.asarray(s, np.float32), rot, sub)
         err = 0.0
         if w_ref is not None:
             deq = q.dequantize() / (s[None, :] if s is not None else 1.0)

@@ -22,13 +22,17 @@ from safetensors.numpy import save_file
 
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
+from loader.kquant import SubScales
 from loader.pack import PackedModel
 from loader.source import ModelConfig
 
 FORMAT = "anybit-packed"
-VERSION = 2                 # 2 adds a per-tensor "rotate" (loader/rotation.py); models without one are written as 1
-READABLE = (1, 2)
-_DTYPES = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
+# 2 adds a per-tensor "rotate" (loader/rotation.py), 3 two-level parameters ("sub", loader/kquant.py);
+# a model is written with the lowest version that holds what it uses
+VERSION = 3
+READABLE = (1, 2, 3)
+_DTYPES = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8, "I8": np.int8}
+_SUB_FIELDS = ("d", "sc", "dmin", "m")      # two-level parameters (loader/kquant.py SubScales)
 
 
 def is_packed_dir(path: str | os.PathLike) -> bool:
@@ -58,9 +62,14 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
     for name, t in model.tensors.items():
         if isinstance(t, PackedLinear):
             arrays[f"{name}.planes"] = np.ascontiguousarray(t.planes)
-            arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
-            if t.offsets is not None:
-                arrays[f"{name}.offsets"] = np.ascontiguousarray(t.offsets, np.float32)
+            if t.sub is not None:               # the source's own bytes: float16 d, 8-bit sub-scales
+                for f in _SUB_FIELDS:
+                    if getattr(t.sub, f) is not None:
+                        arrays[f"{name}.{f}"] = np.ascontiguousarray(getattr(t.sub, f))
+            else:
+                arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
+                if t.offsets is not None:
+                    arrays[f"{name}.offsets"] = np.ascontiguousarray(t.offsets, np.float32)
             if t.smooth is not None:
                 arrays[f"{name}.smooth"] = np.ascontiguousarray(t.smooth, np.float32)
             meta = model.info.get(name, {})
@@ -68,6 +77,9 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
                              "offsets": t.offsets is not None, "smooth": t.smooth is not None,
                              "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
                              "source_type": meta.get("source_type"), "rotate": t.rotate}
+            if t.sub is not None:
+                tensors[name].update(offsets=True, sub={"G": t.sub.G, "S": t.sub.S, "c0": t.sub.c0,
+                                                        "nib": t.sub.nib})
         else:
             arrays[name] = np.ascontiguousarray(t, np.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -75,7 +87,8 @@ def write_packed(model: PackedModel, out_dir: str | os.PathLike) -> Path:
         save_file(arrays, str(tmp / "model.safetensors"))
         (tmp / "tokenizer.json").write_text(model.tokenizer_json)
         rotated = any(m["rotate"] for m in tensors.values())
-        config = {"format": FORMAT, "version": VERSION if rotated else 1, "architecture": model.config.arch,
+        version = 3 if any("sub" in m for m in tensors.values()) else (2 if rotated else 1)
+        config = {"format": FORMAT, "version": version, "architecture": model.config.arch,
                   "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
                   "sha256": sha256_file(tmp / "model.safetensors")}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -192,10 +205,17 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
     info = {}
     for name, meta in config.get("tensors", {}).items():
         try:
-            tensors[name] = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
-                                         arrays.pop(f"{name}.offsets", None), int(meta["bits"]),
+            sub = None
+            if meta.get("sub"):
+                sm = meta["sub"]
+                f = {k: arrays.pop(f"{name}.{k}", None) for k in _SUB_FIELDS}
+                sub = SubScales(f["d"], f["sc"], f["dmin"], f["m"], float(sm["c0"]), int(sm["G"]), int(sm["S"]),
+                                bool(sm.get("nib")))
+            tensors[name] = PackedLinear(arrays.pop(f"{name}.planes"),
+                                         None if sub else arrays.pop(f"{name}.scales"),
+                                         None if sub else arrays.pop(f"{name}.offsets", None), int(meta["bits"]),
                                          int(meta["group"]), int(meta["K"]), int(meta["N"]),
-                                         arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0))
+                                         arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0), sub)
         except KeyError as e:
             raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}
