@@ -1,8 +1,9 @@
 """`python -m tools.pack SRC OUT --wbits 4 --group 128 ...`: a GGUF file or HF directory to a packed model.
 
 Shows a progress bar while packing and ends with a summary: bytes before and after, how many tensors
-were imported exactly (GGUF Q4_0/Q4_1/Q8_0 blocks at matching precision and G = 32), and the relative
-error of the others. SRC may be "default" (SmolLM2) or "default-embedder" (all-MiniLM-L6-v2).
+were imported exactly (GGUF Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K..Q6_K blocks at matching or higher precision
+and the source's sub-block), and per source tensor type what was exact and what was rounded, with the
+relative error. `--wbits 0` packs every tensor at its source type's own bits. SRC may be "default" (SmolLM2) or "default-embedder" (all-MiniLM-L6-v2).
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 
 def _bits(s: str) -> int:
-    v = int(s)
-    if not 1 <= v <= 8:
-        raise argparse.ArgumentTypeError(f"must be 1..8, got {v}")
+    v = 0 if s == "source" else int(s)
+    if not 0 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"must be 1..8, or 0 / 'source' (each tensor at its source's bits), got {v}")
     return v
 
 
@@ -45,6 +46,20 @@ def summarize(pm, src_bytes: int, seconds: float) -> str:
                      f"worst {approx[0][0]:.4f} ({approx[0][1]})")
     bits = sorted({(m["bits"], m["group"]) for m in info.values()})
     lines.append("  recipes: " + ", ".join(f"W{b} G{g}" for b, g in bits))
+    by_type: dict[str, list] = {}
+    for m in info.values():
+        by_type.setdefault(m.get("source_type") or "float", []).append(m)
+    for t, ms in sorted(by_type.items()):
+        ex = [m for m in ms if m["exact"]]
+        rd = [m for m in ms if not m["exact"]]
+        parts = []
+        if ex:
+            parts.append(f"{len(ex)} exact at " + ", ".join(sorted({f"W{m['bits']} G{m['group']}" for m in ex})))
+        if rd:
+            errs = [m["rel_err"] or 0.0 for m in rd]
+            parts.append(f"{len(rd)} rounded to " + ", ".join(sorted({f"W{m['bits']} G{m['group']}" for m in rd}))
+                         + f" (relative error mean {sum(errs) / len(errs):.4f}, worst {max(errs):.4f})")
+        lines.append(f"  {t}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -54,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--wbits", type=_bits, default=4)
     p.add_argument("--group", type=_group, default=None,
-                   help="multiple of 32 or 'channel' (default: 32 where exact, else 128)")
+                   help="multiple of 32 or 'channel' (default: the source's sub-block, 16 or 32, where the import "
+                        "is exact; 32 for other quantized sources; 128 for float ones)")
     p.add_argument("--symmetric", action="store_true", help="no per-group offset")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search")
     p.add_argument("--head-bits", type=_bits, default=None, help="bits of the output projection")
