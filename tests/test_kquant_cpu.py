@@ -1,0 +1,119 @@
+"""Two-level weights (loader/kquant.py) on the CPU backend: the byte-code A16 kernel with sub-blocks of
+16 and 32 lanes, codes in 1/2/4-bit parts and float16 d / dmin with 8-bit sub-scales, on every isa,
+against the integer formula of kernels_int8.c in float64 and against the float64 reference product."""
+import numpy as np
+import pytest
+
+from loader.bipolar import ref_linear_a16, unpack_planes, values_of
+from loader.kquant import KQ_TYPES
+from runtime.cpu import CpuBackend, available_isas, build, layout
+from runtime.cpu import backend as cpu_backend
+from tests.test_cpu_linear import _np_i8_quantize
+from tests.test_kquant import SOURCE_BPW, packed, random_blocks
+
+ISAS = available_isas()
+_backends = {}
+
+
+def backend(isa, **kw):
+    key = (isa, tuple(sorted(kw.items())))
+    if key not in _backends:
+        _backends[key] = CpuBackend(threads=2, isa=isa, **kw)
+    return _backends[key]
+
+
+def integer_reference(lin, x):
+    """y by the kernel's own definition: per block of G lanes, s * sx * D + o * sum(x), D = sum v * x16 exact,
+    with s, o the float32 parameters the kernels rebuild (SubScales.params) and x16 as kernels_int8.c
+    quantizes it. Returns (y, tolerance) in float64."""
+    G, K, Kp, N = lin.group, lin.K, lin.Kp, lin.N
+    s, o = (a.astype(np.float64) for a in lin.sub.params())
+    v = values_of(unpack_planes(lin.planes), lin.bits).astype(np.int64)
+    ys, tols = [], []
+    for xm in x:
+        q, sx = _np_i8_quantize(xm, K, Kp, G)
+        D = (v * q).reshape(N, -1, G).sum(-1)
+        terms = s * sx.astype(np.float64) * D
+        oterms = o * np.pad(xm.astype(np.float64), (0, Kp - K)).reshape(-1, G).sum(-1)
+        ys.append(terms.sum(1) + oterms.sum(1))
+        tols.append(1e-6 * (np.abs(terms).sum(1) + np.abs(oterms).sum(1)) + 1e-30)
+    return np.array(ys), np.array(tols)
+
+
+@pytest.mark.parametrize("kind", list(KQ_TYPES))
+def test_a16_every_isa(kind):
+    rng = np.random.default_rng(list(KQ_TYPES).index(kind))
+    lin = packed(random_blocks(kind, 130, 512, 5), kind)
+    x = (rng.standard_normal((3, 512)) * rng.uniform(0.1, 3, 512)).astype(np.float32)
+    x[2] = 0.0
+    ref_int, tol = integer_reference(lin, x)
+    ref = ref_linear_a16(lin, x)
+    norm = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(lin.dequantize(), axis=1)[None] + 1e-30
+    ys = []
+    for isa in ISAS:
+        be = backend(isa)
+        h = be.prepare_linear(lin)
+        assert h.param_dtype == "two-level" and h.wl is None
+        y = be.linear(h, x)
+        assert np.all(np.abs(y - ref_int) <= tol), (isa, np.max(np.abs(y - ref_int) / tol))
+        assert np.max(np.abs(y - ref) / norm) < 1e-4
+        ys.append(y)
+    for y in ys[1:]:
+        np.testing.assert_array_equal(y, ys[0])          # the same floats on every isa
+
+
+@pytest.mark.parametrize("kind,k", [("Q6_K", 4), ("Q5_K", 3), ("Q4_K", 2), ("Q5_0", 1), ("Q3_K", 2)])
+def test_nested_precision(kind, k):
+    """The top k planes of an import run as a k-bit weight (d * 2^(p-k), c0 / 2^(p-k))."""
+    lin = packed(random_blocks(kind, 64, 256, 9), kind).nested(k)
+    x = np.random.default_rng(k).standard_normal((2, 256)).astype(np.float32)
+    ref_int, tol = integer_reference(lin, x)
+    for isa in ISAS:
+        be = backend(isa)
+        y = be.linear(be.prepare_linear(lin), x)
+        assert np.all(np.abs(y - ref_int) <= tol), isa
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q2_K"])
+def test_f32_path_and_bad_handles(kind):
+    lin = packed(random_blocks(kind, 70, 256, 2), kind)
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    be = backend(ISAS[0], a16="f32")
+    y = be.linear(be.prepare_linear(lin), x)
+    ref = ref_linear_a16(lin, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # a corrupted header is refused (bad arguments), never read past
+    be = backend(ISAS[-1])
+    h = be.prepare_linear(lin)
+    h.wsc[0] ^= 1
+    with pytest.raises(Exception, match="linear_a16|argument"):
+        be.linear(h, x)
+
+
+@pytest.mark.parametrize("p", range(1, 9))
+def test_code_parts_roundtrip(p):
+    rng = np.random.default_rng(p)
+    planes = rng.integers(0, 2**32, (p, 70, 16), dtype=np.uint64).astype(np.uint32)
+    ct, parts = layout.kq_codes_tiles(planes)
+    assert sum(cw for cw, _s, _q in parts) == p and all(cw in (1, 2, 4, 8) for cw, _s, _q in parts)
+    assert ct.nbytes == 2 * 64 * 16 * 4 * p                 # p bits per weight (2 tiles of 64 rows)
+    np.testing.assert_array_equal(layout.kq_uncodes_tiles(ct, 70, p, 512), planes)
+
+
+@pytest.mark.parametrize("kind", [t for t in KQ_TYPES if not t.startswith("IQ")])
+def test_in_memory_bytes_near_source(kind):
+    """What the A16 kernel reads per weight (code parts + parameter blob): within 10% of the source's."""
+    lin = packed(random_blocks(kind, 256, 2048, 1), kind)
+    h = backend(ISAS[-1]).prepare_linear(lin)
+    bpw = (h.codes.nbytes + h.wsc.nbytes) * 8 / (lin.N * lin.K)
+    assert bpw <= 1.10 * SOURCE_BPW[kind], (kind, bpw, SOURCE_BPW[kind])
+
+
+def test_planes_rebuilt_for_other_kernels():
+    lin = packed(random_blocks("Q5_K", 64, 256, 3), "Q5_K")
+    be = backend(ISAS[-1])
+    h = be.prepare_linear(lin)
+    assert h.planes is None
+    np.testing.assert_array_equal(be._planes(h), lin.planes)
+    _, lib = build.load()
+    assert cpu_backend.layout.KQ_FLAG == 1 << 30 and lib is not None
