@@ -240,6 +240,12 @@ class PackedLinear:
         return PackedLinear(self.planes[:k], (self.scales * (1 << (self.bits - k))).astype(np.float32),
                             self.offsets, k, self.group, self.K, self.N, self.smooth, self.rotate)
 
+    def row_params(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (scales, offsets) of rows `ids` only (an embedding lookup must not compute them all)."""
+        if self.sub is not None:
+            return self.sub.take(ids).params()
+        return self.scales[ids], None if self.offsets is None else self.offsets[ids]
+
     def dequantize(self) -> np.ndarray:
         """float64 (N, K). Two-level: exactly a*q - a*zq - b (so its float32 rounding is the source
         format's own dequantization, docs/DESIGN.md)."""

@@ -109,10 +109,10 @@ class SubScales:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.d, self.sc, self.dmin, self.m) if a is not None)
 
-    def rows(self, lo: int, hi: int) -> "SubScales":
-        return SubScales(self.d[lo:hi], None if self.sc is None else self.sc[lo:hi],
-                         None if self.dmin is None else self.dmin[lo:hi],
-                         None if self.m is None else self.m[lo:hi], self.c0, self.G, self.S, self.nib)
+    def take(self, ids) -> "SubScales":
+        """The parameters of rows `ids` (an index array or slice)."""
+        f = lambda a: None if a is None else a[ids]
+        return SubScales(f(self.d), f(self.sc), f(self.dmin), f(self.m), self.c0, self.G, self.S, self.nib)
 
 
 def concat_subscales(subs: list[SubScales]) -> SubScales | None:

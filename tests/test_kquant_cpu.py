@@ -117,3 +117,76 @@ def test_planes_rebuilt_for_other_kernels():
     np.testing.assert_array_equal(be._planes(h), lin.planes)
     _, lib = build.load()
     assert cpu_backend.layout.KQ_FLAG == 1 << 30 and lib is not None
+
+
+def kq_llama(types: dict[str, str], d=256, F=512, V=96, H=4, Hkv=2, seed=0):
+    """A tiny Llama whose linears are GGUF blocks of the given types (random codes and sub-scales, d
+    chosen so that weights have the spread of a trained layer); everything else float."""
+    from loader.source import ModelConfig, SourceModel, SourceTensor
+
+    rng = np.random.default_rng(seed)
+    hd = d // H
+    shapes = {"output": (V, d)}
+    for i in range(2):
+        p = f"layers.{i}."
+        shapes.update({p + "wq": (H * hd, d), p + "wk": (Hkv * hd, d), p + "wv": (Hkv * hd, d), p + "wo": (d, H * hd),
+                       p + "w_gate": (F, d), p + "w_up": (F, d), p + "w_down": (d, F)})
+    tensors = {}
+    for n, (N, K) in shapes.items():
+        kind = types[n.rsplit(".", 1)[-1]]
+        bits, _G, S, nbytes, _c0 = KQ_TYPES[kind]
+        raw = random_blocks(kind, N, K, int(rng.integers(1 << 30))).reshape(N, K // S, nbytes)
+        from tests.test_kquant import F16_FIELDS
+        for off in F16_FIELDS[kind]:
+            sc = {"Q4_K": 32, "Q5_K": 32, "Q6_K": 64, "Q3_K": 16, "Q2_K": 8}.get(kind, 1)   # typical |sub-scale|
+            f = (np.abs(rng.standard_normal((N, K // S))) * 8.0 / np.sqrt(K) / (1 << bits) / sc).astype("<f2")
+            raw[:, :, off:off + 2] = f.view(np.uint8).reshape(N, K // S, 2)
+        raw = raw.reshape(N, -1)
+        import gguf
+        from loader.kquant import decode
+        w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+        tensors[n] = SourceTensor(n, (N, K), (lambda w=w: w), ggml_type=kind,
+                                  blocks=(lambda raw=raw, kind=kind, N=N, K=K: decode(raw, kind, N, K)))
+    for i in range(2):
+        for n in ("attn_norm", "ffn_norm"):
+            a = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+            tensors[f"layers.{i}.{n}"] = SourceTensor(f"layers.{i}.{n}", (d,), (lambda a=a: a))
+    a = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    tensors["norm"] = SourceTensor("norm", (d,), (lambda a=a: a))
+    cfg = ModelConfig(arch="llama", dim=d, n_layers=2, n_heads=H, n_kv_heads=Hkv, ffn_dim=F, vocab_size=V,
+                      max_seq_len=64, norm_eps=1e-5, rope_theta=10000.0, rope_style="adjacent",
+                      tied_embeddings=True, eos_ids=[0])
+    tok = '{"version":"1.0","model":{"type":"BPE","vocab":{},"merges":[]}}'
+    return SourceModel(cfg, tensors, tok, "tiny-kq")
+
+
+MIXES = [dict(wq="Q4_K", wk="Q4_K", wv="Q4_K", wo="Q6_K", w_gate="Q5_K", w_up="Q5_K", w_down="Q6_K", output="Q5_0"),
+         dict(wq="Q3_K", wk="Q3_K", wv="Q3_K", wo="Q2_K", w_gate="Q2_K", w_up="Q2_K", w_down="Q3_K", output="Q5_1"),
+         dict(wq="Q5_0", wk="Q5_0", wv="Q5_0", wo="Q4_K", w_gate="Q6_K", w_up="Q6_K", w_down="Q4_K", output="Q6_K")]
+
+
+@pytest.mark.parametrize("mix", range(len(MIXES)))
+def test_model_at_source_precision(mix):
+    """wbits 0 packs every linear exactly at its source's bits; the fused C forward equals the per-op
+    decoder bitwise and both match the float model of the dequantized source (KL < 1e-4)."""
+    from engine.decoder import Decoder
+    from engine.fast_decode import FastDecoder
+    from loader.pack import Recipe, quantize_model
+
+    src = kq_llama(MIXES[mix], seed=mix)
+    pm = quantize_model(src, Recipe(wbits=0))
+    assert all(m["exact"] for m in pm.info.values()), pm.info
+    assert all(pm.tensors[n].sub is not None for n in pm.info)
+    fm = quantize_model(src, Recipe(wbits=16))
+    be = backend(ISAS[-1])
+    ids = [3, 9, 27, 81, 11, 2, 50]
+    ref, fast, flt = Decoder(pm, be), FastDecoder(pm, be), Decoder(fm, be)
+    assert fast.fast
+    c0, c1, c2 = ref.new_cache(), fast.new_cache(), flt.new_cache()
+    y0 = ref.forward(ids, c0, all_logits=True)
+    np.testing.assert_array_equal(fast.forward(ids, c1, all_logits=True), y0)
+    np.testing.assert_array_equal(fast.forward([7], c1), ref.forward([7], c0))
+    yf = flt.forward(ids, c2, all_logits=True).astype(np.float64)
+    lp = lambda z: z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    kl = (np.exp(lp(yf)) * (lp(yf) - lp(y0.astype(np.float64)))).sum(-1).max()
+    assert kl < 1e-4 and np.abs(yf).max() > 1e-3, kl
