@@ -190,3 +190,49 @@ def test_model_at_source_precision(mix):
     lp = lambda z: z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
     kl = (np.exp(lp(yf)) * (lp(yf) - lp(y0.astype(np.float64)))).sum(-1).max()
     assert kl < 1e-4 and np.abs(yf).max() > 1e-3, kl
+
+
+@pytest.mark.parametrize("kind,abits,agroup", [("Q4_K", 8, 32), ("Q6_K", 8, 32), ("Q2_K", 4, 64), ("Q5_0", 6, "token"),
+                                               ("Q3_K", 8, 256), ("Q5_K", 4, 32)])
+def test_quantized_activations_every_isa(kind, abits, agroup):
+    """abits < 16 on the byte kernel (kernels_quant.c): blocks of min(G, Ga) lanes, 16 for Q6_K/Q3_K/Q2_K;
+    the exact block integers against NumPy and y against the float64 reference, the same floats on
+    every isa."""
+    from loader.bipolar import quantize_activations, ref_linear_quant
+    lin = packed(random_blocks(kind, 70, 512, 4), kind)
+    x = np.random.default_rng(abits).standard_normal((3, 512)).astype(np.float32)
+    ga = 512 if agroup == "token" else agroup
+    ref = ref_linear_quant(lin, x, abits, ga)
+    ys = []
+    for isa in ISAS:
+        be = backend(isa)
+        h = be.prepare_linear(lin)
+        y = be.linear(h, x, abits=abits, agroup=agroup)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        ys.append(y)
+    for y in ys[1:]:
+        np.testing.assert_array_equal(y, ys[0])
+    be = backend(ISAS[-1])
+    _y, I, U, L = be.linear_quant_debug(be.prepare_linear(lin), x, abits, agroup)
+    assert L == min(lin.group, ga)
+    qa = quantize_activations(x.astype(np.float64), abits, ga)
+    u = (2 * qa.codes.astype(np.int64) - ((1 << abits) - 1)) * (np.arange(qa.codes.shape[1]) < 512)
+    v = values_of(unpack_planes(lin.planes), lin.bits).astype(np.int64)
+    np.testing.assert_array_equal(I, np.einsum("mbl,nbl->mnb", u.reshape(3, -1, L), v.reshape(70, -1, L)))
+    np.testing.assert_array_equal(U, np.broadcast_to(u.reshape(3, 1, -1, L).sum(-1), I.shape))
+
+
+@pytest.mark.parametrize("mix", [0, 1])
+def test_model_quantized_activations_fused(mix):
+    from engine.decoder import Decoder
+    from engine.fast_decode import FastDecoder
+    from loader.pack import Recipe, quantize_model
+
+    pm = quantize_model(kq_llama(MIXES[mix], seed=mix), Recipe(wbits=0))
+    be = backend(ISAS[-1])
+    ref, fast = Decoder(pm, be, abits=8, agroup=None), FastDecoder(pm, be, abits=8, agroup=None)
+    assert fast.fast
+    ids = [5, 17, 2, 9]
+    c0, c1 = ref.new_cache(), fast.new_cache()
+    np.testing.assert_array_equal(fast.forward(ids, c1, all_logits=True), ref.forward(ids, c0, all_logits=True))
+    np.testing.assert_array_equal(fast.forward([4], c1), ref.forward([4], c0))

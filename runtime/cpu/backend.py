@@ -257,15 +257,16 @@ class CpuBackend(CpuOps):
     def _agroups(self, lin, agroup) -> tuple[int, int]:
         """(Ga as the kernel sees it, block lanes L). Per token -> Ga = Kp (one group over all lanes)."""
         k32 = round_up(lin.K, LANES)
-        ga = lin.group if agroup is None else (k32 if agroup == "token" else int(agroup))
+        G = self._pgroup(lin)
+        ga = max(G, LANES) if agroup is None else (k32 if agroup == "token" else int(agroup))
         if ga <= 0 or ga % LANES:
             raise ValueError(f"agroup must be a positive multiple of {LANES} or 'token', got {agroup!r}")
         ga = min(ga, k32)
         if ga >= k32:
-            return lin.Kp, lin.group
-        small, big = sorted((ga, lin.group))
+            return lin.Kp, G
+        small, big = sorted((ga, G))
         if big % small:
-            raise ValueError(f"activation group {ga} and weight group {lin.group}: the smaller must divide the larger")
+            raise ValueError(f"activation group {ga} and weight group {G}: the smaller must divide the larger")
         return ga, small
 
     def quantize_activations(self, x: np.ndarray, abits: int, ga: int, Kp: int, smooth=None):
@@ -289,8 +290,11 @@ class CpuBackend(CpuOps):
         """Build (once) what the byte kernel reads: code tiles (shared with A16 when present), word sums."""
         if h.qcodes is None or h.wpw is None:
             planes = self._planes(h)                                         # once; not kept
+            kq = h.f16 == layout.KQ_FLAG          # A16 reads its codes in parts; this kernel whole containers
             if h.qcodes is None:
-                h.qcodes = h.codes if h.codes is not None else layout.codes_tiles(planes)
+                h.qcodes = h.codes if h.codes is not None and not kq else layout.codes_tiles(planes)
+            if h.wpw is None and kq and h.lin.sub.G == 16:
+                h.wpw = layout.tile_rows(layout.code_sums(planes, 16) * 2)    # per 16 lanes (kernels_quant.c wu)
             if h.wpw is None:
                 p, N, W = planes.shape
                 wpw = np.empty((-(-N // layout.TILE), W, layout.TILE), np.int32)
@@ -320,6 +324,9 @@ class CpuBackend(CpuOps):
         if (kernel or self.quant) == "bytes" and h.lin.Kp <= 32768:
             return self._linear_bytes(h, x, abits, agroup, y, debug)
         lin = h.lin
+        if self._pgroup(lin) % LANES:
+            raise ValueError("the popcount kernel needs weight groups of 32 lanes or more; this weight has "
+                             f"{self._pgroup(lin)}-lane sub-blocks (use quant='bytes')")
         self._planes(h, keep=True)        # kept already, unless prepared under another kernel choice
         if h.wcsum is None:
             p, N, W = h.planes.shape

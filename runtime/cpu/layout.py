@@ -197,3 +197,10 @@ def kq_blob(sub, N: int, Kp: int, parts: list[tuple[int, int, int]], qtot: int) 
                            offs["d"], offs.get("dmin", 0), offs.get("sc", 0), offs.get("m", 0), qtot, *cw, *sh, *qo)
     blob[:len(head)] = np.frombuffer(head, np.uint8)
     return blob
+
+
+def code_sums(planes: np.ndarray, lanes: int) -> np.ndarray:
+    """int32 (N, Kp / lanes): the sum of the codes of each run of `lanes` lanes of each row."""
+    p, N, W = planes.shape
+    codes = _codes_of_planes(planes)[:N].astype(np.int32)
+    return codes.reshape(N, -1, lanes).sum(-1).astype(np.int32)
