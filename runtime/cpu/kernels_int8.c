@@ -406,7 +406,68 @@ AB_AVX2 static void kq_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
     for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
+/* One token (decode): the parts are combined in registers right before the dot products, never stored. */
+AB_AVX512 static void kq_tile_avx512_m1(const i8_ctx *c, int t, int m) {
+    const ab_kq *k = c->kq;
+    float yacc[64] __attribute__((aligned(64)));
+    memset(yacc, 0, sizeof yacc);
+    const uint8_t *tb = c->codes + (size_t)t * k->qtot * 256;
+    int n4 = c->L / 4, np = k->nparts;
+    __m512i mask[3];
+    int per[3];
+    for (int r = 0; r < np; r++) {
+        per[r] = 8 / k->cw[r];
+        mask[r] = _mm512_set1_epi8((char)((1 << k->cw[r]) - 1));
+    }
+    for (int b = 0; b < c->nb; b++) {
+        float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
+        const float *wo, *ws = ab_gp_avx512(c->kq, NULL, AB_F16_KQ, ((size_t)t * c->ng + b) * 64, sb, ob, &wo);
+        const int8_t *qh = c->xh + (size_t)m * c->Kp + (size_t)b * c->L;
+        const int8_t *ql = c->xl + (size_t)m * c->Kp + (size_t)b * c->L;
+        __m512i ah[4], al[4];
+        for (int i = 0; i < 4; i++) ah[i] = al[i] = _mm512_setzero_si512();
+        for (int q = 0; q < n4; q++) {
+            int q4 = b * n4 + q;
+            __m512i cv[4];
+            for (int r = 0; r < np; r++) {
+                int j = q4 / per[r], u = q4 % per[r];
+                const uint8_t *w = tb + ((size_t)k->qoff[r] + j) * 256;
+                for (int i = 0; i < 4; i++) {
+                    __m512i v = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void *)(w + 64 * i)),
+                                                                   k->cw[r] * u), mask[r]);
+                    if (r) cv[i] = _mm512_or_si512(cv[i], _mm512_slli_epi16(v, k->shift[r]));
+                    else cv[i] = v;
+                }
+            }
+            int32_t h4, l4;
+            memcpy(&h4, qh + 4 * q, 4);
+            memcpy(&l4, ql + 4 * q, 4);
+            __m512i bh = _mm512_set1_epi32(h4), bl = _mm512_set1_epi32(l4);
+            for (int i = 0; i < 4; i++) {
+                ah[i] = _mm512_dpbusd_epi32(ah[i], cv[i], bh);
+                al[i] = _mm512_dpbusd_epi32(al[i], cv[i], bl);
+            }
+        }
+        __m512i pv = _mm512_set1_epi32(c->px[(size_t)m * c->nb + b]);
+        __m512 l = _mm512_set1_ps(c->sx[(size_t)m * c->nb + b]);
+        __m512 gsv = _mm512_set1_ps(c->gs[(size_t)m * c->ng + b]);
+        for (int i = 0; i < 4; i++) {
+            __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[i], 8), al[i]);
+            __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
+            __m512 ya = _mm512_load_ps(&yacc[16 * i]);
+            ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), _mm512_mul_ps(_mm512_loadu_ps(ws + 16 * i), l)));
+            ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), gsv));
+            _mm512_store_ps(&yacc[16 * i], ya);
+        }
+    }
+    ab_store_tile(c->y, c->N, t, m, yacc);
+}
+
 AB_AVX512 static void kq_tile_avx512(const i8_ctx *c, int t, int m0, int mc) {
+    if (mc == 1) {
+        kq_tile_avx512_m1(c, t, m0);
+        return;
+    }
     float yacc[8][64] __attribute__((aligned(64)));
     uint8_t blk[8 * 256] __attribute__((aligned(64)));
     memset(yacc, 0, sizeof yacc);
@@ -500,6 +561,12 @@ int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, con
     i8_ctx c;
     c.codes = codes; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.x = x; c.y = y; c.kq = kq;
     if (kq) G = kq->G;      /* the parameters' groups (and the blocks) are the sub-blocks */
+    if (kq && kq->nparts == 1 && kq->cw[0] >= 2) {
+        /* one part: the codes are the plain cw-bit tiles, and the plain tile loops read the two-level
+         * parameters through ab_gp_* (the same floats as the part-combining path) */
+        cw = kq->cw[0];
+        c.kq = kq = NULL;
+    }
     c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L;
     c.M = M; c.K = K; c.Nt = (N + 63) / 64; c.isa = isa; c.mbmax = 8;
     void *own = NULL;

@@ -111,8 +111,9 @@ def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
 
 KQ_FLAG = 1 << 30           # ab_internal.h AB_F16_KQ
 KQ_MAGIC = 0x3151424B
-# bits of each code part, low part first: no code of 3, 5, 6 or 7 bits sits in a wider container
-KQ_PARTS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+# bits of each code part, low part first: no code of 3, 5, 6 or 7 bits sits in a wider container (a
+# nested 1-bit weight keeps a 2-bit one: single parts run on the plain tile loops, kernels_int8.c)
+KQ_PARTS = {1: (2,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
 _KQ_HEADER = struct.Struct("<4if3i4q10i")       # ab_kq in ab_internal.h (104 bytes)
 _KQ_HEAD = 128
 
