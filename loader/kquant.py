@@ -36,6 +36,12 @@ from loader.errors import FormatError
 # IQ4_NL / IQ4_XS codebook (integers, so a code of 8 bits holds each value exactly)
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 
+# byte offsets of each block's float16 fields (d, and dmin or m): where a writer of random blocks puts them
+F16_FIELDS = {"Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,),
+              "Q2_K": (80, 82), "IQ4_XS": (0,), "IQ4_NL": (0,)}
+# typical |sub-scale| of random blocks (uniform bytes): to size d so that weights have a chosen spread
+TYPICAL_SC = {"Q4_K": 32, "Q5_K": 32, "Q6_K": 64, "Q3_K": 16, "Q2_K": 8, "IQ4_XS": 16}
+
 # type -> (source bits p, sub-block G, super-block S, bytes per super-block, c0)
 KQ_TYPES = {
     "Q5_0": (5, 32, 32, 22, -0.5), "Q5_1": (5, 32, 32, 24, 15.5),

@@ -11,13 +11,10 @@ from gguf import GGMLQuantizationType as T
 
 from loader.bipolar import PackedLinear, concat_rows
 from loader.gguf_reader import GGUFFile
-from loader.kquant import KQ_TYPES, decode
+from loader.kquant import F16_FIELDS, KQ_TYPES, decode
 from loader.pack import exact_import, exact_import_sub
 
 TYPES = list(KQ_TYPES)
-# float16 fields (byte offsets in a block) that random bytes must not turn into inf / NaN
-F16_FIELDS = {"Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,),
-              "Q2_K": (80, 82), "IQ4_XS": (0,), "IQ4_NL": (0,)}
 # the source formats' bits per weight (block bytes * 8 / block lanes)
 SOURCE_BPW = {t: v[3] * 8 / v[2] for t, v in KQ_TYPES.items()}
 

@@ -137,7 +137,7 @@ def kq_llama(types: dict[str, str], d=256, F=512, V=96, H=4, Hkv=2, seed=0):
         kind = types[n.rsplit(".", 1)[-1]]
         bits, _G, S, nbytes, _c0 = KQ_TYPES[kind]
         raw = random_blocks(kind, N, K, int(rng.integers(1 << 30))).reshape(N, K // S, nbytes)
-        from tests.test_kquant import F16_FIELDS
+        from loader.kquant import F16_FIELDS
         for off in F16_FIELDS[kind]:
             sc = {"Q4_K": 32, "Q5_K": 32, "Q6_K": 64, "Q3_K": 16, "Q2_K": 8}.get(kind, 1)   # typical |sub-scale|
             f = (np.abs(rng.standard_normal((N, K // S))) * 8.0 / np.sqrt(K) / (1 << bits) / sc).astype("<f2")
