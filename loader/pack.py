@@ -107,7 +107,9 @@ class PackedModel:
         for n in names:
             t = self.tensors.get(n)
             if isinstance(t, PackedLinear):
-                arrays += [a for a in (t.planes, t.scales, t.offsets, t.smooth) if a is not None]
+                params = ((t.sub.d, t.sub.sc, t.sub.dmin, t.sub.m) if t.sub is not None   # (never computed)
+                          else (t.scales, t.offsets))
+                arrays += [a for a in (t.planes, *params, t.smooth) if a is not None]
             elif isinstance(t, np.ndarray):
                 arrays.append(t)
         return self.mapping.release(arrays)

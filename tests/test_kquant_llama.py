@@ -1,7 +1,8 @@
 """Slow: a random-weight Llama written as F32 GGUF, quantized by llama.cpp's own quantizer to each type,
 then run by llama.cpp and by anybit (every linear imported exactly at its source's bits, `wbits 0`):
-the next-token distributions agree to KL < 1e-3 (llama.cpp quantizes activations to 8 bits in its
-K-quant dot products; anybit's A16 kernel to 16)."""
+anybit equals the float model of the file's dequantized weights (KL < 1e-6) and agrees with llama.cpp
+to a mean KL < 1e-3 per position, no worse than that float model does (llama.cpp rounds activations to
+8 bits in its quantized dot products; anybit's A16 kernel to 16)."""
 import json
 import subprocess
 
@@ -38,6 +39,13 @@ def write_f32_llama(path, monkeypatch):
     from tests.data_gen import tiny_models as tm
     for k, v in dict(DIM=256, FFN=512, HEADS=4, KV_HEADS=2, HEAD_DIM=64).items():
         monkeypatch.setattr(tm, k, v)
+    weights = tm.tiny_llama_weights
+
+    def soft(*a, **kw):             # a tied embedding of std 0.1: logits of std ~2, not one-hot
+        w = weights(*a, **kw)
+        w["token_embd.weight"] *= 0.1
+        return w
+    monkeypatch.setattr(tm, "tiny_llama_weights", soft)
     return tm.write_tiny_gguf(path, default_type="F32")
 
 
@@ -70,8 +78,17 @@ def test_llama_cpp_quantized_file_matches(tmp_path, monkeypatch, llama_python, f
     exact = {n: m["exact"] for n, m in pm.info.items()}
     assert all(exact.values()), (types, exact)
     be = CpuBackend(threads=2)
-    dec = Decoder(pm, be)
-    got = dec.forward(ids, dec.new_cache(), all_logits=True).astype(np.float64)
+    outs = {}
+    for name, pmod in (("ours", pm), ("float", quantize_model(model, Recipe(wbits=16)))):
+        dec = Decoder(pmod, be)
+        outs[name] = dec.forward(ids, dec.new_cache(), all_logits=True).astype(np.float64)
     lp = lambda z: z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
-    kl = (np.exp(lp(want)) * (lp(want) - lp(got))).sum(-1)
-    assert kl.max() < 1e-3, (ftype, types, kl)
+    kl = lambda a, b: (np.exp(lp(a)) * (lp(a) - lp(b))).sum(-1)
+    assert want.std() > 0.5 and np.exp(lp(want)).max(-1).min() < 0.9     # not one-hot: the check can fail
+    # exact import: the packed model is the float model of the file's dequantized weights
+    assert kl(outs["float"], outs["ours"]).max() < 1e-6
+    # llama.cpp rounds activations to 8 bits in its quantized dot products (measured KL 5e-4 .. 1.4e-3 to
+    # the float model of its own file on this random model); anybit is no further from it than that
+    k_ours, k_float = kl(want, outs["ours"]), kl(want, outs["float"])
+    assert k_ours.mean() < 1e-3 and k_ours.max() < 2e-3, (ftype, types, k_ours)
+    assert k_ours.max() <= 1.1 * k_float.max() + 1e-6, (k_ours.max(), k_float.max())
