@@ -237,3 +237,25 @@ def test_model_quantized_activations_fused(mix):
     c0, c1 = ref.new_cache(), fast.new_cache()
     np.testing.assert_array_equal(fast.forward(ids, c1, all_logits=True), ref.forward(ids, c0, all_logits=True))
     np.testing.assert_array_equal(fast.forward([4], c1), ref.forward([4], c0))
+
+
+def test_pack_summary_per_source_type(tmp_path):
+    """tools.pack's summary says per source type what was exact and what was rounded; a packed file keeps
+    the two-level form (format version 3) and reads back the same."""
+    from loader.pack import Recipe, quantize_model
+    from loader.packed import read_packed, write_packed
+    from tools.pack import summarize
+
+    src = kq_llama(MIXES[0], seed=3)
+    pm = quantize_model(src, Recipe(wbits=4))          # Q4_K exact; Q5_K, Q6_K, Q5_0 rounded to 4 bits at G32
+    text = summarize(pm, 1 << 20, 1.0)
+    assert "Q4_K: 6 exact at W4 G32" in text and "Q6_K: 4 rounded to W4 G32" in text, text
+    assert all(m["group"] == 32 for m in pm.info.values())
+    pm0 = quantize_model(src, Recipe(wbits=0))
+    write_packed(pm0, tmp_path / "m")
+    back = read_packed(tmp_path / "m")
+    for n in pm0.info:
+        a, b = pm0.tensors[n], back.tensors[n]
+        assert b.sub is not None and b.bits == a.bits and b.group == a.group
+        np.testing.assert_array_equal(b.dequantize(), a.dequantize())
+    assert back.weight_bytes == pm0.weight_bytes
