@@ -147,6 +147,12 @@ def add_args(ap) -> None:
                                                     "Q6_K, ... (loader/kquant.py)")
 
 
+def _type_bits(qtype: str) -> int:
+    """The precision that imports a --qtype file exactly (its own bits)."""
+    from loader.pack import EXACT_BITS
+    return EXACT_BITS.get(qtype, 4)
+
+
 def main(a) -> int:
     if a.write_gguf is not None:
         from loader.fetch import default_model_path
@@ -154,6 +160,6 @@ def main(a) -> int:
         shape = dict(SYNTH[a.shape], name=a.shape, **({"n_layers": a.layers} if a.layers else {}))
         path = write_random_gguf(shape, a.write_gguf, default_model_path("decoder"), qtype=a.qtype)
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB); time it beside llama.cpp with\n"
-              f"  python -m tools.bench e2e --model {path} --precisions w4a16")
+              f"  python -m tools.bench e2e --model {path} --precisions w{_type_bits(a.qtype)}a16")
         return 0
     return report_and_save(a, run(a), "synth", print_report)
