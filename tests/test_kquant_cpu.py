@@ -99,6 +99,7 @@ def test_code_parts_roundtrip(p):
     assert sum(cw for cw, _s, _q in parts) == bits and all(cw in (1, 2, 4, 8) for cw, _s, _q in parts)
     assert ct.nbytes == 2 * 64 * 16 * 4 * bits               # bits per weight (2 tiles of 64 rows)
     np.testing.assert_array_equal(layout.kq_uncodes_tiles(ct, 70, p, 512), planes)
+    np.testing.assert_array_equal(layout.kq_codes_tiles(planes, chunk_tiles=1)[0], ct)     # built in pieces
 
 
 @pytest.mark.parametrize("kind", [t for t in KQ_TYPES if not t.startswith("IQ")])

@@ -138,20 +138,25 @@ def _container(codes: np.ndarray, cw: int) -> np.ndarray:
     return packed.transpose(0, 2, 1, 3)
 
 
-def kq_codes_tiles(planes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+def kq_codes_tiles(planes: np.ndarray, chunk_tiles: int = 64) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """uint32 (p, N, W) planes -> (uint8 (Nt, Qtot, 64, 4) code parts, [(cw, shift, qoff)] per part): part r
     holds bits [shift, shift + cw) of each code in containers of cw bits (codes_tiles' layout), its
-    chunks from qoff on within each tile."""
-    p = planes.shape[0]
-    codes = _codes_of_planes(planes)
-    parts, arrays, shift, qoff = [], [], 0, 0
+    chunks from qoff on within each tile. Built chunk_tiles tiles at a time, so that the temporaries of a
+    large output projection (49152 x 4096) stay a few MB instead of several times its codes."""
+    p, N, W = planes.shape
+    Kp, Nt = 32 * W, -(-N // TILE)
+    parts, shift, qoff = [], 0, 0
     for cw in KQ_PARTS[p]:
-        a = _container((codes >> np.uint8(shift)) & np.uint8((1 << cw) - 1), cw)
         parts.append((cw, shift, qoff))
-        arrays.append(a)
         shift += cw
-        qoff += a.shape[1]
-    return np.ascontiguousarray(np.concatenate(arrays, axis=1)), parts
+        qoff += Kp // (4 * (8 // cw))
+    out = np.empty((Nt, qoff, TILE, 4), np.uint8)
+    for t0 in range(0, Nt, chunk_tiles):
+        t1 = min(Nt, t0 + chunk_tiles)
+        codes = _codes_of_planes(planes[:, t0 * TILE:min(N, t1 * TILE)])
+        for cw, sh, qo in parts:
+            out[t0:t1, qo:qo + Kp // (4 * (8 // cw))] = _container((codes >> np.uint8(sh)) & np.uint8((1 << cw) - 1), cw)
+    return out, parts
 
 
 def kq_uncodes_tiles(ct: np.ndarray, N: int, p: int, Kp: int) -> np.ndarray:
