@@ -275,3 +275,39 @@ def test_pack_summary_per_source_type(tmp_path):
     from loader.errors import FormatError
     with pytest.raises(FormatError, match="config.json"):
         read_packed(tmp_path / "s")
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda c: c.update(version=3), r"tensors\['output'\] has two-level parameters \(sub\), which need format version 4"),
+    (lambda c: c["tensors"]["output"]["sub"].update(G=8), r"tensors\['output'\]: sub: G must be one of 16, 32"),
+    (lambda c: c["tensors"]["output"]["sub"].pop("c0"), r"tensors\['output'\]: sub: .*c0"),
+    (lambda c: c["tensors"]["output"].update(group=64), r"tensors\['output'\]: sub-block G=32 / super-block S=32 do not fit"),
+    (lambda c: c["tensors"]["output"].update(rotate=32), r"neither rotated nor smoothed"),
+])
+def test_two_level_config_fields_are_checked(tmp_path, edit, msg):
+    """A packed config whose two-level entry is wrong (even with a matching config checksum, as a
+    deliberate edit would have) is refused with the file and the tensor named, before any tensor is read."""
+    import json
+    from loader.errors import FormatError
+    from loader.pack import Recipe, quantize_model
+    from loader.packed import config_digest, read_packed, write_packed
+
+    write_packed(quantize_model(kq_llama(MIXES[0], seed=4), Recipe(wbits=0)), tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    cfg["config_sha256"] = config_digest(cfg)
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=msg) as e:
+        read_packed(tmp_path / "m")
+    assert str(path) in str(e.value)
+
+
+def test_model_without_two_level_tensors_stays_version_3(tmp_path):
+    import json
+    from loader.pack import Recipe
+    from loader.pack_writer import pack_to_dir
+
+    pack_to_dir(kq_llama(MIXES[0], seed=5), Recipe(wbits=8, group=64), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["version"] == 3 and not any("sub" in m for m in cfg["tensors"].values())

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             smooth = smoothing_factors(src)
         t0 = time.perf_counter()
         # each tensor goes to disk as soon as it is packed: peak memory stays near one tensor's work
-        pack_to_dir(src, recipe, args.out, smooth=smooth, progress=Progress(f"packing W{args.wbits}"),
+        pack_to_dir(src, recipe, args.out, smooth=smooth, progress=Progress(f"packing W{args.wbits}" if args.wbits else "packing at source bits"),
                     force=args.force)
         pm = read_packed(args.out, verify=False)
     except KeyboardInterrupt:
