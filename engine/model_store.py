@@ -20,7 +20,8 @@ from loader.progress import Progress, summary
 from loader.validate import check_group
 
 ROTATE_BLOCK = 256          # most lanes per Hadamard block for per-token activation scales (576 -> 64)
-QUANT_REVISION = 4          # bump when quantize_model's output changes for the same recipe (4: GPTQ batch updates)
+QUANT_REVISION = 5          # bump when quantize_model's output changes for the same recipe (4: GPTQ batch updates;
+                            # 5: exact two-level K-quant imports, group 32 for re-quantized GGUF tensors)
 
 
 def cache_root() -> Path:

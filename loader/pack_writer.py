@@ -22,10 +22,11 @@ from loader.bipolar import PackedLinear
 from loader.errors import FormatError
 from loader.safe_write import clean_stale, make_temp, replace_dir, storage_error
 
-_PARTS = (".planes", ".scales", ".offsets", ".smooth")
+_PARTS = (".planes", ".scales", ".offsets", ".smooth", ".d", ".sc", ".dmin", ".m")
 
 _NP = {"F32": np.dtype("<f4"), "U32": np.dtype("<u4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4"),
-       "U8": np.dtype("u1")}
+       "U8": np.dtype("u1"), "I8": np.dtype("i1")}
+_ST = {v: k for k, v in _NP.items()}       # numpy dtype -> safetensors name
 
 
 class PackedWriter:
@@ -76,6 +77,8 @@ class PackedWriter:
         if self.next >= len(self.entries):
             raise RuntimeError(f"packed writer: {key} was not planned")
         want_key, dtype, shape = self.entries[self.next]
+        if a.dtype != _NP[dtype] and a.dtype.kind != _NP[dtype].kind:     # never a silent int <-> float cast
+            raise RuntimeError(f"packed writer: {key} is {a.dtype}, planned {dtype}")
         a = np.ascontiguousarray(a, _NP[dtype])
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise FormatError(f"tensor {key.rsplit('.', 1)[0] if key.endswith(_PARTS) else key!r}: NaN or "
@@ -124,29 +127,41 @@ def tensor_arrays(name: str, t) -> list[tuple[str, np.ndarray]]:
     """The file keys and arrays one model tensor is stored as (the order TensorPlan.arrays plans)."""
     if not isinstance(t, PackedLinear):
         return [(name, t)]
-    out = [(f"{name}.planes", t.planes), (f"{name}.scales", t.scales)]
-    if t.offsets is not None:
-        out.append((f"{name}.offsets", t.offsets))
+    out = [(f"{name}.planes", t.planes)]
+    if t.sub is not None:               # the source's own bytes: float16 d / dmin, 8-bit sub-scales
+        from loader.packed import SUB_FIELDS
+        out += [(f"{name}.{f}", getattr(t.sub, f)) for f in SUB_FIELDS if getattr(t.sub, f) is not None]
+    else:
+        out.append((f"{name}.scales", t.scales))
+        if t.offsets is not None:
+            out.append((f"{name}.offsets", t.offsets))
     if t.smooth is not None:
         out.append((f"{name}.smooth", t.smooth))
     return out
 
 
 def tensor_meta(t: PackedLinear, meta: dict) -> dict:
-    return {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N, "offsets": t.offsets is not None,
-            "smooth": t.smooth is not None, "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
-            "source_type": meta.get("source_type"), "rotate": t.rotate}
+    out = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
+           "offsets": t.sub is not None or t.offsets is not None,        # (t.offsets would compute them)
+           "smooth": t.smooth is not None, "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
+           "source_type": meta.get("source_type"), "rotate": t.rotate}
+    if t.sub is not None:
+        out["sub"] = {"G": t.sub.G, "S": t.sub.S, "c0": float(t.sub.c0), "nib": bool(t.sub.nib)}
+    return out
 
 
 def packed_config(model_config, recipe: dict, tensors: dict[str, dict]) -> dict:
+    """Version 4 only when a tensor has two-level parameters: other models stay readable by version-3
+    readers."""
     from loader.packed import FORMAT, VERSION
-    return {"format": FORMAT, "version": VERSION, "architecture": model_config.arch,
+    version = VERSION if any(m.get("sub") for m in tensors.values()) else 3
+    return {"format": FORMAT, "version": version, "architecture": model_config.arch,
             "model": model_config.to_dict(), "recipe": recipe, "tensors": tensors}
 
 
 def write_model(model, out_dir, *, force: bool = False) -> Path:
     """An in-memory PackedModel to a packed directory (loader.packed.write_packed)."""
-    entries = [(k, "U32" if a.dtype == np.uint32 else "F32", a.shape)
+    entries = [(k, _ST.get(a.dtype, "F32"), a.shape)
                for n, t in model.tensors.items() for k, a in tensor_arrays(n, t)]
     w = PackedWriter(out_dir, entries, force=force)
     try:

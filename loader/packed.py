@@ -21,6 +21,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
+from loader.kquant import SubScales
 from loader.safe_write import check_destination, clean_stale, make_temp, replace_dir, storage_error
 from loader.source import ModelConfig, expected_shapes
 from loader.validate import (PACKED_SCHEMA, check_model_config, check_object, check_packed_tensor, load_json,
@@ -45,7 +46,9 @@ class PackedModel:
         for n in names:
             t = self.tensors.get(n)
             if isinstance(t, PackedLinear):
-                arrays += [a for a in (t.planes, t.scales, t.offsets, t.smooth) if a is not None]
+                params = ((t.sub.d, t.sub.sc, t.sub.dmin, t.sub.m) if t.sub is not None   # (never computed)
+                          else (t.scales, t.offsets))
+                arrays += [a for a in (t.planes, *params, t.smooth) if a is not None]
             elif isinstance(t, np.ndarray):
                 arrays.append(t)
         return self.mapping.release(arrays)
@@ -63,11 +66,14 @@ class PackedModel:
 
 FORMAT = "anybit-packed"
 # 2 added a per-tensor "rotate" (loader/rotation.py); 3 adds "config_sha256", a checksum of config.json
-# itself, so that an edited field (n_layers, K) is refused instead of silently changing the model
-VERSION = 3
-READABLE = (1, 2, 3)
-_DTYPES = {"F32": 4, "U32": 4, "F16": 2, "I32": 4, "U8": 1}
-_NP = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
+# itself, so that an edited field (n_layers, K) is refused instead of silently changing the model; 4 adds
+# two-level parameters (a tensor's "sub" and its d / sc / dmin / m arrays, loader/kquant.py). A model is
+# written as 4 only when it has a two-level tensor, so that older readers still take the others.
+VERSION = 4
+READABLE = (1, 2, 3, 4)
+_DTYPES = {"F32": 4, "U32": 4, "F16": 2, "I32": 4, "U8": 1, "I8": 1}
+_NP = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8, "I8": np.int8}
+SUB_FIELDS = ("d", "sc", "dmin", "m")      # two-level parameters (loader/kquant.py SubScales)
 
 
 def is_packed_dir(path: str | os.PathLike) -> bool:
@@ -186,6 +192,9 @@ def read_config(d: Path) -> dict:
     check_model_config(config["model"], f"{path}: model")
     for name, meta in (config.get("tensors") or {}).items():
         check_packed_tensor(meta, f"{path}: tensors[{name!r}]")
+        if meta.get("sub") is not None and config["version"] < 4:
+            raise FormatError(f"{path}: tensors[{name!r}] has two-level parameters (sub), which need format "
+                              f"version 4, not {config['version']}")
     return config
 
 
@@ -233,17 +242,26 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
     info = {}
     for name, meta in (config.get("tensors") or {}).items():
         try:
-            lin = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
-                               arrays.pop(f"{name}.offsets", None) if meta.get("offsets", True) else None,
+            sub = None
+            if meta.get("sub") is not None:
+                sm = meta["sub"]
+                f = {k: arrays.pop(f"{name}.{k}", None) for k in SUB_FIELDS}
+                if f["d"] is None:
+                    raise KeyError(f"{name}.d")
+                sub = SubScales(f["d"], f["sc"], f["dmin"], f["m"], float(sm["c0"]), int(sm["G"]), int(sm["S"]),
+                                bool(sm.get("nib")))
+            lin = PackedLinear(arrays.pop(f"{name}.planes"), None if sub else arrays.pop(f"{name}.scales"),
+                               None if sub or not meta.get("offsets", True) else arrays.pop(f"{name}.offsets", None),
                                meta["bits"], meta["group"], meta["K"], meta["N"],
-                               arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0))
+                               arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0), sub)
         except KeyError as e:
             raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
         except FormatError as e:
             raise FormatError(f"{st}: packed tensor {name}: {e}") from None
         if lin.smooth is not None and lin.smooth.shape != (lin.K,):
             raise FormatError(f"{st}: packed tensor {name}: smooth shape {lin.smooth.shape}, expected ({lin.K},)")
-        if lin.scales.dtype != np.float32 or (lin.offsets is not None and lin.offsets.dtype != np.float32):
+        if lin.sub is None and (lin.scales.dtype != np.float32
+                                or (lin.offsets is not None and lin.offsets.dtype != np.float32)):
             raise FormatError(f"{st}: packed tensor {name}: scales and offsets must be float32")
         tensors[name] = lin
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}

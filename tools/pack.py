@@ -1,8 +1,10 @@
 """`python -m tools.pack SRC OUT --wbits 4 --group 128 ...`: a GGUF file or HF directory to a packed model.
 
 Shows a progress bar while packing and ends with a summary: bytes before and after, how many tensors
-were imported exactly (GGUF Q4_0/Q4_1/Q8_0 blocks at matching precision and G = 32), and the relative
-error of the others. SRC may be "default" (SmolLM2) or "default-embedder" (all-MiniLM-L6-v2).
+were imported exactly (GGUF Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K..Q6_K blocks at matching or higher precision
+and the source's sub-block), and per source tensor type what was exact and what was rounded, with the
+relative error. `--wbits source` (or 0) packs every tensor at its source type's own bits. SRC may be
+"default" (SmolLM2) or "default-embedder" (all-MiniLM-L6-v2).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from pathlib import Path
 
 
 def _bits(s: str) -> int:
-    v = int(s)
-    if not 1 <= v <= 8:
-        raise argparse.ArgumentTypeError(f"must be 1..8, got {v}")
+    v = 0 if s == "source" else int(s)
+    if not 0 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"must be 1..8, or 0 / 'source' (each tensor at its source's bits), got {v}")
     return v
 
 
@@ -44,8 +46,9 @@ def main(argv=None) -> int:
                                "if it is an anybit packed directory or empty, unless --force)")
     p.add_argument("--wbits", type=_bits, default=4)
     p.add_argument("--group", type=_group, default=None,
-                   help="multiple of 32 up to the model's widest input, or 'channel' "
-                        "(default: 32 where exact, else 128)")
+                   help="multiple of 32 up to the model's widest input, or 'channel' (default: the source's "
+                        "sub-block, 16 or 32, where the import is exact; 32 for other quantized sources; 128 "
+                        "for float ones)")
     p.add_argument("--symmetric", action="store_true", help="no per-group offset")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search")
     p.add_argument("--head-bits", type=_bits, default=None, help="bits of the output projection")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
             smooth = smoothing_factors(src)
         t0 = time.perf_counter()
         # each tensor goes to disk as soon as it is packed: peak memory stays near one tensor's work
-        pack_to_dir(src, recipe, args.out, smooth=smooth, progress=Progress(f"packing W{args.wbits}"),
+        pack_to_dir(src, recipe, args.out, smooth=smooth, progress=Progress(f"packing W{args.wbits}" if args.wbits else "packing at source bits"),
                     force=args.force)
         pm = read_packed(args.out, verify=False)
     except KeyboardInterrupt:
