@@ -17,7 +17,7 @@ import numpy as np
 from engine.decoder import ContextOverflow
 from engine.fast_decode import FastDecoder
 from engine.model_store import load_packed_model
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import Sampler, SamplingParams, TokenLogprob
 from loader.tokenizer import Tokenizer
 from runtime.select import select_backend
 
@@ -33,6 +33,7 @@ class Generation:
     ttft_s: float
     stop_reason: str                    # "eos" | "max_tokens" | "context" | "interrupted"
     stats: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None     # one per generated id when asked for
 
 
 def peak_rss_bytes() -> int:
@@ -53,6 +54,7 @@ class Model:
                                agroup=agroup, context=context)
         self.device = backend.name
         self.weight_bytes = packed.weight_bytes
+        self.prefix_cache = None        # an engine.prefix_cache.PrefixCache to reuse prompt KV rows
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -104,16 +106,25 @@ class Model:
 
     def stream(self, prompt_or_ids, *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repeat_penalty: float = 1.0, seed: int | None = None,
-               chat: bool = False, truncate: bool = False) -> Iterator[str]:
-        """Yield text pieces as tokens are produced. The finished Generation is `self.last`."""
+               chat: bool = False, truncate: bool = False,
+               min_p: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logprobs: int | None = None) -> Iterator[str]:
+        """Yield text pieces as tokens are produced. The finished Generation is `self.last`.
+        logprobs: None, or how many alternatives to list with each generated token's logprob."""
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, repeat_penalty, seed=seed))
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, repeat_penalty, seed=seed, min_p=min_p,
+                                         presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty))
         ids = self._prompt_ids(prompt_or_ids, chat, truncate, max_tokens)
         eos = set(self.tokenizer.eos_ids)
         dec = self.tokenizer.stream_decoder(skip_special=True)
-        cache = self.decoder.new_cache()
+        if self.prefix_cache is not None:
+            cache, reused = self.prefix_cache.acquire(ids)
+        else:
+            cache, reused = self.decoder.new_cache(), 0
         out: list[int] = []
+        lps: list[TokenLogprob] | None = None if logprobs is None else []
         reason = "max_tokens"
         t0 = time.perf_counter()
         t_first = t_prefill = None
@@ -121,17 +132,19 @@ class Model:
             if max_tokens == 0:
                 reason = "max_tokens"
             else:
-                logits = self.decoder.forward(ids, cache)
+                logits = self.decoder.forward(ids[reused:], cache)
                 t_prefill = time.perf_counter()
                 history = list(ids)
                 while True:
-                    tok = sampler(logits, history)
+                    tok, lp = sampler.step(logits, history, logprobs)
                     if t_first is None:
                         t_first = time.perf_counter()
                     if tok in eos:
                         reason = "eos"
                         break
                     out.append(tok)
+                    if lps is not None:
+                        lps.append(lp)
                     history.append(tok)
                     piece = dec.push(tok)
                     if piece:
@@ -148,7 +161,10 @@ class Model:
         except KeyboardInterrupt:
             reason = "interrupted"
         finally:
-            cache.close()
+            if self.prefix_cache is not None:       # it keeps the prompt's rows (prefill rows only)
+                self.prefix_cache.release(cache, ids)
+            else:
+                cache.close()
             t_end = time.perf_counter()
             prefill_s = (t_prefill - t0) if t_prefill else 0.0
             n_decode = max(len(out) - 1, 0)        # the first token comes from the prefill logits
@@ -160,14 +176,16 @@ class Model:
                 decode_tok_s=n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
                 ttft_s=(t_first - t0) if t_first else 0.0, stop_reason=reason,
                 stats={"device": self.device, "wbits": self.wbits, "abits": self.abits,
-                       "weight_bytes": self.weight_bytes, "peak_rss_bytes": peak_rss_bytes()})
+                       "weight_bytes": self.weight_bytes, "peak_rss_bytes": peak_rss_bytes(),
+                       "prefix_reused": reused}, logprobs=lps)
 
     def generate(self, prompt_or_ids, *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repeat_penalty: float = 1.0, seed: int | None = None,
-                 chat: bool = False, truncate: bool = False) -> Generation:
+                 chat: bool = False, truncate: bool = False, **sampling) -> Generation:
+        """Run stream() to the end; `sampling`: its min_p, presence_penalty, frequency_penalty, logprobs."""
         for _ in self.stream(prompt_or_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, repeat_penalty=repeat_penalty, seed=seed, chat=chat,
-                             truncate=truncate):
+                             truncate=truncate, **sampling):
             pass
         return self.last
 
