@@ -242,3 +242,67 @@ def test_concurrent_requests_do_not_mix(server, tiny_model):
 def test_worker_event_shapes():
     e = Event("done", finish_reason="stop", prompt_tokens=3, completion_tokens=2)
     assert e.text == "" and e.logprobs == []
+
+
+def test_non_stream_client_that_goes_away_frees_its_slot(tiny_model):
+    state = make_state(tiny_model, model_id="tiny", parallel=1)
+    dec = tiny_model.decoder
+    slow = dec.forward
+
+    def forward(ids, cache, **kw):
+        time.sleep(0.02)
+        return slow(ids, cache, **kw)
+    dec.forward = forward
+    try:
+        with ServerThread(state) as srv:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(srv.url + "/v1/completions", timeout=0.3,
+                           json={"prompt": "hello", "max_tokens": 200, "temperature": 0})
+            t0 = time.monotonic()
+            while state.scheduler.load()["active"] and time.monotonic() - t0 < 3:
+                time.sleep(0.02)
+            assert state.scheduler.load()["active"] == 0 and time.monotonic() - t0 < 3
+    finally:
+        dec.forward = slow
+
+
+def test_the_command(tmp_path):
+    """`python -m engine.serve` itself: bad options exit 2 with one line; a tiny model serves."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from tests.serve_fixtures import write_tiny_chat_gguf
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "engine.serve", "--port", "70000"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 2 and "--port" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine.serve", "--model", str(tmp_path / "missing.gguf")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
+    path = tmp_path / "tiny-chat.gguf"
+    write_tiny_chat_gguf(path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "engine.serve", "--model", str(path), "--wbits", "8", "--threads", "1",
+                          "--port", str(port), "--api-key", "k"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert p.poll() is None, p.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - t0 < 120, "the server did not come up"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny-chat"]
+        r = c.chat.completions.create(model="tiny-chat", messages=MSG, max_tokens=3)
+        assert r.usage.completion_tokens == 3
+    finally:
+        p.terminate()
+        p.wait(30)

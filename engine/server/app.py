@@ -119,13 +119,16 @@ def build_app(state: ServerState) -> Starlette:
     async def _collect(request: Request, req, rid, job, q):
         text, entries = [], []
         get = asyncio.ensure_future(q.get())
+        checked = time.monotonic()
         try:
             while True:
-                done, _ = await asyncio.wait({get}, timeout=1.0)
-                if not done:            # nothing yet: is the client still there?
+                done, _ = await asyncio.wait({get}, timeout=0.5)
+                if time.monotonic() - checked >= 0.5:       # is the client still there?
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled.set()
                         return JSONResponse({}, status_code=499)
+                if not done:
                     continue
                 ev = get.result()
                 if ev.kind == "delta":
