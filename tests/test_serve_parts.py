@@ -117,3 +117,20 @@ def test_model_stream_with_prefix_cache_and_new_options(tiny_model):
     finally:
         m.prefix_cache.clear()
         m.prefix_cache = None
+
+
+def test_bench_serve_runs_on_a_tiny_model(tmp_path):
+    """tools/bench_serve.py end to end (server subprocess, 8 streams, the prefix pair), no peer."""
+    import json
+    from tests.serve_fixtures import write_tiny_chat_gguf
+    from tools import bench_serve
+    path = tmp_path / "tiny-chat.gguf"
+    write_tiny_chat_gguf(path)
+    out = tmp_path / "r.json"
+    assert bench_serve.main(["--model", str(path), "--threads", "1", "--max-tokens", "4", "--rounds", "1",
+                             "--prefix-tokens", "100", "--llama-python", str(tmp_path / "no-python"),
+                             "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    s = r["summary"]
+    assert r["rounds"][0]["ours_8"]["completion_tokens"] > 0 and s["llama_8_agg_tok_s"] is None
+    assert s["prefix_tokens"] >= 100 and s["prefix_ttft_speedup"] > 0

@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prefix-tokens", type=int, default=400, help="the shared prefix's length (default 400)")
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/serve-<time>.json)")
     args = ap.parse_args(argv)
@@ -144,13 +145,15 @@ def main(argv=None) -> int:
     model = args.model or str(default_model_path("decoder"))
     import engine
     ref = engine.load(model, wbits=4, progress=False, threads=1)       # only its tokenizer and template
+    if args.prefix_tokens + 64 > ref.decoder.context:
+        ap.error(f"--prefix-tokens {args.prefix_tokens} does not fit the context of {ref.decoder.context}")
 
     def chat_ids(msgs):
         return ref.tokenize(ref.tokenizer.apply_chat_template(msgs))
     reqs = requests_for(args.max_tokens)
     prefix = "".join(PREFIX_TEXT.format(i=i) for i in range(1, 40))
     pids = ref.tokenize(prefix)
-    prefix = ref.detokenize(pids[:400])
+    prefix = ref.detokenize(pids[:args.prefix_tokens])
     report = {"model": Path(model).name, "wbits": 4, "abits": 16, "threads": args.threads,
               "max_tokens": args.max_tokens, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "note": "shared machine (2 cores, several sessions): compare ratios "
@@ -199,6 +202,7 @@ def main(argv=None) -> int:
          "llama_8_agg_tok_s": med("llama_8", "agg_tok_s"), "prefix_ttft_speedup": med("prefix", "speedup"),
          "prefix_first_ttft_s": med("prefix", "first_ttft_s"), "prefix_second_ttft_s": med("prefix", "second_ttft_s")}
     s["ours_8_vs_1"] = s["ours_8_agg_tok_s"] / s["ours_1_tok_s"]
+    s["prefix_tokens"] = report["rounds"][0]["prefix"]["prefix_tokens"]
     s["ours_8_vs_llama_8"] = (s["ours_8_agg_tok_s"] / s["llama_8_agg_tok_s"]) if s["llama_8_agg_tok_s"] else None
     report["summary"] = s
     out = Path(args.out or f"bench/results/serve-{time.strftime('%Y%m%d-%H%M')}.json")
