@@ -134,3 +134,43 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path):
     s = r["summary"]
     assert r["rounds"][0]["ours_8"]["completion_tokens"] > 0 and s["llama_8_agg_tok_s"] is None
     assert s["prefix_tokens"] >= 100 and s["prefix_ttft_speedup"] > 0
+
+
+def test_scheduler_takes_a_batched_decode_step_when_the_decoder_has_one(tiny_model):
+    """The step_batch hook: the scheduler hands every active sequence to it at once; answers are
+    those of the Python API (here step_batch runs the rows one by one, so they are exact)."""
+    import threading
+    from engine.sampling import SamplingParams
+    from engine.server.scheduler import Job, Scheduler
+    m = tiny_model
+    dec = m.decoder
+    calls = []
+
+    def step_batch(tokens, caches):
+        calls.append(len(tokens))
+        return np.stack([dec.forward([t], c) for t, c in zip(tokens, caches)])
+    prompts = ["hello world", "the world", "tell me more", "again and again"]
+    want = [m.generate(p, max_tokens=8, temperature=0.8, seed=i).text for i, p in enumerate(prompts)]
+    dec.step_batch = step_batch
+    try:
+        sched = Scheduler(m, slots=4)
+        got = [[] for _ in prompts]
+        done = threading.Semaphore(0)
+
+        def emit_for(i):
+            def emit(ev):
+                if ev.kind == "delta":
+                    got[i].append(ev.text)
+                else:
+                    done.release()
+            return emit
+        for i, p in enumerate(prompts):      # all queued before the worker starts: they run together
+            sched.submit(Job(m.tokenize(p), SamplingParams(temperature=0.8, seed=i), 8, emit_for(i)))
+        sched.start()
+        for _ in prompts:
+            assert done.acquire(timeout=30)
+        sched.stop()
+    finally:
+        del dec.step_batch
+    assert ["".join(g) for g in got] == want
+    assert max(calls) == 4

@@ -212,12 +212,15 @@ class Scheduler:
                     self._fail(s, e)
                 return
             for s, row in zip(seqs, logits):
-                s.accept(row)
+                try:
+                    s.accept(row)
+                except Exception as e:
+                    self._fail(s, e)
             return
         for s in seqs:
             try:
                 s.accept(self.decoder.forward([s.next_token], s.cache))
-            except Exception as e:
+            except Exception as e:      # one failing sequence ends its own request, not the worker
                 self._fail(s, e)
 
     def _fail(self, s: Sequence, e: BaseException) -> None:
