@@ -21,6 +21,8 @@ def model_name(path, kind: str = "decoder") -> str:
         from loader.fetch import default_model_path
         path = default_model_path(kind)
     p = Path(path)
+    if p.is_dir() and p.name == "model":        # the default embedder's wheel keeps it in .../NAME/model
+        p = p.parent
     return p.name[:-5] if p.name.lower().endswith(".gguf") else p.name
 
 
