@@ -130,6 +130,28 @@ def run_llama(worker, model_tok, reqs: list[dict], n_tokens: list[int]) -> dict:
     return {"requests": len(reqs), "wall_s": wall, "completion_tokens": toks, "agg_tok_s": toks / wall}
 
 
+def summary(report: dict) -> dict:
+    """Medians over the rounds, and the ratios the issue asks for."""
+    def med(key, sub):
+        v = sorted(r[key][sub] for r in report["rounds"] if key in r)
+        return v[len(v) // 2] if v else None
+    s = {"rounds": len(report["rounds"]), "ours_8_agg_tok_s": med("ours_8", "agg_tok_s"),
+         "ours_1_tok_s": med("ours_1", "agg_tok_s"), "llama_8_agg_tok_s": med("llama_8", "agg_tok_s"),
+         "prefix_ttft_speedup": med("prefix", "speedup"), "prefix_first_ttft_s": med("prefix", "first_ttft_s"),
+         "prefix_second_ttft_s": med("prefix", "second_ttft_s")}
+    s["ours_8_vs_1"] = s["ours_8_agg_tok_s"] / s["ours_1_tok_s"] if s["ours_1_tok_s"] else None
+    s["ours_8_vs_llama_8"] = (s["ours_8_agg_tok_s"] / s["llama_8_agg_tok_s"]) if s["llama_8_agg_tok_s"] else None
+    s["prefix_tokens"] = report["rounds"][0]["prefix"]["prefix_tokens"] if report["rounds"] else None
+    return s
+
+
+def write_report(report: dict, out: Path) -> dict:
+    report["summary"] = s = summary(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    return s
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_serve", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the SmolLM2 default model)")
@@ -166,10 +188,11 @@ def main(argv=None) -> int:
             llama = start_llama(py, model, args.threads, n_ctx=1024)
         except PeerUnavailable as e:
             report["llama_note"] = f"llama.cpp peer failed to start: {e}"
+    out = Path(args.out or f"bench/results/serve-{time.strftime('%Y%m%d-%H%M')}.json")
     srv = Server(model, args.threads, parallel=8)
     try:
         for k in range(args.rounds):
-            rnd = {}
+            rnd = {"loadavg_start": os.getloadavg()}
             rnd["ours_8"] = run_ours_concurrent(srv.url, reqs)
             print(f"round {k}: ours 8 streams {rnd['ours_8']['agg_tok_s']:.1f} tok/s", file=sys.stderr)
             one = stream_one(srv.url, reqs[0])
@@ -189,25 +212,14 @@ def main(argv=None) -> int:
                              "second_ttft_s": b["ttft_s"], "speedup": a["ttft_s"] / b["ttft_s"]}
             print(f"round {k}: prefix TTFT {a['ttft_s']:.3f} s -> {b['ttft_s']:.3f} s", file=sys.stderr)
             report["rounds"].append(rnd)
+            write_report(report, out)           # after every round: a run cut short keeps what it measured
     finally:
         srv.close()
         if llama is not None:
             llama.close()
         ref.close()
 
-    def med(key, sub):
-        v = sorted(r[key][sub] for r in report["rounds"] if key in r)
-        return v[len(v) // 2] if v else None
-    s = {"ours_8_agg_tok_s": med("ours_8", "agg_tok_s"), "ours_1_tok_s": med("ours_1", "agg_tok_s"),
-         "llama_8_agg_tok_s": med("llama_8", "agg_tok_s"), "prefix_ttft_speedup": med("prefix", "speedup"),
-         "prefix_first_ttft_s": med("prefix", "first_ttft_s"), "prefix_second_ttft_s": med("prefix", "second_ttft_s")}
-    s["ours_8_vs_1"] = s["ours_8_agg_tok_s"] / s["ours_1_tok_s"]
-    s["prefix_tokens"] = report["rounds"][0]["prefix"]["prefix_tokens"]
-    s["ours_8_vs_llama_8"] = (s["ours_8_agg_tok_s"] / s["llama_8_agg_tok_s"]) if s["llama_8_agg_tok_s"] else None
-    report["summary"] = s
-    out = Path(args.out or f"bench/results/serve-{time.strftime('%Y%m%d-%H%M')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    s = write_report(report, out)
     print(json.dumps(s, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return 0
