@@ -128,7 +128,7 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path):
     write_tiny_chat_gguf(path)
     out = tmp_path / "r.json"
     assert bench_serve.main(["--model", str(path), "--threads", "1", "--max-tokens", "4", "--rounds", "1",
-                             "--prefix-tokens", "100", "--llama-python", str(tmp_path / "no-python"),
+                             "--prefix-tokens", "100", "--no-peer",
                              "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     s = r["summary"]

@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prefix-tokens", type=int, default=400, help="the shared prefix's length (default 400)")
     ap.add_argument("--llama-python", default=None)
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/serve-<time>.json)")
     args = ap.parse_args(argv)
     from loader.fetch import default_model_path
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
               "max_tokens": args.max_tokens, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "note": "shared machine (2 cores, several sessions): compare ratios "
               "within this run only", "batched_decode": False, "rounds": []}
-    py, note = find_llama(args.llama_python)
+    py, note = (None, "llama.cpp peer skipped (--no-peer)") if args.no_peer else find_llama(args.llama_python)
     report["llama_note"] = note
     llama = None
     if py:
