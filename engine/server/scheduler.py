@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engine.sampling import Sampler, SamplingParams, TokenLogprob
-from engine.server.stops import StopMatcher
+from engine.stop_text import StopText
 
 
 class QueueFull(Exception):
@@ -64,7 +64,7 @@ class Sequence:
         self.out: list[int] = []
         self.sampler = Sampler(job.params)
         self.text = tokenizer.stream_decoder(skip_special=True)
-        self.stops = StopMatcher(job.stop)
+        self.stops = StopText([s for s in job.stop if s])
         self.eos = set(tokenizer.eos_ids)
         self.pending: list[TokenLogprob] = []   # entries whose text is held back
         self.next_token: int | None = None      # sampled, not yet run through the model
