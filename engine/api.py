@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.decoder import ContextOverflow, Decoder
 from engine.model_store import load_packed_model
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import Sampler, SamplingParams, TokenLogprob
 from engine.stop_text import StopText
 from loader.tokenizer import Tokenizer
 from runtime.select import select_backend
@@ -34,6 +34,7 @@ class Generation:
     ttft_s: float
     stop_reason: str                    # "eos" | "stop" | "max_tokens" | "context" | "interrupted"
     stats: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None     # one per generated id when asked for
 
 
 def peak_rss_bytes() -> int:
@@ -56,6 +57,7 @@ class Model:
         self.weight_bytes = packed.weight_bytes
         self._chat_cache = None             # the conversation's KV cache, kept between chat turns
         self._chat_ids: list[int] = []      # the ids whose keys and values it holds
+        self.prefix_cache = None        # an engine.prefix_cache.PrefixCache to reuse prompt KV rows
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -109,22 +111,36 @@ class Model:
 
     def stream(self, prompt_or_ids, *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repeat_penalty: float = 1.0, seed: int | None = None,
-               chat: bool = False, truncate: bool = False, stop=None, _keep_cache: bool = False) -> Iterator[str]:
+               chat: bool = False, truncate: bool = False, stop=None,
+               min_p: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logprobs: int | None = None, _keep_cache: bool = False) -> Iterator[str]:
         """Yield text pieces as tokens are produced. The finished Generation is `self.last`.
 
         stop: strings that end the generation where they appear; they are not emitted (nor in .text).
-        _keep_cache (stream_chat): start from the conversation's KV cache and leave it filled."""
+        logprobs: None, or how many alternatives to list with each generated token's logprob.
+        _keep_cache (stream_chat): start from the conversation's KV cache and leave it filled; otherwise
+        a prefix cache (self.prefix_cache, the server's) lends a cache whose rows may already hold the
+        prompt's start."""
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         stops = StopText(stop)
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, repeat_penalty, seed=seed))
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, repeat_penalty, seed=seed, min_p=min_p,
+                                         presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty))
         ids = self._prompt_ids(prompt_or_ids, chat, truncate, max_tokens)
         eos = set(self.tokenizer.eos_ids)
         dec = self.tokenizer.stream_decoder(skip_special=True)
-        cache, start = self._chat_cache_for(ids) if _keep_cache else (self.decoder.new_cache(), 0)
+        pooled = self.prefix_cache is not None and not _keep_cache
+        if _keep_cache:
+            cache, start = self._chat_cache_for(ids)
+        elif pooled:
+            cache, start = self.prefix_cache.acquire(ids)
+        else:
+            cache, start = self.decoder.new_cache(), 0
         fed = list(ids[:start])                # ids whose keys and values the cache holds
         out: list[int] = []
         emitted: list[str] = []
+        lps: list[TokenLogprob] | None = None if logprobs is None else []
         reason = "max_tokens"
         t0 = time.perf_counter()
         t_first = t_prefill = None
@@ -137,13 +153,15 @@ class Model:
                 t_prefill = time.perf_counter()
                 history = list(ids)
                 while True:
-                    tok = sampler(logits, history)
+                    tok, lp = sampler.step(logits, history, logprobs)
                     if t_first is None:
                         t_first = time.perf_counter()
                     if tok in eos:
                         reason = "eos"
                         break
                     out.append(tok)
+                    if lps is not None:
+                        lps.append(lp)
                     history.append(tok)
                     piece = stops.push(dec.push(tok))
                     if piece:
@@ -168,6 +186,8 @@ class Model:
         finally:
             if _keep_cache:
                 self._chat_ids = fed[:cache.n]
+            elif pooled:                            # it keeps the prompt's rows (prefill rows only)
+                self.prefix_cache.release(cache, ids)
             else:
                 cache.close()
             t_end = time.perf_counter()
@@ -180,19 +200,22 @@ class Model:
                 stats["chat_template"] = self.tokenizer.template_source
             if _keep_cache:
                 stats["cached_prompt_tokens"] = start
+            if pooled:
+                stats["prefix_reused"] = start
             self.last = Generation(
                 ids=out, text="".join(emitted) if stops.stops else self.tokenizer.decode(out, skip_special=True),
                 prompt_tokens=len(ids), generated_tokens=len(out),
                 prompt_tok_s=(len(ids) - start) / prefill_s if prefill_s > 0 else 0.0,
                 decode_tok_s=n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
-                ttft_s=(t_first - t0) if t_first else 0.0, stop_reason=reason, stats=stats)
+                ttft_s=(t_first - t0) if t_first else 0.0, stop_reason=reason, stats=stats, logprobs=lps)
 
     def generate(self, prompt_or_ids, *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repeat_penalty: float = 1.0, seed: int | None = None,
-                 chat: bool = False, truncate: bool = False, stop=None) -> Generation:
+                 chat: bool = False, truncate: bool = False, stop=None, **sampling) -> Generation:
+        """Run stream() to the end; `sampling`: its min_p, presence_penalty, frequency_penalty, logprobs."""
         for _ in self.stream(prompt_or_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, repeat_penalty=repeat_penalty, seed=seed, chat=chat,
-                             truncate=truncate, stop=stop):
+                             truncate=truncate, stop=stop, **sampling):
             pass
         return self.last
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.archs import BUILDERS, DECODERS
 from engine.graph import Step
-from loader.bipolar import PackedLinear, unpack_planes, values_of
+from loader.bipolar import PackedLinear, concat_rows, unpack_planes, values_of
 from loader.errors import FormatError
 from loader.rotation import hadamard_blocks
 from loader.packed import PackedModel
@@ -23,18 +23,8 @@ from runtime.contract import has
 
 
 def _concat(lins: list[PackedLinear]) -> PackedLinear | None:
-    """Stack linears along N when they share K, bits, group, offset presence and smoothing."""
-    a = lins[0]
-    for x in lins:
-        if (x.K, x.bits, x.group, x.offsets is None, x.smooth is None, x.rotate) != \
-                (a.K, a.bits, a.group, a.offsets is None, a.smooth is None, a.rotate):
-            return None
-        if x.smooth is not None and not np.array_equal(x.smooth, a.smooth):
-            return None
-    return PackedLinear(np.concatenate([x.planes for x in lins], axis=1),
-                        np.concatenate([x.scales for x in lins], axis=0),
-                        None if a.offsets is None else np.concatenate([x.offsets for x in lins], axis=0),
-                        a.bits, a.group, a.K, sum(x.N for x in lins), a.smooth, a.rotate)
+    """Stack linears along N when they share K, bits, group, parameter form, offsets and smoothing."""
+    return concat_rows(lins)
 
 
 class Linear:
@@ -69,9 +59,10 @@ class Embedding:
             return np.asarray(e[ids], np.float32)
         codes = unpack_planes(np.ascontiguousarray(e.planes[:, ids, :]))          # (M, Kp)
         v = values_of(codes, e.bits).astype(np.float32)
-        w = np.repeat(e.scales[ids], e.group, axis=1) * v
-        if e.offsets is not None:
-            w += np.repeat(e.offsets[ids], e.group, axis=1)
+        sr, orow = e.row_params(ids)      # two-level: only these rows' parameters are computed
+        w = np.repeat(sr, e.group, axis=1) * v
+        if orow is not None:
+            w += np.repeat(orow, e.group, axis=1)
         w = w[:, :e.K]
         if e.smooth is not None:          # a smoothed tied output holds W * s: undo it for the rows
             w = w / e.smooth

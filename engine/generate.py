@@ -1,5 +1,6 @@
 """`python -m engine.generate PROMPT ...`: stream text from a quantized model (SPEC.md section 7).
 
+A model with a chat template gets a plain-text prompt wrapped in it (`--raw` for plain completion).
 Text goes to stdout as it is produced; statistics go to stderr; `--json` prints one JSON object on
 stdout at the end instead. Bad input exits with status 2 and one clear line, never a traceback.
 """
@@ -28,6 +29,37 @@ def _agroup(s: str):
     return "token" if s == "token" else _group(s)
 
 
+def wants_chat(model, prompt: str) -> bool:
+    """Whether a prompt goes through the model's chat template by default: when the model has one and the
+    prompt is plain text, as llama.cpp's CLI enters conversation mode for a model with a template. An
+    instruct model fed a bare "The capital of France is" completes it as a document and wanders off
+    (" Paris.\n\nThe answer is: 2018-01-22"). A prompt that already holds the tokenizer's special tokens
+    (e.g. "<|im_start|>") is taken as formatted by the caller."""
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None):
+        return False
+    specials = (tok.id_to_token(i) for i in getattr(tok, "special_ids", ()))
+    return not any(s and s in prompt for s in specials)
+
+
+def chat_text(model, prompt: str, system: str | None) -> str:
+    """The prompt as one user turn of the model's chat template, after a system turn of `system`.
+
+    With no --system the system turn is empty, which is what llama.cpp's CLI sends (no system prompt): a
+    template's own default prompt is then left out. Measured on the default model, SmolLM2's default
+    ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") turns the answer to "The
+    capital of France is" into French small talk ("L'aujourcé! I am your friendly AI ..."), at 16 bits as
+    at 4, while no system prompt, an empty one or a generic one all give "The capital of France is Paris."
+    A template that refuses a system turn gets the user turn alone."""
+    user = [{"role": "user", "content": prompt}]
+    try:
+        return model.tokenizer.apply_chat_template([{"role": "system", "content": system or ""}] + user)
+    except (ValueError, LookupError):
+        if system:
+            raise
+        return model.tokenizer.apply_chat_template(user)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.generate",
                                 description="Generate text with a 1-8 bit quantized language model.")
@@ -46,7 +78,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true",
+                      help="wrap the prompt in the model's chat template (the default where the model has one)")
+    mode.add_argument("--raw", action="store_true",
+                      help="plain completion: the prompt text as it is, no chat template")
+    p.add_argument("--system", default=None, help="system prompt of the chat turn, or of the --interactive "
+                                                  "conversation (default: none)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--context", type=int, default=None, help="KV-cache length (default min(model, 4096))")
@@ -54,7 +92,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
     p.add_argument("--interactive", action="store_true",
                    help="chat: read user turns from stdin, keep the conversation (as python -m engine.chat)")
-    p.add_argument("--system", default=None, help="with --interactive: a system message to start with")
     from engine.chat import add_reply_options
     add_reply_options(p)             # --stop
     return p
@@ -96,9 +133,19 @@ def main(argv=None) -> int:
             from engine.chat import interactive
             return interactive(model, args)
         model.last = None
-        gen = model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        chat, text = False, prompt
+        if args.chat or (not args.raw and wants_chat(model, prompt)):
+            try:
+                text, chat = chat_text(model, prompt, args.system), True
+            except (ValueError, LookupError) as e:          # FormatError is a ValueError
+                if args.chat or args.system:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                print(f"anybit: the model's chat template cannot be applied ({e}); running the prompt as plain "
+                      "completion (--raw)", file=sys.stderr)
+        gen = model.stream(text, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-                           chat=args.chat, truncate=args.truncate, stop=args.stop)
+                           truncate=args.truncate, stop=args.stop)
         interrupted = False
         try:
             for piece in gen:
@@ -121,6 +168,7 @@ def main(argv=None) -> int:
             print(json.dumps({"text": r.text, "ids": r.ids, "prompt_tokens": r.prompt_tokens,
                               "generated_tokens": r.generated_tokens, "prompt_tok_s": r.prompt_tok_s,
                               "decode_tok_s": r.decode_tok_s, "ttft_s": r.ttft_s, "stop_reason": r.stop_reason,
+                              "chat": chat,
                               **r.stats}))
         else:
             sys.stdout.write("\n")

@@ -8,16 +8,20 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from loader.errors import FormatError
-from loader.pack import PackedModel, Recipe, progress_bar, quantize_model
 from loader.fetch import cache_dir
-from loader.packed import is_packed_dir, read_packed, write_packed
+from loader.pack import PackedModel, Recipe, quantize_model
+from loader.pack_writer import pack_to_dir
+from loader.packed import is_packed_dir, read_packed
+from loader.progress import Progress, summary
 from loader.validate import check_group
 
 ROTATE_BLOCK = 256          # most lanes per Hadamard block for per-token activation scales (576 -> 64)
-QUANT_REVISION = 3          # bump when quantize_model's output changes for the same recipe
+QUANT_REVISION = 5          # bump when quantize_model's output changes for the same recipe (4: GPTQ batch updates;
+                            # 5: exact two-level K-quant imports, group 32 for re-quantized GGUF tensors)
 
 
 def cache_root() -> Path:
@@ -104,6 +108,7 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             return read_packed(out), wbits
         except FormatError as e:
             print(f"anybit: cached pack unusable ({e}); packing again", file=sys.stderr)
+    t0 = time.perf_counter()
     source = _read_source(src, kind)
     # a group wider than every input only pads rows with zeros (--group 65536 ran out of memory)
     check_group(group, [t.shape[-1] for t in source.tensors.values() if len(t.shape) == 2], str(src))
@@ -113,7 +118,12 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         if progress:
             print("anybit: calibrating (GPTQ) on the calibration text ...", file=sys.stderr)
         hessians = encoder_hessians(source, recipe)
-    show = progress_bar(f"packing {src.name} at W{wbits}") if progress else None
-    pm = quantize_model(source, recipe, hessians=hessians, progress=show)
-    write_packed(pm, out, force=True)       # the cache's own entry: a damaged one is replaced
-    return read_packed(out, verify=False), wbits
+    label = f"anybit: first use of {src.name} at W{wbits}: packing (cached for later runs)"
+    show = Progress(label) if progress else None
+    _, info, _ = pack_to_dir(source, recipe, out, hessians=hessians, progress=show,
+                              force=True)   # the cache's own entry: a damaged one is replaced
+    pm = read_packed(out, verify=False)
+    if progress:
+        size = src.stat().st_size if src.is_file() else None
+        print("anybit: " + summary(info, time.perf_counter() - t0, pm.weight_bytes, size), file=sys.stderr)
+    return pm, wbits

@@ -1,4 +1,16 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, penalties, logprobs.
+
+The order of the steps (each optional):
+1. penalties over the last `repeat_window` tokens of the history (prompt and generated, as llama.cpp
+   counts them): the repetition penalty (divide a positive logit, multiply a negative one), then the
+   OpenAI presence and frequency penalties (logit -= presence * [count > 0] + frequency * count);
+2. greedy (temperature 0) takes the argmax here;
+3. temperature, then top-k, then top-p (the smallest set of tokens reaching probability top_p), then
+   min-p (drop tokens below min_p times the most likely one), then one draw from what is left.
+
+Logprobs are those of the model: log-softmax of the logits as the model gave them, before penalties
+and temperature, so that they mean the same for every sampling setting (vLLM reports them so too).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +24,11 @@ class SamplingParams:
     top_k: int = 0                  # 0 -> off
     top_p: float = 1.0              # 1 -> off
     repeat_penalty: float = 1.0     # 1 -> off (llama.cpp style: divide positive logits, multiply negative)
-    repeat_window: int = 64         # how many recent tokens the penalty looks at
+    repeat_window: int = 64         # how many recent tokens the penalties look at
     seed: int | None = None
+    min_p: float = 0.0              # 0 -> off
+    presence_penalty: float = 0.0   # 0 -> off (OpenAI: -2 .. 2)
+    frequency_penalty: float = 0.0  # 0 -> off (OpenAI: -2 .. 2)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -24,6 +39,40 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repeat_penalty > 0:
             raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_window < 0:
+            raise ValueError(f"repeat_window must be >= 0, got {self.repeat_window}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the `top` most likely tokens (id, logprob), best first."""
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def log_softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def token_logprob(logits, token: int, top: int = 0) -> TokenLogprob:
+    """The model's log-probability of `token` and its `top` best alternatives (ties: lower id first)."""
+    lp = log_softmax(logits)
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(int(top), lp.size)
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -lp[idx]))]
+        best = [(int(i), float(lp[i])) for i in idx]
+    return TokenLogprob(int(token), float(lp[int(token)]), best)
 
 
 class Sampler:
@@ -31,17 +80,26 @@ class Sampler:
         self.p = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    def penalized(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """float64 logits after the penalties (a copy when any applies)."""
         p = self.p
         logits = np.asarray(logits, np.float64)
-        if p.repeat_penalty != 1.0 and history:
-            recent = np.unique(np.asarray(history[-p.repeat_window:], np.int64))
+        on = p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        if not on or not history or p.repeat_window == 0:
+            return logits
+        recent, counts = np.unique(np.asarray(history[-p.repeat_window:], np.int64), return_counts=True)
+        logits = logits.copy()
+        if p.repeat_penalty != 1.0:
             lv = logits[recent]
-            logits = logits.copy()
             logits[recent] = np.where(lv > 0, lv / p.repeat_penalty, lv * p.repeat_penalty)
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        z = logits / p.temperature
+        if p.presence_penalty or p.frequency_penalty:
+            logits[recent] -= p.presence_penalty + p.frequency_penalty * counts
+        return logits
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution a non-greedy draw uses (after temperature, top-k, top-p, min-p)."""
+        p = self.p
+        z = np.asarray(logits, np.float64) / p.temperature
         if p.top_k and p.top_k < z.size:
             kth = np.partition(z, -p.top_k)[-p.top_k]
             z = np.where(z >= kth, z, -np.inf)
@@ -55,4 +113,20 @@ class Sampler:
             mask = np.zeros_like(probs)
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
+        if p.min_p > 0.0:
+            probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
+            probs /= probs.sum()
+        return probs
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        z = self.penalized(logits, history)
+        if self.p.temperature == 0:
+            return int(np.argmax(z))
+        probs = self.probs(z)
         return int(self.rng.choice(probs.size, p=probs))
+
+    def step(self, logits: np.ndarray, history: list[int], logprobs: int | None = None
+             ) -> tuple[int, TokenLogprob | None]:
+        """The next token, and with `logprobs` (a count of alternatives, 0 for none) its logprob entry."""
+        tok = self(logits, history)
+        return tok, (None if logprobs is None else token_logprob(logits, tok, logprobs))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader.errors import FormatError
+from loader.kquant import SubScales, concat_subscales
 
 LANES = 32  # input lanes per uint32 word
 
@@ -168,9 +169,15 @@ def unpack_planes(planes: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PackedLinear:
-    """A linear weight in the canonical packed layout of docs/DESIGN.md (W is N outputs x K inputs)."""
+    """A linear weight in the canonical packed layout of docs/DESIGN.md (W is N outputs x K inputs).
+
+    Group parameters come in one of two forms: float32 `scales` / `offsets` per group of G lanes, or
+    (`sub`, loader/kquant.py) the two-level form of an exact GGUF import: float16 d, dmin per super-block
+    and small integer sub-scales per group of G = 16 or 32 lanes. With `sub`, reading `scales` or
+    `offsets` computes float32 arrays on the fly (not kept: that would cost more than the weight's codes
+    at W4); consumers that can, read `sub` instead."""
     planes: np.ndarray                 # uint32 (p, N, Kp//32), MSB plane first
-    scales: np.ndarray                 # float32 (N, Kp//G)
+    scales: np.ndarray | None          # float32 (N, Kp//G); None when sub is set
     offsets: np.ndarray | None         # float32 (N, Kp//G) or None
     bits: int
     group: int
@@ -178,6 +185,7 @@ class PackedLinear:
     N: int
     smooth: np.ndarray | None = None   # float32 (K,): activations are divided by it
     rotate: int = 0                    # W R stored: the engine feeds R x (loader/rotation.py); 0: none
+    sub: SubScales | None = None       # two-level parameters (then scales / offsets are derived)
 
     def __post_init__(self):
         p, N, W = self.planes.shape
@@ -186,19 +194,32 @@ class PackedLinear:
         if p != self.bits or N != self.N:
             raise FormatError(f"planes shape {self.planes.shape} disagrees with bits={self.bits}, N={self.N}")
         Kp = W * LANES
-        if Kp % self.group or Kp < self.K or Kp - self.K >= self.group:
+        if Kp % self.group or Kp < self.K or Kp - self.K >= max(self.group, LANES):
             raise FormatError(f"planes width {Kp} does not fit K={self.K} padded to group {self.group}")
-        if self.scales.shape != (N, Kp // self.group):
-            raise FormatError(f"scales shape {self.scales.shape}, expected {(N, Kp // self.group)}")
-        if self.offsets is not None and self.offsets.shape != self.scales.shape:
-            raise FormatError(f"offsets shape {self.offsets.shape}, expected {self.scales.shape}")
+        if self.sub is not None:
+            if self._scales is not None or self._offsets is not None:
+                raise FormatError("a linear has float32 scales/offsets or two-level sub-scales, not both")
+            if self.sub.G != self.group or Kp % self.sub.S or self.sub.d.shape != (N, Kp // self.sub.S):
+                raise FormatError(f"sub-scales {self.sub.d.shape} (G={self.sub.G}, S={self.sub.S}) do not fit "
+                                  f"N={N}, Kp={Kp}, group={self.group}")
+            return
+        if self._scales is None or self._scales.shape != (N, Kp // self.group):
+            raise FormatError(f"scales shape {None if self._scales is None else self._scales.shape}, "
+                              f"expected {(N, Kp // self.group)}")
+        if self._offsets is not None and self._offsets.shape != self._scales.shape:
+            raise FormatError(f"offsets shape {self._offsets.shape}, expected {self._scales.shape}")
 
     @property
     def Kp(self) -> int:
         return self.planes.shape[2] * LANES
 
     @classmethod
-    def from_quant(cls, q: QuantTensor, smooth: np.ndarray | None = None, rotate: int = 0) -> "PackedLinear":
+    def from_quant(cls, q: QuantTensor, smooth: np.ndarray | None = None, rotate: int = 0,
+                   sub: SubScales | None = None) -> "PackedLinear":
+        """sub: the exact two-level parameters of q (then q's float32 scales / offsets are not kept)."""
+        if sub is not None:
+            return cls(pack_planes(q.codes, q.bits), None, None, q.bits, q.group, q.K, q.codes.shape[0],
+                       smooth, rotate, sub)
         return cls(pack_planes(q.codes, q.bits), q.scales.astype(np.float32),
                    None if q.offsets is None else q.offsets.astype(np.float32),
                    q.bits, q.group, q.K, q.codes.shape[0], smooth, rotate)
@@ -213,24 +234,85 @@ class PackedLinear:
             raise ValueError(f"cannot run a {self.bits}-bit weight at {k} bits")
         if k == self.bits:
             return self
+        if self.sub is not None:
+            return PackedLinear(self.planes[:k], None, None, k, self.group, self.K, self.N, self.smooth,
+                                self.rotate, self.sub.scaled(self.bits - k))
         return PackedLinear(self.planes[:k], (self.scales * (1 << (self.bits - k))).astype(np.float32),
                             self.offsets, k, self.group, self.K, self.N, self.smooth, self.rotate)
 
+    def row_params(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (scales, offsets) of rows `ids` only (an embedding lookup must not compute them all)."""
+        if self.sub is not None:
+            return self.sub.take(ids).params()
+        return self.scales[ids], None if self.offsets is None else self.offsets[ids]
+
     def dequantize(self) -> np.ndarray:
-        return self.to_quant().dequantize()
+        """float64 (N, K). Two-level: exactly a*q - a*zq - b (so its float32 rounding is the source
+        format's own dequantization, docs/DESIGN.md)."""
+        if self.sub is None:
+            return self.to_quant().dequantize()
+        a, b = self.sub.affine64()
+        v = values_of(unpack_planes(self.planes), self.bits).astype(np.float64)
+        G = self.group
+        w = np.repeat(a / 2, G, axis=1) * v + np.repeat(self.sub.c0 * a - b, G, axis=1)
+        return w[:, :self.K]
 
     @property
     def nbytes(self) -> int:
+        if self.sub is not None:
+            return self.planes.nbytes + self.sub.nbytes
         extra = 0 if self.offsets is None else self.offsets.nbytes
         return self.planes.nbytes + self.scales.nbytes + extra
+
+
+def _derived(kind: int):
+    """Property for PackedLinear.scales / .offsets: the stored float32 array, or one computed from the
+    two-level form (sub). The dataclass __init__ assigns through the setter."""
+    attr = ("_scales", "_offsets")[kind]
+
+    def get(self):
+        v = self.__dict__.get(attr)
+        if v is None and self.__dict__.get("sub") is not None:
+            return self.sub.params()[kind]
+        return v
+
+    def put(self, value):
+        self.__dict__[attr] = value
+    return property(get, put)
+
+
+PackedLinear.scales = _derived(0)
+PackedLinear.offsets = _derived(1)
+
+
+def concat_rows(lins: list["PackedLinear"]) -> "PackedLinear | None":
+    """Stack linears along N when they share K, bits, group, parameter form, offsets and smoothing
+    (the fused q|k|v and gate|up of the engine); None when they do not."""
+    a = lins[0]
+    key = lambda x: (x.K, x.bits, x.group, x.sub is None, x.smooth is None, x.rotate,
+                     x.sub is None and x.offsets is None)
+    if any(key(x) != key(a) or (x.smooth is not None and not np.array_equal(x.smooth, a.smooth)) for x in lins):
+        return None
+    planes = np.concatenate([x.planes for x in lins], axis=1)
+    N = sum(x.N for x in lins)
+    if a.sub is not None:
+        sub = concat_subscales([x.sub for x in lins])
+        if sub is None:
+            return None
+        return PackedLinear(planes, None, None, a.bits, a.group, a.K, N, a.smooth, a.rotate, sub)
+    return PackedLinear(planes, np.concatenate([x.scales for x in lins], axis=0),
+                        None if a.offsets is None else np.concatenate([x.offsets for x in lins], axis=0),
+                        a.bits, a.group, a.K, N, a.smooth, a.rotate)
 
 
 @dataclass(frozen=True)
 class LinearShape:
     """A PackedLinear without its planes: what a backend keeps once it holds its own tiles of them (the
     planes of fused q|k|v and gate|up are a concatenated copy, 2.3 GB at 7B shapes). Reading .planes
-    from it is an AttributeError, never a silent guess."""
-    scales: np.ndarray
+    from it is an AttributeError, never a silent guess. With two-level parameters (sub), scales and
+    offsets are derived on read as in PackedLinear, and `group` may be the kernels' group (a backend
+    passes the super-block S there, see runtime/cpu/backend.py)."""
+    scales: np.ndarray | None
     offsets: np.ndarray | None
     bits: int
     group: int
@@ -239,10 +321,18 @@ class LinearShape:
     Kp: int
     smooth: np.ndarray | None = None
     rotate: int = 0
+    sub: SubScales | None = None
 
     @classmethod
-    def of(cls, lin: PackedLinear) -> "LinearShape":
+    def of(cls, lin: PackedLinear, group: int | None = None) -> "LinearShape":
+        if lin.sub is not None:
+            return cls(None, None, lin.bits, group or lin.group, lin.K, lin.N, lin.Kp, lin.smooth, lin.rotate,
+                       lin.sub)
         return cls(lin.scales, lin.offsets, lin.bits, lin.group, lin.K, lin.N, lin.Kp, lin.smooth, lin.rotate)
+
+
+LinearShape.scales = _derived(0)
+LinearShape.offsets = _derived(1)
 
 
 # ---- reference products (float64, straight from the definitions; no popcount tricks) ----------

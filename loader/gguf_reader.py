@@ -5,7 +5,7 @@ malformed file must give a `FormatError` that names the problem, never an IndexE
 library. (The `gguf` package's GGUFReader trusts the header and also takes ~2 s on a 49k-token vocab;
 tests/test_gguf_reader.py checks that this parser reads the same fields and tensors as GGUFReader.)
 Tensor data is mapped, not read: each `SourceTensor.load()` dequantizes one tensor with
-`gguf.quants.dequantize`, and `blocks()` hands out the raw Q4_0 / Q4_1 / Q8_0 fields for exact import.
+`gguf.quants.dequantize`, and `blocks()` hands out the raw fields of the types that import exactly (EXACT_TYPES).
 
 GGUF stores a matrix with ne[0] = K (inner, contiguous) first; NumPy shape is the reverse, (N, K),
 which is already the internal orientation. Q/K rows stay as llama.cpp permuted them ("adjacent" RoPE)
@@ -24,6 +24,7 @@ from gguf import quants as gguf_quants
 
 from loader.errors import FormatError
 from loader.gguf_config import check_architecture, gguf_config, internal_names
+from loader.kquant import KQ_TYPES, decode as kq_decode
 from loader.source import SourceModel, SourceTensor, expected_shapes, finite
 from loader.validate import check_gguf_meta
 
@@ -38,7 +39,9 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
                10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")      # types with raw block access (exact import)
+# types with raw block access (exact import): Q4_0 / Q4_1 / Q8_0 as their fields, the rest of KQ_TYPES as
+# (codes, SubScales) in the two-level form (loader/kquant.py)
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0") + tuple(KQ_TYPES)
 
 
 class _Cursor:
@@ -220,13 +223,16 @@ class GGUFFile:
         return np.ascontiguousarray(out.reshape(shape), dtype=np.float32)
 
     def blocks(self, name: str) -> tuple:
-        """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py."""
+        """Raw fields of Q4_0 (d, q), Q4_1 (d, m, q), Q8_0 (d, q); see loader/source.py. The types of
+        loader/kquant.py: (codes, SubScales)."""
         shape, raw_type, _s, _n = self.tensors[name]
         qtype = GGMLQuantizationType(raw_type)
         if qtype.name not in EXACT_TYPES:
             raise FormatError(f"{self.path}: tensor {name!r} is {qtype.name}; blocks() exists for "
                               f"{', '.join(EXACT_TYPES)} only")
         n, k = (shape if len(shape) == 2 else (1, shape[0]))
+        if qtype.name in KQ_TYPES:
+            return kq_decode(self.raw(name), qtype.name, n, k)
         nb = k // 32
         b = self.raw(name).reshape(n, nb, -1)
 
@@ -266,12 +272,14 @@ def _source_tensor(g: GGUFFile, name: str, internal: str, rows: slice | None, sh
     tname = GGMLQuantizationType(g.tensors[name][1]).name
     where = f"{g.path}: tensor {name!r}"
     if rows is None:
-        load, blocks = (lambda: finite(g.load(name), where)), (lambda: g.blocks(name))
+        load, blocks, raw = (lambda: finite(g.load(name), where)), (lambda: g.blocks(name)), (lambda: g.raw(name))
     else:
         load = lambda: finite(np.ascontiguousarray(g.load(name)[rows]), where)          # noqa: E731
         blocks = lambda: tuple(np.ascontiguousarray(a[rows]) for a in g.blocks(name))   # noqa: E731
+        raw = lambda: np.ascontiguousarray(g.raw(name)[rows])                            # noqa: E731
+    matrix = len(shape) == 2
     return SourceTensor(name=internal, shape=shape, ggml_type=tname, load=load,
-                        blocks=blocks if tname in EXACT_TYPES and len(shape) == 2 else None)
+                        blocks=blocks if tname in EXACT_TYPES and matrix else None, raw=raw if matrix else None)
 
 
 def read_gguf(path, with_tokenizer: bool = True) -> SourceModel:

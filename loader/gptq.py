@@ -45,10 +45,15 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group: int, *, asymme
         o = qt.offsets[:, 0].astype(np.float64) if asymmetric else np.zeros(N)
         S[:, g0 // group], O[:, g0 // group] = s, o
         safe = np.where(s > 0, s, 1.0)          # an all-zero group has scale 0: every code gives 0
-        for j in range(g0, g0 + group):
+        g1 = g0 + group
+        E = np.empty((N, group))
+        for j in range(g0, g1):
             c = codes_of(W[:, j] - o, safe, bits)
             q = s * values_of(c, bits) + o
             codes[:, j] = c
-            err = (W[:, j] - q) / U[j, j]
-            W[:, j + 1:] -= np.outer(err, U[j, j + 1:])
+            E[:, j - g0] = err = (W[:, j] - q) / U[j, j]
+            W[:, j + 1:g1] -= np.outer(err, U[j, j + 1:g1])
+        # the later groups take the whole group's errors in one product (GPTQ's lazy batch update: the
+        # same sums, one matrix product instead of `group` rank-1 passes over every later column)
+        W[:, g1:] -= E @ U[g0:g1, g1:]
     return QuantTensor(codes, S.astype(np.float32), O.astype(np.float32) if asymmetric else None, bits, group, K)

@@ -21,6 +21,7 @@ import numpy as np
 
 from loader.bipolar import PackedLinear
 from loader.errors import FormatError
+from loader.kquant import SubScales
 from loader.safe_write import check_destination, clean_stale, make_temp, replace_dir, storage_error
 from loader.source import ModelConfig, expected_shapes
 from loader.validate import (PACKED_SCHEMA, check_model_config, check_object, check_packed_tensor, load_json,
@@ -45,7 +46,9 @@ class PackedModel:
         for n in names:
             t = self.tensors.get(n)
             if isinstance(t, PackedLinear):
-                arrays += [a for a in (t.planes, t.scales, t.offsets, t.smooth) if a is not None]
+                params = ((t.sub.d, t.sub.sc, t.sub.dmin, t.sub.m) if t.sub is not None   # (never computed)
+                          else (t.scales, t.offsets))
+                arrays += [a for a in (t.planes, *params, t.smooth) if a is not None]
             elif isinstance(t, np.ndarray):
                 arrays.append(t)
         return self.mapping.release(arrays)
@@ -63,11 +66,14 @@ class PackedModel:
 
 FORMAT = "anybit-packed"
 # 2 added a per-tensor "rotate" (loader/rotation.py); 3 adds "config_sha256", a checksum of config.json
-# itself, so that an edited field (n_layers, K) is refused instead of silently changing the model
-VERSION = 3
-READABLE = (1, 2, 3)
-_DTYPES = {"F32": 4, "U32": 4, "F16": 2, "I32": 4, "U8": 1}
-_NP = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
+# itself, so that an edited field (n_layers, K) is refused instead of silently changing the model; 4 adds
+# two-level parameters (a tensor's "sub" and its d / sc / dmin / m arrays, loader/kquant.py). A model is
+# written as 4 only when it has a two-level tensor, so that older readers still take the others.
+VERSION = 4
+READABLE = (1, 2, 3, 4)
+_DTYPES = {"F32": 4, "U32": 4, "F16": 2, "I32": 4, "U8": 1, "I8": 1}
+_NP = {"F32": np.float32, "U32": np.uint32, "F16": np.float16, "I32": np.int32, "U8": np.uint8, "I8": np.int8}
+SUB_FIELDS = ("d", "sc", "dmin", "m")      # two-level parameters (loader/kquant.py SubScales)
 
 
 def is_packed_dir(path: str | os.PathLike) -> bool:
@@ -95,28 +101,6 @@ def config_digest(config: dict) -> str:
 
 
 PACKED_FILES = {"model.safetensors", "tokenizer.json", "config.json"}
-_ST_NAMES = {np.dtype(v): k for k, v in _NP.items()}
-
-
-def save_file(arrays: dict[str, np.ndarray], path: str) -> None:
-    """Write a safetensors file, streaming each array from its own memory: the Rust writer builds the
-    whole file in memory first (a second copy of the model) and aborts the process when that allocation
-    fails under a memory limit, where this raises MemoryError or OSError like any other write."""
-    # wider items first: every tensor then starts aligned to its item size (the header is padded to 8)
-    arrays = dict(sorted(arrays.items(), key=lambda kv: -kv[1].dtype.itemsize))
-    header, off = {}, 0
-    for name, a in arrays.items():
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for a in arrays.values():
-            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def check_out_dir(out, *, force: bool = False, source=None) -> Path:
@@ -136,51 +120,10 @@ def _check_finite(name: str, arrays) -> None:
 def write_packed(model: PackedModel, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Write `model` to `out_dir` atomically. An existing packed (or empty) directory is replaced only on
     success; anything else at out_dir is refused unless force. Temporaries of writers that died are
-    removed first."""
-    out = check_out_dir(out_dir, force=force)
-    arrays: dict[str, np.ndarray] = {}
-    tensors: dict[str, dict] = {}
-    for name, t in model.tensors.items():
-        if isinstance(t, PackedLinear):
-            _check_finite(name, (t.scales, t.offsets, t.smooth))
-            arrays[f"{name}.planes"] = np.ascontiguousarray(t.planes)
-            arrays[f"{name}.scales"] = np.ascontiguousarray(t.scales, np.float32)
-            if t.offsets is not None:
-                arrays[f"{name}.offsets"] = np.ascontiguousarray(t.offsets, np.float32)
-            if t.smooth is not None:
-                arrays[f"{name}.smooth"] = np.ascontiguousarray(t.smooth, np.float32)
-            meta = model.info.get(name, {})
-            tensors[name] = {"bits": t.bits, "group": t.group, "K": t.K, "N": t.N,
-                             "offsets": t.offsets is not None, "smooth": t.smooth is not None,
-                             "exact": bool(meta.get("exact", False)), "rel_err": meta.get("rel_err"),
-                             "source_type": meta.get("source_type"), "rotate": t.rotate}
-        else:
-            arrays[name] = np.ascontiguousarray(t, np.float32)
-            _check_finite(name, (arrays[name],))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out.parent, out.name, PACKED_FILES)       # what writers of this output left when killed
-        tmp = make_temp(out)
-    except OSError as e:
-        raise storage_error(e, out) from None
-    try:
-        try:
-            save_file(arrays, str(tmp / "model.safetensors"))
-            (tmp / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
-            config = {"format": FORMAT, "version": VERSION, "architecture": model.config.arch,
-                      "model": model.config.to_dict(), "recipe": model.recipe, "tensors": tensors,
-                      "sha256": sha256_file(tmp / "model.safetensors")}
-            config["config_sha256"] = config_digest(config)
-            (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-            replace_dir(tmp, out)
-        except MemoryError:
-            raise
-        except Exception as e:          # OSError (a full disk), and whatever a writer raises
-            raise storage_error(e, out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    removed first. (The writer is loader/pack_writer.py, which also streams a model to disk while it is
+    packed.)"""
+    from loader.pack_writer import write_model
+    return write_model(model, out_dir, force=force)
 
 
 class FileMap:
@@ -249,6 +192,9 @@ def read_config(d: Path) -> dict:
     check_model_config(config["model"], f"{path}: model")
     for name, meta in (config.get("tensors") or {}).items():
         check_packed_tensor(meta, f"{path}: tensors[{name!r}]")
+        if meta.get("sub") is not None and config["version"] < 4:
+            raise FormatError(f"{path}: tensors[{name!r}] has two-level parameters (sub), which need format "
+                              f"version 4, not {config['version']}")
     return config
 
 
@@ -296,17 +242,26 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True) -> PackedModel:
     info = {}
     for name, meta in (config.get("tensors") or {}).items():
         try:
-            lin = PackedLinear(arrays.pop(f"{name}.planes"), arrays.pop(f"{name}.scales"),
-                               arrays.pop(f"{name}.offsets", None) if meta.get("offsets", True) else None,
+            sub = None
+            if meta.get("sub") is not None:
+                sm = meta["sub"]
+                f = {k: arrays.pop(f"{name}.{k}", None) for k in SUB_FIELDS}
+                if f["d"] is None:
+                    raise KeyError(f"{name}.d")
+                sub = SubScales(f["d"], f["sc"], f["dmin"], f["m"], float(sm["c0"]), int(sm["G"]), int(sm["S"]),
+                                bool(sm.get("nib")))
+            lin = PackedLinear(arrays.pop(f"{name}.planes"), None if sub else arrays.pop(f"{name}.scales"),
+                               None if sub or not meta.get("offsets", True) else arrays.pop(f"{name}.offsets", None),
                                meta["bits"], meta["group"], meta["K"], meta["N"],
-                               arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0))
+                               arrays.pop(f"{name}.smooth", None), int(meta.get("rotate") or 0), sub)
         except KeyError as e:
             raise FormatError(f"{st}: packed tensor {name} lacks {e}") from None
         except FormatError as e:
             raise FormatError(f"{st}: packed tensor {name}: {e}") from None
         if lin.smooth is not None and lin.smooth.shape != (lin.K,):
             raise FormatError(f"{st}: packed tensor {name}: smooth shape {lin.smooth.shape}, expected ({lin.K},)")
-        if lin.scales.dtype != np.float32 or (lin.offsets is not None and lin.offsets.dtype != np.float32):
+        if lin.sub is None and (lin.scales.dtype != np.float32
+                                or (lin.offsets is not None and lin.offsets.dtype != np.float32)):
             raise FormatError(f"{st}: packed tensor {name}: scales and offsets must be float32")
         tensors[name] = lin
         info[name] = {k: meta.get(k) for k in ("bits", "group", "exact", "rel_err", "source_type")}

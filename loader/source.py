@@ -195,12 +195,15 @@ class SourceTensor:
     `ggml_type` is set for GGUF tensors; `blocks()` then returns the raw block fields for exact import:
     for Q4_0 / Q8_0 `(d, q)`, for Q4_1 `(d, m, q)`, with d, m float32 (N, K//32) and q int (N, K)
     (Q4_x: 0..15 unsigned; Q8_0: -128..127 signed).
+    `raw()`, where set, returns the tensor's stored bytes as uint8 (rows, bytes per row), a view of the
+    mapped file: the packer's C loops read GGUF blocks from it directly (loader/pack_ops.py).
     """
     name: str
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
     ggml_type: str | None = None
     blocks: Callable[[], tuple] | None = None
+    raw: Callable[[], np.ndarray] | None = None
 
 
 @dataclass

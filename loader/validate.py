@@ -338,12 +338,29 @@ PACKED_TENSOR_SCHEMA = {
     "rel_err": Rule("num", 0, null=True),
     "source_type": Rule("str", null=True),
     "rotate": Rule("int", 0, 4096, null=True),
+    "sub": Rule("dict", null=True),             # two-level parameters (format version 4, loader/kquant.py)
+}
+_PACKED_SUB_TENSOR_SCHEMA = dict(PACKED_TENSOR_SCHEMA, group=Rule("int", 16, MAX_DIM, required=True))
+PACKED_SUB_SCHEMA = {
+    "G": Rule("int", choices=(16, 32), required=True),
+    "S": Rule("int", 32, 4096, required=True),
+    "c0": Rule("num", -256, 256, required=True),
+    "nib": Rule("bool", null=True),
 }
 
 
 def check_packed_tensor(meta, where: str) -> dict:
-    check_object(meta, PACKED_TENSOR_SCHEMA, where)
-    if meta["group"] % 32:
+    sub = meta.get("sub") if isinstance(meta, dict) else None
+    # a two-level tensor's group is its sub-block, 16 or 32 lanes (checked against G below)
+    check_object(meta, _PACKED_SUB_TENSOR_SCHEMA if sub is not None else PACKED_TENSOR_SCHEMA, where)
+    if sub is not None:
+        check_object(sub, PACKED_SUB_SCHEMA, f"{where}: sub")
+        if sub["S"] % 32 or sub["S"] % sub["G"] or meta["group"] != sub["G"]:
+            raise FormatError(f"{where}: sub-block G={sub['G']} / super-block S={sub['S']} do not fit group "
+                              f"{meta['group']} (S a multiple of 32 and of G, group = G)")
+        if meta.get("rotate") or meta.get("smooth"):
+            raise FormatError(f"{where}: a two-level (sub) tensor is neither rotated nor smoothed")
+    elif meta["group"] % 32:
         raise FormatError(f"{where}: group must be a multiple of 32, got {meta['group']}")
     rot = meta.get("rotate") or 0
     if rot and (rot < 2 or rot & (rot - 1) or meta["K"] % rot):

@@ -20,6 +20,12 @@ class GpuLinear:
     """A linear weight on the device: planes (p, N, Kw), scales/offsets (N, ngw), code sums (N, Kw/4)."""
 
     def __init__(self, be, lin: PackedLinear):
+        if lin.group % 32:
+            # two-level imports of Q6_K / Q3_K / Q2_K have 16-lane sub-blocks (loader/kquant.py); the GPU
+            # kernels apply one scale per 32-lane word at least
+            raise ValueError(f"the GPU kernels need weight groups of 32 lanes or more, this weight has {lin.group} "
+                             "(a 16-lane GGUF sub-block): run it on the CPU, or pack with --wbits below the "
+                             "source's bits to re-quantize at 32")
         gp = to_gpu_planes(lin.planes)
         self.lin, self.N, self.K, self.p, self.G = lin, lin.N, lin.K, lin.bits, lin.group
         self.Kw, self.ngw = gp.shape[2], lin.scales.shape[1]

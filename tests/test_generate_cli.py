@@ -22,13 +22,24 @@ def default_model(default_gguf):
 
 
 def test_greedy_json_has_the_contract_fields_and_coherent_text(default_model):
-    p = run("The capital of France is", "--model", default_model, "--max-tokens", "8", "--json", "--device", "cpu")
+    p = run("The capital of France is", "--raw", "--model", default_model, "--max-tokens", "8", "--json",
+            "--device", "cpu")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert JSON_FIELDS <= set(out)
     assert out["generated_tokens"] == len(out["ids"]) == 8 and out["wbits"] == 4 and out["abits"] == 16
-    assert "Paris" in out["text"]
+    assert "Paris" in out["text"] and out["chat"] is False
     assert "Traceback" not in p.stderr
+
+
+def test_readme_first_command_answers_with_a_sentence_naming_paris(default_model):
+    """The instruct model gets its chat template by default (as llama.cpp's CLI does); as plain completion
+    the same prompt ran on into "The answer is: 2018-01-22 12:12:53"."""
+    p = run("The capital of France is", "--max-tokens", "40", "--json", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["chat"] is True and out["stop_reason"] == "eos"
+    assert out["text"].strip() == "The capital of France is Paris."
 
 
 def test_streams_text_and_prints_statistics_to_stderr(default_model):

@@ -2,6 +2,7 @@
 the report written to --out as each step finishes; the dry run itself (every step against the
 interpreter or skipped with its reason) as CI runs it."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,13 @@ def test_plan_orders_by_value_and_fits_the_machine():
 
 
 def test_a_step_past_its_limit_is_cut_and_the_report_still_written(tmp_path):
-    """An 8-second budget cannot hold the kernels step: it is killed, recorded as a timeout, and the
-    steps after it are marked as not run; the files are in --out."""
+    """A kernels step that hangs (ANYBIT_GPU_REPORT_STALL) is killed at the 8-second budget, recorded as a
+    timeout, and the steps after it are marked as not run; the files are in --out."""
     out = tmp_path / "o"
+    env = dict(os.environ, ANYBIT_GPU_REPORT_STALL="kernels")
     p = subprocess.run([sys.executable, "-m", "tools.gpu_report", "--dry-run", "--out", str(out), "--only",
-                        "kernels,pytest", "--budget", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "kernels,pytest", "--budget", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env)
     assert p.returncode == 1, p.stdout + p.stderr
     rep = json.loads((out / "gpu-report.json").read_text())
     k = rep["steps"]["kernels"]

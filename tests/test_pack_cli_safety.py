@@ -126,10 +126,22 @@ def test_full_disk_leaves_nothing_and_keeps_the_old_output(gguf, tmp_path, monke
     capsys.readouterr()
     import errno
 
-    def full(arrays, path):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("loader.packed.save_file", full)
+    from loader.pack_writer import PackedWriter
+    real_add = PackedWriter.add
+
+    class FullDisk:                     # the temporary file's writes fail as on a full disk
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    def full(self, key, a):
+        if not isinstance(self.f, FullDisk):
+            self.f.close()
+            self.f = FullDisk()
+        return real_add(self, key, a)
+    monkeypatch.setattr(PackedWriter, "add", full)
     assert pack.main([str(gguf), str(out), "--wbits", "4"]) == 1
     err = capsys.readouterr().err.splitlines()[-1]      # after the progress bar: one line
     assert err.startswith("error: cannot write") and "the disk is full" in err
@@ -137,11 +149,14 @@ def test_full_disk_leaves_nothing_and_keeps_the_old_output(gguf, tmp_path, monke
 
 
 def test_sigterm_in_process_removes_the_temporary(gguf, tmp_path, monkeypatch, capsys):
-    def term(arrays, path):
-        Path(path).write_bytes(b"x" * 1000)
+    from loader.pack_writer import PackedWriter
+    real_add = PackedWriter.add
+
+    def term(self, key, a):
+        real_add(self, key, a)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
-    monkeypatch.setattr("loader.packed.save_file", term)
+    monkeypatch.setattr(PackedWriter, "add", term)
     assert run(pack.main, [str(gguf), str(tmp_path / "out")]) == 143
     assert "terminated" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
@@ -149,10 +164,10 @@ def test_sigterm_in_process_removes_the_temporary(gguf, tmp_path, monkeypatch, c
 
 def test_sigterm_to_a_real_pack_process(gguf, tmp_path):
     """A real process and signal: the pack is held inside its write; SIGTERM must remove the temporary."""
-    code = ("import sys, time, loader.packed as lp\n"
-            "real = lp.save_file\n"
-            "def slow(a, p):\n    real(a, p); time.sleep(60)\n"
-            "lp.save_file = slow\n"
+    code = ("import sys, time\nfrom loader.pack_writer import PackedWriter as W\n"
+            "real = W.add\n"
+            "def slow(self, k, a):\n    real(self, k, a); self.f.flush(); time.sleep(60)\n"
+            "W.add = slow\n"
             "from engine.cli_common import run\nfrom tools import pack\n"
             "sys.exit(run(pack.main, sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -306,12 +306,14 @@ def test_low_memory_limit_is_one_line(tmp_path, stage):
     gguf = tmp_path / "t.gguf"
     write_tiny_gguf(gguf)
     if stage == "allocation":
-        # just before the write: the limit inside NumPy's quantization ufuncs instead can crash NumPy
-        # itself (a segfault in np.rint under RLIMIT_AS, numpy 2.x), which no caller can turn into a message
-        setup = ("import tokenizers, loader.tokenizer, loader.packed\n"
-                 "real = loader.packed.write_packed\n"
-                 "def limited(*a, **k):\n    limit(1 << 20)\n    return real(*a, **k)\n"
-                 "loader.packed.write_packed = limited\n")
+        # once the streaming writer has its temporary: packing the tensors (C loops over NumPy buffers)
+        # cannot allocate. (The limit inside NumPy's own quantization ufuncs instead can crash NumPy itself,
+        # a segfault in np.rint under RLIMIT_AS, numpy 2.x, which no caller can turn into a message.)
+        setup = ("import tokenizers, loader.tokenizer, loader.packed, loader.pack_writer, loader.pack_ops\n"
+                 "W = loader.pack_writer.PackedWriter\n"
+                 "real = W.__init__\n"
+                 "def limited(self, *a, **k):\n    real(self, *a, **k)\n    limit(0)\n"
+                 "W.__init__ = limited\n")
     else:
         setup = "limit(1 << 20)\n"
     code = ("import sys\n" + LIMIT + "from engine.cli_common import run\nfrom tools import pack\n"

@@ -89,6 +89,8 @@ def step(report: dict, name: str, fn) -> None:
 def run_one(name: str, result: Path, ctx: dict) -> int:
     from tools import gpu_report_steps as steps
     fn = getattr(steps, dict((s[0], s[1]) for s in STEPS)[name])
+    if os.environ.get("ANYBIT_GPU_REPORT_STALL") == name:     # tests: a step that never ends by itself
+        time.sleep(3600)
     report = {"steps": {}}
     step(report, name, lambda: fn(ctx))
     result.write_text(json.dumps(report["steps"][name], default=str))

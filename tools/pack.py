@@ -1,8 +1,10 @@
 """`python -m tools.pack SRC OUT --wbits 4 --group 128 ...`: a GGUF file or HF directory to a packed model.
 
 Shows a progress bar while packing and ends with a summary: bytes before and after, how many tensors
-were imported exactly (GGUF Q4_0/Q4_1/Q8_0 blocks at matching precision and G = 32), and the relative
-error of the others. SRC may be "default" (SmolLM2) or "default-embedder" (all-MiniLM-L6-v2).
+were imported exactly (GGUF Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K..Q6_K blocks at matching or higher precision
+and the source's sub-block), and per source tensor type what was exact and what was rounded, with the
+relative error. `--wbits source` (or 0) packs every tensor at its source type's own bits. SRC may be
+"default" (SmolLM2) or "default-embedder" (all-MiniLM-L6-v2).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from pathlib import Path
 
 
 def _bits(s: str) -> int:
-    v = int(s)
-    if not 1 <= v <= 8:
-        raise argparse.ArgumentTypeError(f"must be 1..8, got {v}")
+    v = 0 if s == "source" else int(s)
+    if not 0 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"must be 1..8, or 0 / 'source' (each tensor at its source's bits), got {v}")
     return v
 
 
@@ -33,19 +35,8 @@ def source_bytes(src: Path) -> int:
 
 
 def summarize(pm, src_bytes: int, seconds: float) -> str:
-    info = pm.info
-    exact = [n for n, m in info.items() if m["exact"]]
-    approx = sorted(((m["rel_err"], n) for n, m in info.items() if not m["exact"]), reverse=True)
-    lines = [f"packed {len(info)} linear tensors in {seconds:.1f} s: {src_bytes / 2**20:.1f} MiB source -> "
-             f"{pm.weight_bytes / 2**20:.1f} MiB packed",
-             f"  exact import (lossless): {len(exact)} tensors"]
-    if approx:
-        errs = [e for e, _ in approx]
-        lines.append(f"  rounded: {len(approx)} tensors, relative error mean {sum(errs) / len(errs):.4f}, "
-                     f"worst {approx[0][0]:.4f} ({approx[0][1]})")
-    bits = sorted({(m["bits"], m["group"]) for m in info.values()})
-    lines.append("  recipes: " + ", ".join(f"W{b} G{g}" for b, g in bits))
-    return "\n".join(lines)
+    from loader.progress import summary
+    return summary(pm.info, seconds, pm.weight_bytes, src_bytes)
 
 
 def main(argv=None) -> int:
@@ -55,8 +46,9 @@ def main(argv=None) -> int:
                                "if it is an anybit packed directory or empty, unless --force)")
     p.add_argument("--wbits", type=_bits, default=4)
     p.add_argument("--group", type=_group, default=None,
-                   help="multiple of 32 up to the model's widest input, or 'channel' "
-                        "(default: 32 where exact, else 128)")
+                   help="multiple of 32 up to the model's widest input, or 'channel' (default: the source's "
+                        "sub-block, 16 or 32, where the import is exact; 32 for other quantized sources; 128 "
+                        "for float ones)")
     p.add_argument("--symmetric", action="store_true", help="no per-group offset")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search")
     p.add_argument("--head-bits", type=_bits, default=None, help="bits of the output projection")
@@ -71,8 +63,10 @@ def main(argv=None) -> int:
 
     from engine.cli_common import report
     from engine.model_store import resolve_source
-    from loader.pack import Recipe, progress_bar, quantize_model
-    from loader.packed import check_out_dir, write_packed
+    from loader.pack import Recipe
+    from loader.pack_writer import pack_to_dir
+    from loader.packed import check_out_dir, read_packed
+    from loader.progress import Progress
     from loader.sources import read_source
     from loader.validate import check_group
     try:
@@ -91,8 +85,10 @@ def main(argv=None) -> int:
             from engine.calibrate import smoothing_factors
             smooth = smoothing_factors(src)
         t0 = time.perf_counter()
-        pm = quantize_model(src, recipe, smooth=smooth, progress=progress_bar(f"packing W{args.wbits}"))
-        write_packed(pm, args.out, force=args.force)
+        # each tensor goes to disk as soon as it is packed: peak memory stays near one tensor's work
+        pack_to_dir(src, recipe, args.out, smooth=smooth, progress=Progress(f"packing W{args.wbits}" if args.wbits else "packing at source bits"),
+                    force=args.force)
+        pm = read_packed(args.out, verify=False)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -59,6 +59,80 @@ void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, con
 #define AB_F16_ZK(f) ((f) >> 16)
 #include <string.h>
 #include <immintrin.h>
+
+/* f16 = AB_F16_KQ: two-level group parameters (loader/kquant.py SubScales, runtime/cpu/layout.py
+ * kq_blob). wsc points to an ab_kq header followed by its arrays, woff is NULL; the G a kernel is called
+ * with is the super-block S (a multiple of 32) and the groups of the parameters are the header's G = 16
+ * or 32 lanes. Per 64 tiled rows: a = d * sc, s = 0.5f * a, o = c0 * a - dmin * m, with d, dmin float16
+ * [Nt][Kp/S][64] and sc, m 8-bit [Nt][Kp/G][64] (sc absent: 1; m absent: 1; dmin absent: b = 0; nib: sc
+ * holds sc | m << 4). Every product is exact in float32 (11 + 8 significant bits times at most 5), so o
+ * has one rounding, that of the subtraction, on every isa (SubScales.params gives the same floats).
+ * The byte-code A16 kernel (kernels_int8.c) reads the codes in parts of cw[r] = 1, 2, 4 or 8 bits each
+ * (code = sum of part r << shift[r]; 5 bits = 4 + 1, 6 = 4 + 2, 3 = 2 + 1), so no code of 5 or 6 bits
+ * sits in an 8-bit container: per tile qtot chunks of 256 bytes, part r from chunk qoff[r], chunk j of
+ * a part holding lanes 4*(per*j + u) + e in bits [cw*u, cw*u + cw) of byte e of each row's 4 bytes. */
+#define AB_F16_KQ (1 << 30)
+#define AB_KQ_MAGIC 0x3151424B
+#define AB_KQ_SC 1
+#define AB_KQ_DMIN 2
+#define AB_KQ_M 4
+#define AB_KQ_NIB 8
+#define AB_KQ_SIGNED 16
+typedef struct {
+    int32_t magic, G, S, flags;
+    float c0;
+    int32_t ng, nsb, nparts;
+    int64_t off_d, off_dmin, off_sc, off_m;
+    int32_t qtot, cw[3], shift[3], qoff[3];
+} ab_kq;
+
+AB_INLINE int ab_kq_ok(const ab_kq *k, int Kp) {
+    if (!k || k->magic != AB_KQ_MAGIC || !(k->G == 16 || k->G == 32) || k->S % k->G || k->S % 32 ||
+        Kp % k->S || k->ng != Kp / k->G || k->nsb != Kp / k->S || k->nparts < 1 || k->nparts > 3)
+        return 0;
+    int lanes = 0;
+    for (int r = 0; r < k->nparts; r++) {
+        int cw = k->cw[r];
+        if (!(cw == 1 || cw == 2 || cw == 4 || cw == 8) || k->shift[r] < 0 || k->shift[r] + cw > 8) return 0;
+        lanes += cw;
+    }
+    return lanes <= 8;
+}
+
+AB_INLINE float ab_h2f(uint16_t h);
+
+/* s, o of group g (of G lanes) for the 64 rows of tile t (portable; the SIMD forms do the same per lane). */
+AB_INLINE void ab_kq_params_portable(const ab_kq *k, size_t t, int g, float *sb, float *ob) {
+    const uint8_t *base = (const uint8_t *)k;
+    int J = g * k->G / k->S;
+    const uint16_t *d = (const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64;
+    const uint16_t *dm = (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64;
+    const uint8_t *sc = base + k->off_sc + ((size_t)t * k->ng + g) * 64;
+    const uint8_t *mm = base + k->off_m + ((size_t)t * k->ng + g) * 64;
+    for (int i = 0; i < 64; i++) {
+        float a = ab_h2f(d[i]);
+        if (k->flags & AB_KQ_SC) {
+            float v = k->flags & AB_KQ_SIGNED ? (float)(int8_t)sc[i] : (float)(k->flags & AB_KQ_NIB ? sc[i] & 15 : sc[i]);
+            a = a * v;
+        }
+        sb[i] = 0.5f * a;
+        float o = k->c0 * a;
+        if (k->flags & AB_KQ_DMIN) {
+            float mv = k->flags & AB_KQ_NIB ? (float)(sc[i] >> 4) : (k->flags & AB_KQ_M ? (float)mm[i] : 1.0f);
+            o = o - ab_h2f(dm[i]) * mv;
+        }
+        ob[i] = o;
+    }
+}
+
+AB_INLINE const float *ab_gp_kq_portable(const void *sc, size_t at, float *sb, float *ob, const float **wo) {
+    const ab_kq *k = sc;
+    size_t tg = at / 64;
+    ab_kq_params_portable(k, tg / k->ng, (int)(tg % k->ng), sb, ob);
+    *wo = ob;
+    return sb;
+}
+
 AB_INLINE float ab_h2f(uint16_t h) {
     uint32_t e = h >> 10 & 31, m = h & 1023u, bits;
     float v;
@@ -73,6 +147,7 @@ AB_INLINE float ab_h2f(uint16_t h) {
 
 AB_INLINE const float *ab_gp_portable(const void *sc, const void *off, int f16, size_t at,
                                       float *sb, float *ob, const float **wo) {
+    if (f16 & AB_F16_KQ) return ab_gp_kq_portable(sc, at, sb, ob, wo);
     if (!f16) {
         *wo = off ? (const float *)off + at : NULL;
         return (const float *)sc + at;
@@ -89,8 +164,44 @@ AB_INLINE const float *ab_gp_portable(const void *sc, const void *off, int f16, 
     return sb;
 }
 
+AB_AVX2 static inline const float *ab_gp_kq_avx2(const void *sc, size_t at, float *sb, float *ob,
+                                                 const float **wo) {
+    const ab_kq *k = sc;
+    const uint8_t *base = (const uint8_t *)k;
+    size_t tg = at / 64, t = tg / k->ng;
+    int g = (int)(tg % k->ng), J = g * k->G / k->S;
+    const uint16_t *d = (const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64;
+    const uint16_t *dm = (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64;
+    const uint8_t *scp = base + k->off_sc + ((size_t)t * k->ng + g) * 64;
+    const uint8_t *mm = base + k->off_m + ((size_t)t * k->ng + g) * 64;
+    const __m256 half = _mm256_set1_ps(0.5f), c0 = _mm256_set1_ps(k->c0);
+    const __m256i lo4 = _mm256_set1_epi32(15);
+    for (int i = 0; i < 64; i += 8) {
+        __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + i)));
+        __m128i s8 = _mm_loadl_epi64((const __m128i *)(scp + i));
+        __m256i su = _mm256_cvtepu8_epi32(s8);
+        if (k->flags & AB_KQ_SC) {
+            __m256i sv = k->flags & AB_KQ_SIGNED ? _mm256_cvtepi8_epi32(s8)
+                                                 : (k->flags & AB_KQ_NIB ? _mm256_and_si256(su, lo4) : su);
+            a = _mm256_mul_ps(a, _mm256_cvtepi32_ps(sv));
+        }
+        _mm256_storeu_ps(sb + i, _mm256_mul_ps(half, a));
+        __m256 o = _mm256_mul_ps(c0, a);
+        if (k->flags & AB_KQ_DMIN) {
+            __m256 mv = k->flags & AB_KQ_NIB ? _mm256_cvtepi32_ps(_mm256_srli_epi32(su, 4))
+                        : (k->flags & AB_KQ_M ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mm + i))))
+                                              : _mm256_set1_ps(1.0f));
+            o = _mm256_sub_ps(o, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + i))), mv));
+        }
+        _mm256_storeu_ps(ob + i, o);
+    }
+    *wo = ob;
+    return sb;
+}
+
 AB_AVX2 static inline const float *ab_gp_avx2(const void *sc, const void *off, int f16, size_t at,
                                               float *sb, float *ob, const float **wo) {
+    if (f16 & AB_F16_KQ) return ab_gp_kq_avx2(sc, at, sb, ob, wo);
     if (!f16) {
         *wo = off ? (const float *)off + at : NULL;
         return (const float *)sc + at;
@@ -111,8 +222,44 @@ AB_AVX2 static inline const float *ab_gp_avx2(const void *sc, const void *off, i
     return sb;
 }
 
+AB_AVX512 static inline const float *ab_gp_kq_avx512(const void *sc, size_t at, float *sb, float *ob,
+                                                     const float **wo) {
+    const ab_kq *k = sc;
+    const uint8_t *base = (const uint8_t *)k;
+    size_t tg = at / 64, t = tg / k->ng;
+    int g = (int)(tg % k->ng), J = g * k->G / k->S;
+    const uint16_t *d = (const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64;
+    const uint16_t *dm = (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64;
+    const uint8_t *scp = base + k->off_sc + ((size_t)t * k->ng + g) * 64;
+    const uint8_t *mm = base + k->off_m + ((size_t)t * k->ng + g) * 64;
+    const __m512 half = _mm512_set1_ps(0.5f), c0 = _mm512_set1_ps(k->c0);
+    const __m512i lo4 = _mm512_set1_epi32(15);
+    for (int i = 0; i < 64; i += 16) {
+        __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + i)));
+        __m128i s8 = _mm_loadu_si128((const __m128i *)(scp + i));
+        __m512i su = _mm512_cvtepu8_epi32(s8);
+        if (k->flags & AB_KQ_SC) {
+            __m512i sv = k->flags & AB_KQ_SIGNED ? _mm512_cvtepi8_epi32(s8)
+                                                 : (k->flags & AB_KQ_NIB ? _mm512_and_si512(su, lo4) : su);
+            a = _mm512_mul_ps(a, _mm512_cvtepi32_ps(sv));
+        }
+        _mm512_storeu_ps(sb + i, _mm512_mul_ps(half, a));
+        __m512 o = _mm512_mul_ps(c0, a);
+        if (k->flags & AB_KQ_DMIN) {
+            __m512 mv = k->flags & AB_KQ_NIB ? _mm512_cvtepi32_ps(_mm512_srli_epi32(su, 4))
+                        : (k->flags & AB_KQ_M ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mm + i))))
+                                              : _mm512_set1_ps(1.0f));
+            o = _mm512_sub_ps(o, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + i))), mv));
+        }
+        _mm512_storeu_ps(ob + i, o);
+    }
+    *wo = ob;
+    return sb;
+}
+
 AB_AVX512 static inline const float *ab_gp_avx512(const void *sc, const void *off, int f16, size_t at,
                                                   float *sb, float *ob, const float **wo) {
+    if (f16 & AB_F16_KQ) return ab_gp_kq_avx512(sc, at, sb, ob, wo);
     if (!f16) {
         *wo = off ? (const float *)off + at : NULL;
         return (const float *)sc + at;

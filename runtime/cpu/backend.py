@@ -64,7 +64,10 @@ class LinearHandle:
 
     @property
     def param_dtype(self) -> str:
-        """"float16" when the kernels read half-size group parameters (exact, see f16_params), else "float32"."""
+        """"float16" when the kernels read half-size group parameters (exact, see f16_params), "two-level"
+        for float16 d / dmin with 8-bit sub-scales (layout.kq_blob), else "float32"."""
+        if self.f16 == layout.KQ_FLAG:
+            return "two-level"
         return "float16" if self.wsc.dtype == np.float16 else "float32"
 
     @property
@@ -144,6 +147,8 @@ class CpuBackend(CpuOps):
     # ---- linears --------------------------------------------------------------------------------
     def prepare_linear(self, lin: PackedLinear) -> LinearHandle:
         planes = np.ascontiguousarray(lin.planes, dtype=np.uint32)
+        if lin.sub is not None:
+            return self._prepare_two_level(lin, planes)
         p = planes.shape[0]
         bytecodes = p >= self.i8_min_bits
         # float16 group parameters only for the byte-code kernels (the table kernel reads float32)
@@ -164,13 +169,33 @@ class CpuBackend(CpuOps):
                             layout.codes_tiles(planes) if bytecodes else None, wsc, woff,
                             planes if keep else None, None, f16=r)
 
+    def _prepare_two_level(self, lin: PackedLinear, planes: np.ndarray) -> LinearHandle:
+        """Two-level parameters (loader/kquant.py): the byte-code A16 kernel on every isa and precision,
+        codes in parts of 1/2/4 bits (a 5-bit code reads 5 bits, not 8) and the parameters as the source
+        stored them (layout.kq_blob). The kernels see G = the super-block S (a multiple of 32); the
+        header gives the 16- or 32-lane groups inside it."""
+        codes, parts = layout.kq_codes_tiles(planes)
+        blob = layout.kq_blob(lin.sub, lin.N, lin.Kp, parts, codes.shape[1])
+        keep = self.a16 == "f32" or self.quant == "popcount"
+        return LinearHandle(LinearShape.of(lin, group=lin.sub.S), None, codes, blob, None,
+                            planes if keep else None, None, f16=layout.KQ_FLAG)
+
+    @staticmethod
+    def _pgroup(lin) -> int:
+        """Lanes per group of the weight's parameters (a two-level handle's G is its super-block)."""
+        return lin.sub.G if lin.sub is not None else lin.group
+
     @staticmethod
     def _planes(h: LinearHandle, keep: bool = False) -> np.ndarray:
         """The canonical planes (p, N, Kp/32) uint32: kept ones, or rebuilt exactly from the kernel tiles
         (and kept when a kernel reads them on every call)."""
         if h.planes is None:
-            planes = (layout.uncodes_tiles(h.codes, h.lin.N, h.lin.bits) if h.codes is not None
-                      else layout.unpreprocess(h.wl, h.lin.N))
+            if h.f16 == layout.KQ_FLAG:
+                planes = layout.kq_uncodes_tiles(h.codes, h.lin.N, h.lin.bits, h.lin.Kp)
+            elif h.codes is not None:
+                planes = layout.uncodes_tiles(h.codes, h.lin.N, h.lin.bits)
+            else:
+                planes = layout.unpreprocess(h.wl, h.lin.N)
             if not keep:
                 return planes
             h.planes = planes
@@ -202,10 +227,14 @@ class CpuBackend(CpuOps):
             if lin.smooth is not None:
                 x = np.ascontiguousarray(x / lin.smooth.astype(np.float32))
             if self.a16 == "f32":
+                # locals: a two-level weight's float32 parameters are computed on read, and a pointer
+                # into a temporary would outlive it
+                sc, of = np.asarray(lin.scales, np.float32), lin.offsets
+                of = None if of is None else np.asarray(of, np.float32)
                 rc = self._lib.ab_linear_a16_f32(
-                    self._live_pool, self._p("uint32_t *", self._planes(h, keep=True)), self._p("float *", np.asarray(lin.scales, np.float32)),
-                    self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
-                    lin.bits, lin.N, lin.Kp, lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
+                    self._live_pool, self._p("uint32_t *", self._planes(h, keep=True)), self._p("float *", sc),
+                    self._p("float *", of),
+                    lin.bits, lin.N, lin.Kp, self._pgroup(lin), self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
             elif h.codes is not None:
                 rc = self._lib.ab_linear_i8(
                     self._live_pool, self._isa_code, self._p("uint8_t *", h.codes), self._p("void *", h.wsc),
@@ -224,15 +253,16 @@ class CpuBackend(CpuOps):
     def _agroups(self, lin, agroup) -> tuple[int, int]:
         """(Ga as the kernel sees it, block lanes L). Per token -> Ga = Kp (one group over all lanes)."""
         k32 = round_up(lin.K, LANES)
-        ga = lin.group if agroup is None else (k32 if agroup == "token" else int(agroup))
+        G = self._pgroup(lin)
+        ga = max(G, LANES) if agroup is None else (k32 if agroup == "token" else int(agroup))
         if ga <= 0 or ga % LANES:
             raise ValueError(f"agroup must be a positive multiple of {LANES} or 'token', got {agroup!r}")
         ga = min(ga, k32)
         if ga >= k32:
-            return lin.Kp, lin.group
-        small, big = sorted((ga, lin.group))
+            return lin.Kp, G
+        small, big = sorted((ga, G))
         if big % small:
-            raise ValueError(f"activation group {ga} and weight group {lin.group}: the smaller must divide the larger")
+            raise ValueError(f"activation group {ga} and weight group {G}: the smaller must divide the larger")
         return ga, small
 
     def quantize_activations(self, x: np.ndarray, abits: int, ga: int, Kp: int, smooth=None):
@@ -263,8 +293,11 @@ class CpuBackend(CpuOps):
         """Build (once) what the byte kernel reads: code tiles (shared with A16 when present), word sums."""
         if h.qcodes is None or h.wpw is None:
             planes = self._planes(h)                                         # once; not kept
+            kq = h.f16 == layout.KQ_FLAG          # A16 reads its codes in parts; this kernel whole containers
             if h.qcodes is None:
-                h.qcodes = h.codes if h.codes is not None else layout.codes_tiles(planes)
+                h.qcodes = h.codes if h.codes is not None and not kq else layout.codes_tiles(planes)
+            if h.wpw is None and kq and h.lin.sub.G == 16:
+                h.wpw = layout.tile_rows(layout.code_sums(planes, 16) * 2)    # per 16 lanes (kernels_quant.c wu)
             if h.wpw is None:
                 p, N, W = planes.shape
                 wpw = np.empty((-(-N // layout.TILE), W, layout.TILE), np.int32)
@@ -294,6 +327,9 @@ class CpuBackend(CpuOps):
         if (kernel or self.quant) == "bytes" and h.lin.Kp <= 32768:
             return self._linear_bytes(h, x, abits, agroup, y, debug)
         lin = h.lin
+        if self._pgroup(lin) % LANES:
+            raise ValueError("the popcount kernel needs weight groups of 32 lanes or more; this weight has "
+                             f"{self._pgroup(lin)}-lane sub-blocks (use quant='bytes')")
         self._planes(h, keep=True)        # kept already, unless prepared under another kernel choice
         if h.wcsum is None:
             p, N, W = h.planes.shape
@@ -305,11 +341,12 @@ class CpuBackend(CpuOps):
         nb = lin.Kp // L
         dI = np.empty((M, lin.N, nb), np.int64) if debug else None
         dU = np.empty((M, lin.N, nb), np.int64) if debug else None
+        sc, of = np.asarray(lin.scales, np.float32), lin.offsets      # locals: see linear()
+        of = None if of is None else np.asarray(of, np.float32)
         rc = self._lib.ab_linear_quant(
             self._live_pool, self._isa_code, self._p("uint32_t *", h.planes), self._p("uint16_t *", h.wcsum),
-            self._p("float *", np.asarray(lin.scales, np.float32)),
-            self._p("float *", None if lin.offsets is None else np.asarray(lin.offsets, np.float32)),
-            lin.bits, lin.N, lin.Kp, lin.group, self._p("uint32_t *", aplanes), self._p("uint16_t *", acsum),
+            self._p("float *", sc), self._p("float *", of),
+            lin.bits, lin.N, lin.Kp, self._pgroup(lin), self._p("uint32_t *", aplanes), self._p("uint16_t *", acsum),
             self._p("float *", ascales), int(abits), ga, L, M, lin.K, self._p("float *", y),
             self._p("int64_t *", dI), self._p("int64_t *", dU))
         _check(rc, "linear_quant")

@@ -22,21 +22,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include "ab_internal.h"
-
-#define XQ 32639.0f
-
-typedef struct {
-    const uint8_t *codes;
-    const void *wsc, *woff;      /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
-    const float *x;
-    int f16, p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa, nr;
-    int16_t *x16;
-    int8_t *xh, *xl;
-    float *sx, *gs;
-    int32_t *px;           /* (2^p - 1) * sum of x16 per block, wrapped to 32 bits */
-    float *y;
-} i8_ctx;
+#include "ab_i8.h"
 
 /* Sum of x[k0..k0+G) (zero past K) in double, in a fixed order that every isa path reproduces: eight
  * lanes (lane l adds x[k0 + l + 8i] in turn), then ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)). */
@@ -129,18 +115,6 @@ AB_AVX512 static void i8_quantize_row_avx512(const i8_ctx *c, int m) {
 static void i8_quantize_row(const i8_ctx *c, int m) {
     if (c->isa == AB_ISA_AVX512) i8_quantize_row_avx512(c, m);
     else i8_quantize_row_portable(c, m);
-}
-
-/* Shared float epilogue of one block for 64 rows (the portable form; SIMD paths do the same per lane). */
-AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const float *wo, const int32_t *D,
-                         float *yacc) {
-    int g = b * c->L / c->G;
-    float l = c->sx[(size_t)m * c->nb + b];
-    for (int i = 0; i < 64; i++) yacc[i] += (float)D[i] * (ws[i] * l);
-    if (wo && ((b + 1) * c->L) % c->G == 0) {
-        float s = c->gs[(size_t)m * c->ng + g];
-        for (int i = 0; i < 64; i++) yacc[i] += wo[i] * s;
-    }
 }
 
 static void i8_tile_portable(const i8_ctx *c, int t, int m0, int mc) {
@@ -288,7 +262,11 @@ static void i8_task(void *ctx, int task) {
     int t0, t1;
     ab_range(c->Nt, c->nr, r, &t0, &t1);
     for (int t = t0; t < t1; t++) {
-        if (c->isa == AB_ISA_AVX512) i8_tile_avx512(c, t, m0, mc);
+        if (c->kq) {
+            if (c->isa == AB_ISA_AVX512) ab_kq_tile_avx512(c, t, m0, mc);
+            else if (c->isa == AB_ISA_AVX2) ab_kq_tile_avx2(c, t, m0, mc);
+            else ab_kq_tile_portable(c, t, m0, mc);
+        } else if (c->isa == AB_ISA_AVX512) i8_tile_avx512(c, t, m0, mc);
         else if (c->isa == AB_ISA_AVX2) i8_tile_avx2(c, t, m0, mc);
         else i8_tile_portable(c, t, m0, mc);
     }
@@ -308,8 +286,8 @@ int ab_i8_ranges(ab_pool *pool, int Nt, int M) {
 static void i8_quant_task(void *ctx, int m) { i8_quantize_row(ctx, m); }
 
 /* Scratch bytes ab_i8_run needs for M rows of Kp lanes. */
-size_t ab_i8_scratch(int M, int Kp) {
-    return (size_t)M * ((size_t)Kp * 4 + (size_t)Kp / 32 * 8 + (size_t)Kp / 32 * 4) + 6 * 64;
+size_t ab_i8_scratch(int M, int Kp) {       /* blocks and groups down to 16 lanes (two-level weights) */
+    return (size_t)M * ((size_t)Kp * 4 + (size_t)Kp / 16 * 8 + (size_t)Kp / 16 * 4) + 6 * 64;
 }
 
 static inline void *carve(uintptr_t *s, size_t n) {
@@ -320,10 +298,22 @@ static inline void *carve(uintptr_t *s, size_t n) {
 
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
               int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch) {
-    if (p < 1 || p > 8 || f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16)) || !(cw == 2 || cw == 4 || cw == 8) || p > cw || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
+    const ab_kq *kq = f16 == AB_F16_KQ ? (const ab_kq *)wsc : NULL;
+    if (kq && !ab_kq_ok(kq, Kp)) return -3;
+    if (!kq && (f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16)) ||
+                !(cw == 2 || cw == 4 || cw == 8) || p > cw))
+        return -3;
+    if (p < 1 || p > 8 || G <= 0 || G % 32 || Kp % G || K > Kp || M < 0 || N < 0) return -3;
     if (M == 0 || N == 0) return 0;
     i8_ctx c;
-    c.codes = codes; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.x = x; c.y = y;
+    c.codes = codes; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.x = x; c.y = y; c.kq = kq;
+    if (kq) G = kq->G;      /* the parameters' groups (and the blocks) are the sub-blocks */
+    if (kq && kq->nparts == 1 && kq->cw[0] >= 2) {
+        /* one part: the codes are the plain cw-bit tiles, and the plain tile loops read the two-level
+         * parameters through ab_gp_* (the same floats as the part-combining path) */
+        cw = kq->cw[0];
+        c.kq = kq = NULL;
+    }
     c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L;
     c.M = M; c.K = K; c.Nt = (N + 63) / 64; c.isa = isa; c.mbmax = 8;
     void *own = NULL;

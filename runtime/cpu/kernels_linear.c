@@ -449,7 +449,7 @@ static void a16f_task(void *ctx, int n) {
 
 int ab_linear_a16_f32(ab_pool *pool, const uint32_t *planes, const float *scales, const float *offsets,
                       int p, int N, int Kp, int G, const float *x, int M, int K, float *y) {
-    if (p < 1 || p > 8 || G % 32 || Kp % G || K > Kp) return -3;
+    if (p < 1 || p > 8 || G <= 0 || G % 16 || Kp % G || K > Kp) return -3;    /* 16: two-level sub-blocks */
     a16f_ctx c = {planes, scales, offsets, x, p, N, Kp, G, M, K, Kp / 32, y};
     ab_pool_run(pool, a16f_task, &c, N);
     return 0;

@@ -31,6 +31,7 @@ typedef struct {
     const void *wsc, *woff;    /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
     int f16, p, cw, N, Kp, G, L, ng, nb, M, Nt, mbmax, isa, W, nr;
     int pt;                    /* tile whose parameters wsc/woff start at (0: all tiles; see qd_tile_avx512_per) */
+    int wu;                    /* lanes per wpw sum: 32, or 16 for two-level weights with 16-lane groups */
     const int8_t *xe;          /* (M, Kp) centred activation codes */
     const int16_t *xe16;       /* the same widened (AVX2) */
     const int32_t *pu;         /* (M, nb) P1 * U, wrapped */
@@ -136,8 +137,8 @@ static void qx_task(void *ctx, int m) { qx_row(ctx, m); }
 /* ---- one block's recovery for 64 rows (portable form; the SIMD paths do exactly this per lane) ------ */
 AB_INLINE void qd_finish(const qd_ctx *c, int t, int m, int b, const float *ws, const float *wo, const int32_t *D,
                          float *yacc) {
-    int Lw = c->L / 32;
-    const int32_t *pw = c->wpw + ((size_t)t * c->W + (size_t)b * Lw) * 64;
+    int Lw = c->L / c->wu;
+    const int32_t *pw = c->wpw + ((size_t)t * (c->Kp / c->wu) + (size_t)b * Lw) * 64;
     size_t mb = (size_t)m * c->nb + b;
     uint32_t pu = (uint32_t)c->pu[mb];
     float fu = c->fu[mb], sa = c->sa[mb];
@@ -192,14 +193,14 @@ static void qd_tile_portable(const qd_ctx *c, int t, int m0, int mc) {
 AB_AVX2 static void qd_tile_avx2(const qd_ctx *c, int t, int m0, int mc) {
     float yacc[8][64] __attribute__((aligned(32)));
     memset(yacc, 0, sizeof yacc);
-    int per = 8 / c->cw, qpb = c->L / (4 * per), Lw = c->L / 32;
+    int per = 8 / c->cw, qpb = c->L / (4 * per), Lw = c->L / c->wu;
     const __m128i mask = _mm_set1_epi8((char)((1 << c->cw) - 1));
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * per)) + (size_t)b * qpb) * 256;
         int g = b * c->L / c->G;
         float sb[64] __attribute__((aligned(32))), ob[64] __attribute__((aligned(32)));
         const float *wo, *ws = ab_gp_avx2(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
-        const int32_t *pw = c->wpw + ((size_t)t * c->W + (size_t)b * Lw) * 64;
+        const int32_t *pw = c->wpw + ((size_t)t * (c->Kp / c->wu) + (size_t)b * Lw) * 64;
         for (int m = m0; m < m0 + mc; m++) {
             const int16_t *q = c->xe16 + (size_t)m * c->Kp + (size_t)b * c->L;
             size_t mb = (size_t)m * c->nb + b;
@@ -245,13 +246,13 @@ AB_AVX512 AB_INLINE void qd_tile_avx512_k(const qd_ctx *c, int t, int m0, const 
     memset(yacc, 0, sizeof yacc);
     const int cw = 8 / PER;
     const __m512i mask = _mm512_set1_epi8((char)((1 << cw) - 1));
-    int qpb = c->L / (4 * PER), Lw = c->L / 32;
+    int qpb = c->L / (4 * PER), Lw = c->L / c->wu;
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
         int g = b * c->L / c->G;
         float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
         const float *wo, *ws = ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)(t - c->pt) * c->ng + g) * 64, sb, ob, &wo);
-        const int32_t *pw = c->wpw + ((size_t)t * c->W + (size_t)b * Lw) * 64;
+        const int32_t *pw = c->wpw + ((size_t)t * (c->Kp / c->wu) + (size_t)b * Lw) * 64;
         __m512i acc[4][4];
         for (int m = 0; m < MB; m++)
             for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_si512();
@@ -353,8 +354,8 @@ void ab_qd_word_sums(const uint32_t *planes, int p, int N, int W, int32_t *out) 
             }
 }
 
-size_t ab_qd_scratch(int M, int Kp) {
-    return (size_t)M * ((size_t)Kp * 3 + (size_t)Kp / 32 * 12 + (size_t)Kp / 32 * 4) + 8 * 64;
+size_t ab_qd_scratch(int M, int Kp) {       /* blocks down to 16 lanes (two-level weights) */
+    return (size_t)M * ((size_t)Kp * 3 + (size_t)Kp / 16 * 12 + (size_t)Kp / 16 * 4) + 8 * 64;
 }
 
 static inline void *carve(uintptr_t *s, size_t n) {
@@ -366,12 +367,23 @@ static inline void *carve(uintptr_t *s, size_t n) {
 int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc, const void *woff,
               int f16, int p, int cw, int N, int Kp, int G, int q, int Ga, int L, const float *x, const float *smooth,
               int M, int K, float *y, float *ascales, int64_t *dbg_I, int64_t *dbg_U, void *scratch) {
-    if (p < 1 || p > 8 || f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16)) || q < 1 || q > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || L <= 0 || L % 32 ||
+    /* two-level parameters (ab_internal.h): groups of the header's G (16 or 32) inside the G = S passed;
+     * the codes are plain cw containers here and wpw sums per G lanes when G = 16 */
+    const ab_kq *kq = f16 == AB_F16_KQ ? (const ab_kq *)wsc : NULL;
+    if (kq) {
+        if (!ab_kq_ok(kq, Kp) || G % kq->G) return -3;
+        G = kq->G;
+    } else if (f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16))) {
+        return -3;
+    }
+    int wu = kq && kq->G == 16 ? 16 : 32;
+    if (p < 1 || p > 8 || q < 1 || q > 8 || !(cw == 2 || cw == 4 || cw == 8) || p > cw || L <= 0 || L % wu ||
         L > 32768 || G <= 0 || Ga <= 0 || G % L || Ga % L || Kp % G || K > Kp || M < 0 || N < 0)
         return -3;
     if (M == 0 || N == 0) return 0;
     qd_ctx c;
     memset(&c, 0, sizeof c);
+    c.wu = wu;
     c.codes = codes; c.wpw = wpw; c.wsc = wsc; c.woff = woff; c.f16 = f16; c.y = y;
     c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = L; c.ng = Kp / G; c.nb = Kp / L; c.M = M;
     c.Nt = (N + 63) / 64; c.isa = isa; c.W = Kp / 32; c.mbmax = 8;

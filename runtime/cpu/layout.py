@@ -11,6 +11,8 @@ zero bytes; scales and offsets are tiled the same way (Nt, Kp/G, 64) so one vect
 """
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 TILE = 64
@@ -66,26 +68,47 @@ def container_bits(p: int) -> int:
     return 2 if p <= 2 else (4 if p <= 4 else 8)
 
 
+def _spread_table(lanes: int, cw: int) -> np.ndarray:
+    """For a run of `lanes` plane bits (8 or 16, one index value), where each bit lands in the byte-code
+    word: lane k = 4*u + e goes to byte e, bit cw*u. uint32 (8-lane runs at cw 4, 16 at cw 2) or uint64
+    (8 lanes at cw 8, one byte each)."""
+    idx = np.arange(1 << lanes, dtype=np.uint64)
+    out = np.zeros(1 << lanes, np.uint64)
+    for k in range(lanes):
+        pos = 8 * k if cw == 8 else 8 * (k % 4) + cw * (k // 4)
+        out |= ((idx >> np.uint64(k)) & np.uint64(1)) << np.uint64(pos)
+    return out if cw == 8 else out.astype(np.uint32)
+
+
+_SPREAD: dict[int, np.ndarray] = {}
+
+
 def codes_tiles(planes: np.ndarray) -> np.ndarray:
     """uint32 (p, N, W) canonical planes -> uint8 (ceil(N/64), Q, 64, 4) packed codes for kernels_int8.c,
     with cw = container_bits(p) bits per code, per = 8 // cw codes per byte, Q = 32*W / (4*per):
     bits [cw*u, cw*u + cw) of [t, j, r, e] hold the code of row 64t + r at lane 4*(per*j + u) + e
-    (code = planes read MSB first). Padding rows are zero."""
+    (code = planes read MSB first). Padding rows are zero.
+
+    One table lookup per plane byte (per 16 lanes at cw 2) spreads its bits to where they go in the
+    byte codes, shifted by the plane's weight: at first use this replaced a per-bit unpacking that was
+    the largest part of loading the default model (1.3 of 3 s)."""
     if planes.dtype != np.uint32 or planes.ndim != 3:
         raise ValueError(f"planes must be uint32 (p, N, W), got {planes.dtype} {planes.shape}")
     p, N, W = planes.shape
     cw = container_bits(p)
     per = 8 // cw
-    Nt = -(-N // TILE)
-    codes = np.zeros((Nt * TILE, 32 * W), np.uint8)
-    for r in range(p):          # one plane at a time keeps the temporary at N*Kp bytes
-        b = np.ascontiguousarray(planes[r], dtype="<u4").view(np.uint8)
-        codes[:N] |= np.unpackbits(b, axis=1, bitorder="little") << np.uint8(p - 1 - r)
-    q = codes.reshape(Nt, TILE, 8 * W // per, per, 4)
-    packed = np.zeros((Nt, TILE, 8 * W // per, 4), np.uint8)
-    for u in range(per):
-        packed |= q[:, :, :, u, :] << np.uint8(cw * u)
-    return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
+    Nt, Q = -(-N // TILE), 8 * W // per
+    if cw not in _SPREAD:
+        _SPREAD[cw] = _spread_table(16 if cw == 2 else 8, cw)
+    table = _SPREAD[cw]
+    unit = "<u2" if cw == 2 else "u1"                   # plane bits per lookup: 16 lanes or 8
+    acc = np.zeros((N, Q if cw != 8 else Q // 2), table.dtype)
+    for r in range(p):
+        runs = np.ascontiguousarray(planes[r], dtype="<u4").view(unit)
+        acc |= table[runs] << table.dtype.type(p - 1 - r)
+    out = np.zeros((Nt * TILE, Q, 4), np.uint8)
+    out[:N] = acc.astype(acc.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(N, Q, 4)
+    return np.ascontiguousarray(out.reshape(Nt, TILE, Q, 4).transpose(0, 2, 1, 3))
 
 
 def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
@@ -103,3 +126,108 @@ def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
         bits = (codes >> np.uint8(p - 1 - r)) & np.uint8(1)
         out[r] = np.packbits(bits, axis=1, bitorder="little").view("<u4").astype(np.uint32)
     return out
+
+
+# ---- two-level weights (loader/kquant.py): codes in parts of 1, 2, 4 or 8 bits, parameters in a blob ----
+
+KQ_FLAG = 1 << 30           # ab_internal.h AB_F16_KQ
+KQ_MAGIC = 0x3151424B
+# bits of each code part, low part first: no code of 3, 5, 6 or 7 bits sits in a wider container (a
+# nested 1-bit weight keeps a 2-bit one: single parts run on the plain tile loops, kernels_int8.c)
+KQ_PARTS = {1: (2,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+_KQ_HEADER = struct.Struct("<4if3i4q10i")       # ab_kq in ab_internal.h (104 bytes)
+_KQ_HEAD = 128
+
+
+def _codes_of_planes(planes: np.ndarray) -> np.ndarray:
+    p, N, W = planes.shape
+    codes = np.zeros((-(-N // TILE) * TILE, 32 * W), np.uint8)
+    for r in range(p):
+        b = np.ascontiguousarray(planes[r], dtype="<u4").view(np.uint8)
+        codes[:N] |= np.unpackbits(b, axis=1, bitorder="little") << np.uint8(p - 1 - r)
+    return codes
+
+
+def _container(codes: np.ndarray, cw: int) -> np.ndarray:
+    """(Nt*64, Kp) values < 2^cw -> (Nt, Kp/(4*per), 64, 4) with per = 8/cw values per byte, as codes_tiles."""
+    per = 8 // cw
+    R, Kp = codes.shape
+    q = codes.reshape(R // TILE, TILE, Kp // (4 * per), per, 4)
+    packed = np.zeros((R // TILE, TILE, Kp // (4 * per), 4), np.uint8)
+    for u in range(per):
+        packed |= q[:, :, :, u, :] << np.uint8(cw * u)
+    return packed.transpose(0, 2, 1, 3)
+
+
+def kq_codes_tiles(planes: np.ndarray, chunk_tiles: int = 64) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """uint32 (p, N, W) planes -> (uint8 (Nt, Qtot, 64, 4) code parts, [(cw, shift, qoff)] per part): part r
+    holds bits [shift, shift + cw) of each code in containers of cw bits (codes_tiles' layout), its
+    chunks from qoff on within each tile. Built chunk_tiles tiles at a time, so that the temporaries of a
+    large output projection (49152 x 4096) stay a few MB instead of several times its codes."""
+    p, N, W = planes.shape
+    Kp, Nt = 32 * W, -(-N // TILE)
+    parts, shift, qoff = [], 0, 0
+    for cw in KQ_PARTS[p]:
+        parts.append((cw, shift, qoff))
+        shift += cw
+        qoff += Kp // (4 * (8 // cw))
+    out = np.empty((Nt, qoff, TILE, 4), np.uint8)
+    for t0 in range(0, Nt, chunk_tiles):
+        t1 = min(Nt, t0 + chunk_tiles)
+        codes = _codes_of_planes(planes[:, t0 * TILE:min(N, t1 * TILE)])
+        for cw, sh, qo in parts:
+            out[t0:t1, qo:qo + Kp // (4 * (8 // cw))] = _container((codes >> np.uint8(sh)) & np.uint8((1 << cw) - 1), cw)
+    return out, parts
+
+
+def kq_uncodes_tiles(ct: np.ndarray, N: int, p: int, Kp: int) -> np.ndarray:
+    """Inverse of kq_codes_tiles: uint8 (Nt, Qtot, 64, 4) -> uint32 (p, N, Kp/32)."""
+    Nt = ct.shape[0]
+    codes = np.zeros((Nt * TILE, Kp), np.uint8)
+    qoff = shift = 0
+    for cw in KQ_PARTS[p]:
+        per = 8 // cw
+        q = Kp // (4 * per)
+        part = ct[:, qoff:qoff + q].transpose(0, 2, 1, 3).reshape(Nt * TILE, q, 1, 4)
+        sh = (cw * np.arange(per, dtype=np.uint8)).reshape(1, 1, per, 1)
+        codes |= ((part >> sh) & np.uint8((1 << cw) - 1)).reshape(Nt * TILE, Kp) << np.uint8(shift)
+        qoff += q
+        shift += cw
+    codes = codes[:N]
+    out = np.empty((p, N, Kp // 32), np.uint32)
+    for r in range(p):
+        bits = (codes >> np.uint8(p - 1 - r)) & np.uint8(1)
+        out[r] = np.packbits(bits, axis=1, bitorder="little").view("<u4").astype(np.uint32)
+    return out
+
+
+def kq_blob(sub, N: int, Kp: int, parts: list[tuple[int, int, int]], qtot: int) -> np.ndarray:
+    """The ab_kq header and its tiled arrays (d, dmin float16 [Nt][Kp/S][64]; sc, m 8-bit [Nt][Kp/G][64])
+    in one uint8 array: what the kernels read as wsc when f16 = KQ_FLAG."""
+    flags = ((1 if sub.sc is not None else 0) | (2 if sub.dmin is not None else 0) | (4 if sub.m is not None else 0)
+             | (8 if sub.nib else 0) | (16 if sub.sc is not None and sub.sc.dtype == np.int8 else 0))
+    tiles = {"d": tile_rows(sub.d)}
+    for f in ("dmin", "sc", "m"):
+        if getattr(sub, f) is not None:
+            tiles[f] = tile_rows(getattr(sub, f))
+    offs, pos = {}, _KQ_HEAD
+    for f, a in tiles.items():
+        offs[f] = pos
+        pos += -(-a.nbytes // 64) * 64
+    blob = np.zeros(pos, np.uint8)
+    for f, a in tiles.items():
+        blob[offs[f]:offs[f] + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    cw = [c for c, _s, _q in parts] + [0] * (3 - len(parts))
+    sh = [s for _c, s, _q in parts] + [0] * (3 - len(parts))
+    qo = [q for _c, _s, q in parts] + [0] * (3 - len(parts))
+    head = _KQ_HEADER.pack(KQ_MAGIC, sub.G, sub.S, flags, float(sub.c0), Kp // sub.G, Kp // sub.S, len(parts),
+                           offs["d"], offs.get("dmin", 0), offs.get("sc", 0), offs.get("m", 0), qtot, *cw, *sh, *qo)
+    blob[:len(head)] = np.frombuffer(head, np.uint8)
+    return blob
+
+
+def code_sums(planes: np.ndarray, lanes: int) -> np.ndarray:
+    """int32 (N, Kp / lanes): the sum of the codes of each run of `lanes` lanes of each row."""
+    p, N, W = planes.shape
+    codes = _codes_of_planes(planes)[:N].astype(np.int32)
+    return codes.reshape(N, -1, lanes).sum(-1).astype(np.int32)

@@ -3,6 +3,8 @@
     kernels   linear GEMV/GEMM on model shapes at W1..W8 x A1..A8/A16, beside NumPy (CPU) / cuBLAS (GPU)
     e2e       decoder tokens/s, TTFT, peak RSS beside llama.cpp on the same GGUF and thread count
     synth     decode tokens/s of a random-weight model with Llama-2-7B shapes, as a fraction of bandwidth
+    firstuse  seconds and memory of a first use (packing included) beside llama.cpp's time to first token
+    commands  seconds and peak memory of each command the README lists (first use and again)
     embed     embedding sentences/s at several precisions and batch sizes
     plot      PNG charts of the recorded results (needs matplotlib: pip install 'anybit[bench]')
     readme    regenerate README.md's performance section between <!-- bench:begin --> and <!-- bench:end -->
@@ -39,17 +41,21 @@ def _common(p, measure: bool) -> None:
 
 def main(argv=None) -> int:
     _pin_blas_threads(sys.argv[1:] if argv is None else list(argv))
-    from tools.bench import e2e, embed, kernels, plot, readme, synth
+    from tools.bench import commands, e2e, embed, firstuse, kernels, plot, readme, synth
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, mod, measure in (("kernels", kernels, True), ("e2e", e2e, True), ("embed", embed, True),
-                               ("synth", synth, True), ("plot", plot, False), ("readme", readme, False)):
+                               ("synth", synth, True), ("firstuse", firstuse, True), ("commands", commands, True),
+                               ("plot", plot, False),
+                               ("readme", readme, False)):
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         _common(p, measure)
         mod.add_args(p)
     a = ap.parse_args(argv)
-    mod = {"kernels": kernels, "e2e": e2e, "embed": embed, "synth": synth, "plot": plot, "readme": readme}[a.cmd]
+    mod = {"kernels": kernels, "e2e": e2e, "embed": embed, "synth": synth, "firstuse": firstuse, "commands": commands,
+           "plot": plot,
+           "readme": readme}[a.cmd]
     try:
         return mod.main(a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -144,6 +144,14 @@ def add_args(ap) -> None:
     ap.add_argument("--write-gguf", type=Path, default=None, metavar="PATH",
                     help="instead of timing: write a random Q4_0 GGUF of --shape (--layers) with the default "
                          "model's tokenizer, for `tools.bench e2e --model PATH` beside llama.cpp")
+    ap.add_argument("--qtype", default="Q4_0", help="GGUF type of --write-gguf's weights: Q4_0, or Q4_K, Q5_0, "
+                                                    "Q6_K, ... (loader/kquant.py)")
+
+
+def _type_bits(qtype: str) -> int:
+    """The precision that imports a --qtype file exactly (its own bits)."""
+    from loader.pack import EXACT_BITS
+    return EXACT_BITS.get(qtype, 4)
 
 
 def main(a) -> int:
@@ -151,8 +159,8 @@ def main(a) -> int:
         from loader.fetch import default_model_path
         from tools.bench.synth_gguf import write_random_gguf
         shape = dict(SYNTH[a.shape], name=a.shape, **({"n_layers": a.layers} if a.layers else {}))
-        path = write_random_gguf(shape, a.write_gguf, default_model_path("decoder"))
+        path = write_random_gguf(shape, a.write_gguf, default_model_path("decoder"), qtype=a.qtype)
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB); time it beside llama.cpp with\n"
-              f"  python -m tools.bench e2e --model {path} --precisions w4a16")
+              f"  python -m tools.bench e2e --model {path} --precisions w{_type_bits(a.qtype)}a16")
         return 0
     return report_and_save(a, run(a), "synth", print_report)
