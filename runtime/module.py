@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from runtime import driver as _drv
-from runtime.driver import cdiv, check, driver, stream_handle  # noqa: F401  (cdiv re-exported)
+from runtime.driver import Releaser, cdiv, check, driver, stream_handle  # noqa: F401  (cdiv re-exported)
 from runtime.errors import CudaError
 
 DEFAULT_SMEM_LIMIT = 48 * 1024   # dynamic shared memory allowed without the opt-in attribute
