@@ -239,6 +239,18 @@ class Decoder:
                 raise ContextOverflow(f"position {p} is outside the context of {c.T}")
         return self.program.run(Step(ids, pos, list(caches), np.asarray(out_rows, np.int32)))
 
+    def step_batch(self, tokens, caches) -> np.ndarray:
+        """Batched decode: one new token for each of N sequences (each with its own cache, at its own
+        position cache.n) in one step, so every linear reads its weights once for all N rows. Returns the
+        logits (N, V) and advances each cache by one."""
+        if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("step_batch takes one token per sequence and a distinct cache for each")
+        pos = np.array([c.n for c in caches], np.int32)
+        logits = self.step(tokens, pos, caches, np.arange(len(tokens)))
+        for c in caches:
+            c.n += 1
+        return logits
+
     def forward(self, ids, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.n .. cache.n+M-1; returns logits of the last token
         (V,) or of every token (M, V)."""

@@ -174,3 +174,30 @@ def test_scheduler_takes_a_batched_decode_step_when_the_decoder_has_one(tiny_mod
         del dec.step_batch
     assert ["".join(g) for g in got] == want
     assert max(calls) == 4
+
+
+def test_decoder_step_batch_matches_each_sequence_alone(tiny_model):
+    """Batched decode (the server's step_batch): N sequences at different positions, each with its own
+    cache, in one step give the logits each would get from its own forward, and every cache advances."""
+    d = tiny_model.decoder
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 8, 1, 6]]
+    alone, caches, nxt = [], [], []
+    for p in prompts:
+        c = d.new_cache()
+        lg = d.forward(p, c)
+        t = int(np.argmax(lg))
+        c2 = d.new_cache()
+        d.forward(p, c2)
+        alone.append(d.forward([t], c2))
+        c2.close()
+        caches.append(c)
+        nxt.append(t)
+    got = d.step_batch(nxt, caches)
+    assert got.shape == (3, len(alone[0]))
+    for g, a, c, p in zip(got, alone, caches, prompts):
+        np.testing.assert_allclose(g, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+        assert int(np.argmax(g)) == int(np.argmax(a)) and c.n == len(p) + 1
+    with pytest.raises(ValueError):
+        d.step_batch([1, 2], [caches[0], caches[0]])
+    for c in caches:
+        c.close()
