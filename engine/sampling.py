@@ -13,6 +13,8 @@ and temperature, so that they mean the same for every sampling setting (vLLM rep
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # 0 -> off (OpenAI: -2 .. 2)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repeat_penalty", "min_p", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -127,3 +127,11 @@ def test_step_reports_the_model_logprob_not_the_penalized_one():
 def test_bad_parameters_are_refused(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                         ("top_p", float("nan")), ("repeat_penalty", float("inf")),
+                                         ("min_p", float("nan")), ("presence_penalty", float("-inf"))])
+def test_non_finite_sampling_values_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
