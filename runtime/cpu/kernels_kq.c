@@ -154,7 +154,7 @@ AB_AVX512 static void kq_tile_avx512_m1(const i8_ctx *c, int t, int m) {
         for (int i = 0; i < 4; i++) ah[i] = al[i] = _mm512_setzero_si512();
         for (int q = 0; q < n4; q++) {
             int q4 = b * n4 + q;
-            __m512i cv[4];
+            __m512i cv[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
             for (int r = 0; r < np; r++) {
                 int j = q4 / per[r], u = q4 % per[r];
                 const uint8_t *w = tb + ((size_t)k->qoff[r] + j) * 256;
