@@ -40,6 +40,8 @@ int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, 
 /* RoPE split in two (kernels_ops.c): the table once per step, then applied per rope op. */
 void ab_rope_table(const int32_t *pos, int M, int n_rot, float theta, const float *freqs, double *cs, double *sn);
 void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, const double *cs, const double *sn);
+void ab_rope_apply_partial(ab_pool *pool, float *x, int M, int H, int hd, int n_rot, int style, const double *cs,
+                           const double *sn);
 
 #define AB_INLINE static inline __attribute__((always_inline))
 #define AB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi,avx512vnni,popcnt")))
@@ -101,14 +103,28 @@ AB_INLINE int ab_kq_ok(const ab_kq *k, int Kp) {
 
 AB_INLINE float ab_h2f(uint16_t h);
 
-/* s, o of group g (of G lanes) for the 64 rows of tile t (portable; the SIMD forms do the same per lane). */
-AB_INLINE void ab_kq_params_portable(const ab_kq *k, size_t t, int g, float *sb, float *ob) {
+/* Where the two-level parameters of group g (of G lanes) of the 64 rows of tile t live: the float16 d
+ * and dmin of their super-block, the 8-bit sub-scales and mins of their sub-block. */
+typedef struct {
+    const uint16_t *d, *dm;
+    const uint8_t *sc, *m;
+} ab_kq_ptrs;
+
+static inline ab_kq_ptrs ab_kq_at(const ab_kq *k, size_t t, int g) {
     const uint8_t *base = (const uint8_t *)k;
     int J = g * k->G / k->S;
-    const uint16_t *d = (const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64;
-    const uint16_t *dm = (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64;
-    const uint8_t *sc = base + k->off_sc + ((size_t)t * k->ng + g) * 64;
-    const uint8_t *mm = base + k->off_m + ((size_t)t * k->ng + g) * 64;
+    ab_kq_ptrs p = {(const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64,
+                    (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64,
+                    base + k->off_sc + ((size_t)t * k->ng + g) * 64,
+                    base + k->off_m + ((size_t)t * k->ng + g) * 64};
+    return p;
+}
+
+/* s, o of group g (of G lanes) for the 64 rows of tile t (portable; the SIMD forms do the same per lane). */
+AB_INLINE void ab_kq_params_portable(const ab_kq *k, size_t t, int g, float *sb, float *ob) {
+    ab_kq_ptrs P = ab_kq_at(k, t, g);
+    const uint16_t *d = P.d, *dm = P.dm;
+    const uint8_t *sc = P.sc, *mm = P.m;
     for (int i = 0; i < 64; i++) {
         float a = ab_h2f(d[i]);
         if (k->flags & AB_KQ_SC) {
@@ -167,13 +183,10 @@ AB_INLINE const float *ab_gp_portable(const void *sc, const void *off, int f16, 
 AB_AVX2 static inline const float *ab_gp_kq_avx2(const void *sc, size_t at, float *sb, float *ob,
                                                  const float **wo) {
     const ab_kq *k = sc;
-    const uint8_t *base = (const uint8_t *)k;
-    size_t tg = at / 64, t = tg / k->ng;
-    int g = (int)(tg % k->ng), J = g * k->G / k->S;
-    const uint16_t *d = (const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64;
-    const uint16_t *dm = (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64;
-    const uint8_t *scp = base + k->off_sc + ((size_t)t * k->ng + g) * 64;
-    const uint8_t *mm = base + k->off_m + ((size_t)t * k->ng + g) * 64;
+    size_t tg = at / 64;
+    ab_kq_ptrs P = ab_kq_at(k, tg / k->ng, (int)(tg % k->ng));
+    const uint16_t *d = P.d, *dm = P.dm;
+    const uint8_t *scp = P.sc, *mm = P.m;
     const __m256 half = _mm256_set1_ps(0.5f), c0 = _mm256_set1_ps(k->c0);
     const __m256i lo4 = _mm256_set1_epi32(15);
     for (int i = 0; i < 64; i += 8) {
@@ -225,13 +238,10 @@ AB_AVX2 static inline const float *ab_gp_avx2(const void *sc, const void *off, i
 AB_AVX512 static inline const float *ab_gp_kq_avx512(const void *sc, size_t at, float *sb, float *ob,
                                                      const float **wo) {
     const ab_kq *k = sc;
-    const uint8_t *base = (const uint8_t *)k;
-    size_t tg = at / 64, t = tg / k->ng;
-    int g = (int)(tg % k->ng), J = g * k->G / k->S;
-    const uint16_t *d = (const uint16_t *)(base + k->off_d) + ((size_t)t * k->nsb + J) * 64;
-    const uint16_t *dm = (const uint16_t *)(base + k->off_dmin) + ((size_t)t * k->nsb + J) * 64;
-    const uint8_t *scp = base + k->off_sc + ((size_t)t * k->ng + g) * 64;
-    const uint8_t *mm = base + k->off_m + ((size_t)t * k->ng + g) * 64;
+    size_t tg = at / 64;
+    ab_kq_ptrs P = ab_kq_at(k, tg / k->ng, (int)(tg % k->ng));
+    const uint16_t *d = P.d, *dm = P.dm;
+    const uint8_t *scp = P.sc, *mm = P.m;
     const __m512 half = _mm512_set1_ps(0.5f), c0 = _mm512_set1_ps(k->c0);
     const __m512i lo4 = _mm512_set1_epi32(15);
     for (int i = 0; i < 64; i += 16) {

@@ -61,28 +61,6 @@ static int run_lin(ab_pool *pool, int isa, int abits, const ab_lin *l, const flo
     return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, K, y, scratch);
 }
 
-typedef struct {
-    float *x;
-    const double *cs, *sn;
-    int H, hd, n_rot, style;
-} prope_ctx;
-
-/* Partial rotary: the first n_rot dims of each head rotate, pairs (2i, 2i+1) or (i, i + n_rot/2). */
-static void prope_task(void *ctx, int m) {
-    prope_ctx *c = ctx;
-    int half = c->n_rot / 2;
-    const double *cs = c->cs + (size_t)m * half, *sn = c->sn + (size_t)m * half;
-    for (int h = 0; h < c->H; h++) {
-        float *x = c->x + ((size_t)m * c->H + h) * c->hd;
-        for (int i = 0; i < half; i++) {
-            int i0 = c->style ? i : 2 * i, i1 = c->style ? i + half : 2 * i + 1;
-            double a = x[i0], b = x[i1];
-            x[i0] = (float)(a * cs[i] - b * sn[i]);
-            x[i1] = (float)(a * sn[i] + b * cs[i]);
-        }
-    }
-}
-
 static float *at(const ab_graph *g, int buf, int col, int row) {
     return g->bufs[buf].base + (size_t)row * g->bufs[buf].ld + col;
 }
@@ -116,12 +94,7 @@ static int run_op(ab_pool *pool, int isa, const ab_graph *g, const ab_gop *o, co
         const double *cs = g->rope + (size_t)o->i4 * g->rope_stride;
         const double *sn = cs + (size_t)s->M * (o->i2 / 2);
         for (int i = 0; i < M; i++) memcpy(out + (size_t)i * ldo, a + (size_t)i * lda, (size_t)n * sizeof(float));
-        if (o->i2 == o->i1) {
-            ab_rope_apply(pool, out, M, o->i0, o->i1, o->i3, cs, sn);
-        } else {
-            prope_ctx c = {out, cs, sn, o->i0, o->i1, o->i2, o->i3};
-            ab_pool_run(pool, prope_task, &c, M);
-        }
+        ab_rope_apply_partial(pool, out, M, o->i0, o->i1, o->i2, o->i3, cs, sn);
         return 0;
     }
     case AB_G_KV_STORE: {       /* i0 cache plane; a = k, b = v, each kv_heads * head_dim wide */

@@ -66,13 +66,14 @@ void ab_rope_table(const int32_t *pos, int M, int n_rot, float theta, const floa
 typedef struct {
     float *x;
     const double *cs, *sn;
-    int M, H, hd, style;
+    int H, hd, n_rot, style;
 } rope_ctx;
 
-/* Pair i of every head of row m rotates by the table angle; style 0 pairs (2i, 2i+1), style 1 (i, i + hd/2). */
+/* Pair i of the first n_rot dims of every head of row m rotates by the table angle (n_rot = hd: all of
+ * them); style 0 pairs (2i, 2i+1), style 1 (i, i + n_rot/2). The other dims stay as they are. */
 static void rope_task(void *ctx, int m) {
     rope_ctx *c = ctx;
-    int half = c->hd / 2;
+    int half = c->n_rot / 2;
     const double *cs = c->cs + (size_t)m * half, *sn = c->sn + (size_t)m * half;
     for (int h = 0; h < c->H; h++) {
         float *x = c->x + ((size_t)m * c->H + h) * c->hd;
@@ -85,9 +86,14 @@ static void rope_task(void *ctx, int m) {
     }
 }
 
-void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, const double *cs, const double *sn) {
-    rope_ctx c = {x, cs, sn, M, H, hd, style};
+void ab_rope_apply_partial(ab_pool *pool, float *x, int M, int H, int hd, int n_rot, int style, const double *cs,
+                           const double *sn) {
+    rope_ctx c = {x, cs, sn, H, hd, n_rot, style};
     ab_pool_run(pool, rope_task, &c, M);
+}
+
+void ab_rope_apply(ab_pool *pool, float *x, int M, int H, int hd, int style, const double *cs, const double *sn) {
+    ab_rope_apply_partial(pool, x, M, H, hd, hd, style, cs, sn);
 }
 
 int ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, float theta, int style) {
