@@ -11,10 +11,7 @@ the safetensors and packed-config suites.
 """
 from __future__ import annotations
 
-import os
-import signal
 import struct
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,24 +20,12 @@ from hypothesis import strategies as st
 from loader.errors import FormatError
 from tests.data_gen.tiny_models import write_tiny_gguf
 
-FAST_EXAMPLES = int(os.environ.get("ANYBIT_FUZZ_FAST", "150"))
-CI_EXAMPLES = int(os.environ.get("ANYBIT_FUZZ_CI", "2000"))
+from tests.fuzz_common import CI_EXAMPLES, FAST_EXAMPLES, no_hang
+
 HANG_S = 10
 
 _FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-
-@contextmanager
-def no_hang(seconds: int = HANG_S):
-    def fire(*_):
-        raise TimeoutError(f"reader hung for more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ---- an independent typed GGUF walker and writer ---------------------------------------------------
@@ -217,7 +202,7 @@ def base(tmp_path_factory):
 
 def check_contract(path) -> None:
     from loader.gguf_reader import read_gguf
-    with no_hang():
+    with no_hang(HANG_S):
         try:
             src = read_gguf(path)
             src.tensors["layers.0.wq"].load()       # readable tensors, or a FormatError naming the tensor

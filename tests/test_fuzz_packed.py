@@ -12,10 +12,7 @@ by default, CI_EXAMPLES in the slow-marked run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -25,22 +22,10 @@ from hypothesis import strategies as st
 from loader.errors import FormatError
 from tests.data_gen.tiny_models import write_tiny_hf_llama
 
-FAST_EXAMPLES = int(os.environ.get("ANYBIT_FUZZ_FAST", "150"))
-CI_EXAMPLES = int(os.environ.get("ANYBIT_FUZZ_CI", "2000"))
+from tests.fuzz_common import CI_EXAMPLES, FAST_EXAMPLES, no_hang
+
 HANG_S = 20
 
-
-@contextmanager
-def no_hang(seconds: int = HANG_S):
-    def fire(*_):
-        raise TimeoutError(f"reader hung for more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
@@ -108,7 +93,7 @@ def mutate(base_cfg: dict, kind: str, redigest: bool, data) -> bytes:
 
 def check_contract(d, forward: bool) -> str:
     from loader.packed import read_packed
-    with no_hang():
+    with no_hang(HANG_S):
         try:
             pm = read_packed(d)
         except FormatError as e:

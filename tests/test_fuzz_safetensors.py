@@ -10,11 +10,8 @@ succeeds must also read a tensor. Counts: FAST_EXAMPLES by default, CI_EXAMPLES 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import struct
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,22 +20,10 @@ from hypothesis import strategies as st
 from loader.errors import FormatError
 from tests.data_gen.tiny_models import write_tiny_hf_llama
 
-FAST_EXAMPLES = int(os.environ.get("ANYBIT_FUZZ_FAST", "150"))
-CI_EXAMPLES = int(os.environ.get("ANYBIT_FUZZ_CI", "2000"))
+from tests.fuzz_common import CI_EXAMPLES, FAST_EXAMPLES, no_hang
+
 HANG_S = 10
 
-
-@contextmanager
-def no_hang(seconds: int = HANG_S):
-    def fire(*_):
-        raise TimeoutError(f"reader hung for more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
@@ -116,7 +101,7 @@ def base_dir(tmp_path_factory):
 
 def check_contract(d) -> None:
     from loader.hf_reader import read_hf
-    with no_hang():
+    with no_hang(HANG_S):
         try:
             src = read_hf(d)
             src.tensors["layers.0.wq"].load()
