@@ -109,15 +109,19 @@ def test_batched_decode_equals_one_sequence_at_a_time(be, backend, wbits):
         caches.append(c2)
     pos = [c.n for c in caches]
     batched = dec.step(nxt, pos, caches, np.arange(3))
+    # the C program on packed weights: bitwise (a served sequence's tokens must not depend on the others
+    # in its batch); float weights go through BLAS, whose many-row kernels round differently
+    same = np.testing.assert_array_equal if backend == "cpu" and wbits < 16 else (
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5))
     for i in range(3):
-        np.testing.assert_allclose(batched[i], singles[i], rtol=1e-5, atol=1e-5)
+        same(batched[i], singles[i])
     # and a batch with a prefill run and a decode row in one step
     c_a, c_b = dec.new_cache(), dec.new_cache()
     dec.forward(prompts[0], c_a)
     mixed = dec.step([nxt[0]] + prompts[1], [c_a.n] + list(range(6)), [c_a] + [c_b] * 6, [0, 6])
-    np.testing.assert_allclose(mixed[0], singles[0], rtol=1e-5, atol=1e-5)
+    same(mixed[0], singles[0])
     c_c = dec.new_cache()
-    np.testing.assert_allclose(mixed[1], dec.forward(prompts[1], c_c), rtol=1e-5, atol=1e-5)
+    same(mixed[1], dec.forward(prompts[1], c_c))
 
 
 def biased_llama(seed=13):

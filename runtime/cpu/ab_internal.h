@@ -328,4 +328,15 @@ AB_INLINE void ab_store_tile(float *y, int N, int t, int m, const float *yacc) {
     memcpy(y + (size_t)m * N + n0, yacc, (size_t)nn * sizeof(float));
 }
 
+/* One run of query rows on one KV cache, for ab_attention_runs (kernels_attn.c): rows q (M, H, hd),
+ * positions qpos, cache rows k, v ([T][Hkv][hd], n_ctx of them valid), output out (M, H, hd). */
+typedef struct {
+    const float *q, *k, *v;
+    const int32_t *qpos;
+    float *out;
+    int M, n_ctx;
+} ab_attn_run;
+int ab_attention_runs(ab_pool *pool, int isa, const ab_attn_run *runs, int n, int H, int Hkv, int hd, float scale,
+                      int window, float softcap);
+
 #endif

@@ -306,28 +306,106 @@ int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const f
     return ab_attention_ex(pool, isa, q, k, v, M, H, Hkv, hd, n_ctx, qpos, mask, 0.0f, 0, 0.0f, out);
 }
 
-/* scale 0: 1/sqrt(hd); window 0: every earlier key; softcap 0: none. */
-int ab_attention_ex(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
-                    int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float scale, int window,
-                    float softcap, float *out) {
+/* One attention call's context: checks, then its split into chunks. Equal chunks of at most ATT_CHUNK
+ * keys, and enough of them that a single query (decode) gives every thread about two tasks: 160 keys on
+ * 3 kv heads and 2 threads run as 6 tasks of 80, not 128 + 32. */
+static int attn_setup(attn_ctx *c, int nthreads, int isa, const float *q, const float *k, const float *v, int M,
+                      int H, int Hkv, int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float scale,
+                      int window, float softcap, float *out) {
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
     if (Hkv <= 0 || H % Hkv || hd < 1 || hd > 4096 || M < 0 || n_ctx < 0 || window < 0 || softcap < 0.0f) return -3;
     if (window && !qpos) return -3;
-    if (M == 0 || H == 0) return 0;
-    /* Equal chunks of at most ATT_CHUNK keys, and enough of them that a single query (decode) gives every
-     * thread about two tasks: 160 keys on 3 kv heads and 2 threads run as 6 tasks of 80, not 128 + 32. */
     int nch = n_ctx > 0 ? (n_ctx + ATT_CHUNK - 1) / ATT_CHUNK : 1;
-    int want = (2 * ab_pool_threads(pool) + M * Hkv - 1) / (M * Hkv), most = (n_ctx + 15) / 16;
+    int want = M > 0 ? (2 * nthreads + M * Hkv - 1) / (M * Hkv) : 1, most = (n_ctx + 15) / 16;
     if (nch < want) nch = want < most ? want : (most > 0 ? most : 1);
     int chunk = n_ctx > 0 ? ((n_ctx + nch - 1) / nch + 15) / 16 * 16 : ATT_CHUNK;
     chunk = chunk < ATT_CHUNK ? chunk : ATT_CHUNK;
     nch = n_ctx > 0 ? (n_ctx + chunk - 1) / chunk : 1;
-    attn_ctx c = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, chunk, 0, NULL,
-                  scale != 0.0f ? scale : 1.0f / sqrtf((float)hd), softcap, window};
-    c.part = malloc((size_t)M * H * nch * (2 + (size_t)hd) * sizeof(float));
-    if (!c.part) return -1;
-    ab_pool_run(pool, attn_task, &c, M * Hkv * nch);
-    ab_pool_run(pool, merge_task, &c, M * H);
-    free(c.part);
-    return c.failed ? -1 : 0;
+    attn_ctx c0 = {q, k, v, qpos, mask, out, M, H, Hkv, hd, n_ctx, isa, H / Hkv, nch, chunk, 0, NULL,
+                   scale != 0.0f ? scale : 1.0f / sqrtf((float)hd), softcap, window};
+    *c = c0;
+    return 0;
+}
+
+/* Several attention calls as one: the tasks of call r follow those of calls 0..r-1, so one pool pass
+ * scores and one merges them all. Batched decode has a call per sequence (each with its own cache and
+ * length); a pass per call would wake the threads twice per sequence and layer for a few microseconds
+ * of work each. Each call keeps the split it would have alone, so its result is bitwise the same. */
+typedef struct {
+    attn_ctx *c;
+    int n;
+    int *first;             /* [n + 1]: first task of each call, per pass */
+} attn_multi;
+
+static int multi_find(const attn_multi *mu, int task) {
+    int r = 0;
+    while (task >= mu->first[r + 1]) r++;
+    return r;
+}
+
+static void multi_attn_task(void *ctx, int task) {
+    attn_multi *mu = ctx;
+    int r = multi_find(mu, task);
+    attn_task(&mu->c[r], task - mu->first[r]);
+}
+
+static void multi_merge_task(void *ctx, int task) {
+    attn_multi *mu = ctx;
+    int r = multi_find(mu, task);
+    merge_task(&mu->c[r], task - mu->first[r]);
+}
+
+static int attn_run(ab_pool *pool, attn_ctx *c, int n) {
+    int *first = malloc((size_t)(n + 1) * sizeof(int));
+    size_t parts = 0;
+    for (int r = 0; r < n; r++) parts += (size_t)c[r].M * c[r].H * c[r].nch * (2 + (size_t)c[r].hd);
+    float *part = malloc((parts ? parts : 1) * sizeof(float));
+    if (!first || !part) { free(first); free(part); return -1; }
+    attn_multi mu = {c, n, first};
+    size_t off = 0;
+    first[0] = 0;
+    for (int r = 0; r < n; r++) {
+        c[r].part = part + off;
+        off += (size_t)c[r].M * c[r].H * c[r].nch * (2 + (size_t)c[r].hd);
+        first[r + 1] = first[r] + c[r].M * c[r].Hkv * c[r].nch;
+    }
+    ab_pool_run(pool, multi_attn_task, &mu, first[n]);
+    first[0] = 0;
+    for (int r = 0; r < n; r++) first[r + 1] = first[r] + c[r].M * c[r].H;
+    ab_pool_run(pool, multi_merge_task, &mu, first[n]);
+    int failed = 0;
+    for (int r = 0; r < n; r++) failed |= c[r].failed;
+    free(first);
+    free(part);
+    return failed ? -1 : 0;
+}
+
+/* scale 0: 1/sqrt(hd); window 0: every earlier key; softcap 0: none. */
+int ab_attention_ex(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
+                    int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float scale, int window,
+                    float softcap, float *out) {
+    attn_ctx c;
+    int rc = attn_setup(&c, ab_pool_threads(pool), isa, q, k, v, M, H, Hkv, hd, n_ctx, qpos, mask, scale, window,
+                        softcap, out);
+    if (rc) return rc;
+    if (M == 0 || H == 0) return 0;
+    return attn_run(pool, &c, 1);
+}
+
+/* Causal attention of several runs of query rows, run r on its own cache (ab_attn_run). */
+int ab_attention_runs(ab_pool *pool, int isa, const ab_attn_run *runs, int n, int H, int Hkv, int hd, float scale,
+                      int window, float softcap) {
+    if (n < 0) return -3;
+    attn_ctx *c = malloc((size_t)(n > 0 ? n : 1) * sizeof(attn_ctx));
+    if (!c) return -1;
+    int m = 0, rc = 0;
+    for (int r = 0; r < n && !rc; r++) {
+        const ab_attn_run *u = &runs[r];
+        rc = attn_setup(&c[m], ab_pool_threads(pool), isa, u->q, u->k, u->v, u->M, H, Hkv, hd, u->n_ctx, u->qpos,
+                        NULL, scale, window, softcap, u->out);
+        if (!rc && u->M > 0 && H > 0) m++;
+    }
+    if (!rc && m > 0) rc = attn_run(pool, c, m);
+    free(c);
+    return rc;
 }

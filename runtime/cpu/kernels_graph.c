@@ -106,18 +106,21 @@ static int run_op(ab_pool *pool, int isa, const ab_graph *g, const ab_gop *o, co
         return 0;
     }
     case AB_G_ATTENTION: {      /* i0 cache plane, i1 heads, i2 kv heads, i3 window; f0 scale (0: 1/sqrt(hd)), f1 softcap */
-        int hd = s->head_dim;
+        int hd = s->head_dim, n = 0;
         size_t plane = (size_t)o->i0 * s->T * (size_t)o->i2 * hd;
-        for (int r0 = 0; r0 < M;) {      /* one call per run of rows on one cache */
+        ab_attn_run *runs = malloc((size_t)M * sizeof(ab_attn_run));
+        if (!runs) return -1;
+        for (int r0 = 0; r0 < M;) {      /* a run of rows on one cache: one call's worth */
             int r1 = r0 + 1, last = s->pos[r0];
             while (r1 < M && s->kc[r1] == s->kc[r0]) { last = s->pos[r1] > last ? s->pos[r1] : last; r1++; }
-            int rc = ab_attention_ex(pool, isa, a + (size_t)r0 * lda, s->kc[r0] + plane, s->vc[r0] + plane, r1 - r0,
-                                     o->i1, o->i2, hd, last + 1, s->pos + r0, NULL, o->f0, o->i3, o->f1,
-                                     out + (size_t)r0 * ldo);
-            if (rc) return rc;
+            ab_attn_run u = {a + (size_t)r0 * lda, s->kc[r0] + plane, s->vc[r0] + plane, s->pos + r0,
+                             out + (size_t)r0 * ldo, r1 - r0, last + 1};
+            runs[n++] = u;
             r0 = r1;
         }
-        return 0;
+        int rc = ab_attention_runs(pool, isa, runs, n, o->i1, o->i2, hd, o->f0, o->i3, o->f1);
+        free(runs);
+        return rc;
     }
     case AB_G_ACT_MUL:          /* i0: 0 silu, 1 gelu_tanh; per row, as the rows may be column views */
         for (int i = 0; i < M; i++) {

@@ -197,12 +197,65 @@ AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
     for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
-/* PER codes per byte (container width 8 / PER bits), a compile-time constant so the unpacking unrolls. */
+/* R activation rows (1 or 2) of one block against the block's 64 weight rows. PER codes per byte
+ * (container width 8 / PER bits) and R are compile-time constants, so the unpacking unrolls. With R = 2
+ * each unpacked code vector feeds both rows' vpdpbusd: in batched decode (M > 1) the unpacking, not the
+ * multiply-adds, was a third of the work, and every row repeated it. Per row the sums are the same
+ * integers in the same order, so a row's result does not depend on the rows beside it. */
+AB_AVX512 AB_INLINE void i8_rows_avx512(const i8_ctx *c, const uint8_t *w, int qpb, const int PER, const int R,
+                                        int m, int b, const float *ws, const float *wo, int g, int gend,
+                                        float (*yacc)[64]) {
+    const int cw = 8 / PER;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << cw) - 1));
+    const int8_t *qh[2], *ql[2];
+    __m512i ah[2][4], al[2][4];
+    for (int r = 0; r < R; r++) {
+        qh[r] = c->xh + (size_t)(m + r) * c->Kp + (size_t)b * c->L;
+        ql[r] = c->xl + (size_t)(m + r) * c->Kp + (size_t)b * c->L;
+        for (int i = 0; i < 4; i++) ah[r][i] = al[r][i] = _mm512_setzero_si512();
+    }
+    for (int j = 0; j < qpb; j++) {
+        __m512i wv[4];
+        for (int i = 0; i < 4; i++) wv[i] = _mm512_loadu_si512((const void *)(w + (size_t)j * 256 + 64 * i));
+        for (int u = 0; u < PER; u++) {
+            __m512i bh[2], bl[2];
+            for (int r = 0; r < R; r++) {
+                int32_t h4, l4;
+                memcpy(&h4, qh[r] + 4 * (PER * j + u), 4);
+                memcpy(&l4, ql[r] + 4 * (PER * j + u), 4);
+                bh[r] = _mm512_set1_epi32(h4);
+                bl[r] = _mm512_set1_epi32(l4);
+            }
+            for (int i = 0; i < 4; i++) {
+                __m512i cv = PER == 1 ? wv[i] : _mm512_and_si512(u ? _mm512_srli_epi16(wv[i], cw * u) : wv[i], mask);
+                for (int r = 0; r < R; r++) {
+                    ah[r][i] = _mm512_dpbusd_epi32(ah[r][i], cv, bh[r]);
+                    al[r][i] = _mm512_dpbusd_epi32(al[r][i], cv, bl[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512i pv = _mm512_set1_epi32(c->px[(size_t)(m + r) * c->nb + b]);
+        __m512 l = _mm512_set1_ps(c->sx[(size_t)(m + r) * c->nb + b]);
+        for (int i = 0; i < 4; i++) {
+            __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[r][i], 8), al[r][i]);
+            __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
+            __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(ws + 16 * i), l);
+            __m512 ya = _mm512_load_ps(&yacc[r][16 * i]);
+            ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), sc));
+            if (gend) {
+                __m512 s = _mm512_set1_ps(c->gs[(size_t)(m + r) * c->ng + g]);
+                ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), s));
+            }
+            _mm512_store_ps(&yacc[r][16 * i], ya);
+        }
+    }
+}
+
 AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int mc, const int PER) {
     float yacc[8][64] __attribute__((aligned(64)));
     memset(yacc, 0, sizeof yacc);
-    const int cw = 8 / PER;
-    const __m512i mask = _mm512_set1_epi8((char)((1 << cw) - 1));
     int qpb = c->L / (4 * PER);
     for (int b = 0; b < c->nb; b++) {
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
@@ -210,41 +263,9 @@ AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int 
         float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
         const float *wo, *ws = ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
         int gend = wo && ((b + 1) * c->L) % c->G == 0;
-        for (int m = m0; m < m0 + mc; m++) {
-            const int8_t *qh = c->xh + (size_t)m * c->Kp + (size_t)b * c->L;
-            const int8_t *ql = c->xl + (size_t)m * c->Kp + (size_t)b * c->L;
-            __m512i ah[4], al[4];
-            for (int i = 0; i < 4; i++) ah[i] = al[i] = _mm512_setzero_si512();
-            for (int j = 0; j < qpb; j++) {
-                __m512i wv[4];
-                for (int i = 0; i < 4; i++) wv[i] = _mm512_loadu_si512((const void *)(w + (size_t)j * 256 + 64 * i));
-                for (int u = 0; u < PER; u++) {
-                    int32_t h4, l4;
-                    memcpy(&h4, qh + 4 * (PER * j + u), 4);
-                    memcpy(&l4, ql + 4 * (PER * j + u), 4);
-                    __m512i bh = _mm512_set1_epi32(h4), bl = _mm512_set1_epi32(l4);
-                    for (int i = 0; i < 4; i++) {
-                        __m512i cv = PER == 1 ? wv[i] : _mm512_and_si512(u ? _mm512_srli_epi16(wv[i], cw * u) : wv[i], mask);
-                        ah[i] = _mm512_dpbusd_epi32(ah[i], cv, bh);
-                        al[i] = _mm512_dpbusd_epi32(al[i], cv, bl);
-                    }
-                }
-            }
-            __m512i pv = _mm512_set1_epi32(c->px[(size_t)m * c->nb + b]);
-            __m512 l = _mm512_set1_ps(c->sx[(size_t)m * c->nb + b]);
-            for (int i = 0; i < 4; i++) {
-                __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[i], 8), al[i]);
-                __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
-                __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(ws + 16 * i), l);
-                __m512 ya = _mm512_load_ps(&yacc[m - m0][16 * i]);
-                ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), sc));
-                if (gend) {
-                    __m512 s = _mm512_set1_ps(c->gs[(size_t)m * c->ng + g]);
-                    ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), s));
-                }
-                _mm512_store_ps(&yacc[m - m0][16 * i], ya);
-            }
-        }
+        int m = m0;
+        for (; m + 2 <= m0 + mc; m += 2) i8_rows_avx512(c, w, qpb, PER, 2, m, b, ws, wo, g, gend, &yacc[m - m0]);
+        if (m < m0 + mc) i8_rows_avx512(c, w, qpb, PER, 1, m, b, ws, wo, g, gend, &yacc[m - m0]);
     }
     for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
