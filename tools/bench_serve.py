@@ -2,17 +2,20 @@
 
 In one run, alternating rounds so that a shared machine's noise falls on every side alike:
 - ours, 8 concurrent greedy streams: `python -m engine.serve` in a subprocess (W4A16, --threads),
-  8 clients streaming chat completions at once; aggregate decode tokens/s = all completion tokens
-  over the wall time from the first request to the last [DONE];
-- ours, one stream: the first of those requests alone;
+  8 clients streaming chat completions at once. Two figures: end to end (all completion tokens over the
+  wall time from the first request to the last [DONE], prompts included) and decode (the streamed
+  pieces, a token each, that arrive while all 8 streams are decoding, from the last stream's first
+  token to the first stream's end, over that time: the rate of the batched decode step itself);
+- ours, one stream: the first of those requests alone, the same two figures (decode: pieces after the
+  first over the time from the first to the last);
 - llama.cpp serving the same 8 requests: llama-cpp-python (same GGUF, same threads) in its own
   interpreter; its server runs one request at a time, so the 8 run back to back, greedy, each for as
-  many tokens as ours produced for it;
+  many tokens as ours produced for it; decode: its tokens after the first over its decode time;
 - the prefix cache: a completion whose prompt is a 400-token prefix plus a question, then another
   with the same prefix and another question: time to the first streamed token of each.
 
-Without batched decode (one product for N sequences) ours interleaves the 8 streams a token at a time,
-so aggregate throughput is one stream's: the JSON says so.
+A streamed piece is one token's text unless a token ends inside a UTF-8 character or a held-back stop
+string (neither happens in these greedy English stories with no stop strings).
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ def stream_one(url: str, body: dict) -> dict:
     """One streamed request: time to first token, end time, completion tokens."""
     import httpx
     t0 = time.perf_counter()
-    first, n, text = None, 0, []
+    first, n, text, times = None, 0, [], []
     body = dict(body, stream=True, stream_options={"include_usage": True})
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     with httpx.stream("POST", url + path, json=body, timeout=600) as r:
@@ -90,11 +93,21 @@ def stream_one(url: str, body: dict) -> dict:
             for c in d.get("choices", []):
                 piece = c.get("delta", {}).get("content") if "delta" in c else c.get("text")
                 if piece:
+                    times.append(time.perf_counter())
                     if first is None:
-                        first = time.perf_counter()
+                        first = times[-1]
                     text.append(piece)
     return {"t0": t0, "ttft_s": (first or time.perf_counter()) - t0, "t_end": time.perf_counter(),
-            "completion_tokens": n, "text": "".join(text)}
+            "completion_tokens": n, "text": "".join(text), "times": times}
+
+
+def decode_rate(res: list[dict]) -> float | None:
+    """Pieces per second while every stream is decoding: from the last stream's first piece to the
+    first stream's last piece (one stream: from its first piece to its last)."""
+    t_a = max(r["times"][0] for r in res if r["times"])
+    t_b = min(r["times"][-1] for r in res if r["times"])
+    n = sum(sum(1 for t in r["times"] if t_a < t <= t_b) for r in res)
+    return n / (t_b - t_a) if t_b > t_a and n else None
 
 
 def requests_for(max_tokens: int) -> list[dict]:
@@ -116,31 +129,42 @@ def run_ours_concurrent(url: str, reqs: list[dict]) -> dict:
     wall = max(r["t_end"] for r in res) - t0
     toks = sum(r["completion_tokens"] for r in res)
     return {"streams": len(reqs), "wall_s": wall, "completion_tokens": toks, "agg_tok_s": toks / wall,
-            "ttft_s": [r["ttft_s"] for r in res], "per_request_tokens": [r["completion_tokens"] for r in res]}
+            "decode_tok_s": decode_rate(res), "decode_window_s": min(r["times"][-1] for r in res)
+            - max(r["times"][0] for r in res), "ttft_s": [r["ttft_s"] for r in res],
+            "per_request_tokens": [r["completion_tokens"] for r in res]}
 
 
 def run_llama(worker, model_tok, reqs: list[dict], n_tokens: list[int]) -> dict:
     t0 = time.perf_counter()
-    toks = 0
+    toks, dec_toks, dec_s = 0, 0, 0.0
     for body, n in zip(reqs, n_tokens):
         ids = model_tok(body["messages"])
         r = worker.request({"cmd": "run", "ids": ids, "max_tokens": max(1, n)})
         toks += r["generated_tokens"]
+        if r["generated_tokens"] > 1 and r["decode_tok_s"] > 0:
+            dec_toks += r["generated_tokens"] - 1
+            dec_s += (r["generated_tokens"] - 1) / r["decode_tok_s"]
     wall = time.perf_counter() - t0
-    return {"requests": len(reqs), "wall_s": wall, "completion_tokens": toks, "agg_tok_s": toks / wall}
+    return {"requests": len(reqs), "wall_s": wall, "completion_tokens": toks, "agg_tok_s": toks / wall,
+            "decode_tok_s": dec_toks / dec_s if dec_s else None}
 
 
 def summary(report: dict) -> dict:
     """Medians over the rounds, and the ratios the issue asks for."""
     def med(key, sub):
-        v = sorted(r[key][sub] for r in report["rounds"] if key in r)
+        v = sorted(r[key][sub] for r in report["rounds"] if key in r and r[key].get(sub) is not None)
         return v[len(v) // 2] if v else None
     s = {"rounds": len(report["rounds"]), "ours_8_agg_tok_s": med("ours_8", "agg_tok_s"),
+         "ours_8_decode_tok_s": med("ours_8", "decode_tok_s"), "ours_1_decode_tok_s": med("ours_1", "decode_tok_s"),
+         "llama_8_decode_tok_s": med("llama_8", "decode_tok_s"),
          "ours_1_tok_s": med("ours_1", "agg_tok_s"), "llama_8_agg_tok_s": med("llama_8", "agg_tok_s"),
          "prefix_ttft_speedup": med("prefix", "speedup"), "prefix_first_ttft_s": med("prefix", "first_ttft_s"),
          "prefix_second_ttft_s": med("prefix", "second_ttft_s")}
     s["ours_8_vs_1"] = s["ours_8_agg_tok_s"] / s["ours_1_tok_s"] if s["ours_1_tok_s"] else None
     s["ours_8_vs_llama_8"] = (s["ours_8_agg_tok_s"] / s["llama_8_agg_tok_s"]) if s["llama_8_agg_tok_s"] else None
+    d8, d1, dl = s["ours_8_decode_tok_s"], s["ours_1_decode_tok_s"], s["llama_8_decode_tok_s"]
+    s["decode_8_vs_1"] = d8 / d1 if d8 and d1 else None
+    s["decode_8_vs_llama_8"] = d8 / dl if d8 and dl else None
     s["prefix_tokens"] = report["rounds"][0]["prefix"]["prefix_tokens"] if report["rounds"] else None
     return s
 
@@ -180,7 +204,7 @@ def main(argv=None) -> int:
     report = {"model": Path(model).name, "wbits": 4, "abits": 16, "threads": args.threads,
               "max_tokens": args.max_tokens, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "note": "shared machine (2 cores, several sessions): compare ratios "
-              "within this run only", "batched_decode": False, "rounds": []}
+              "within this run only", "batched_decode": True, "rounds": []}
     py, note = (None, "llama.cpp peer skipped (--no-peer)") if args.no_peer else find_llama(args.llama_python)
     report["llama_note"] = note
     llama = None
@@ -195,11 +219,14 @@ def main(argv=None) -> int:
         for k in range(args.rounds):
             rnd = {"loadavg_start": os.getloadavg()}
             rnd["ours_8"] = run_ours_concurrent(srv.url, reqs)
-            print(f"round {k}: ours 8 streams {rnd['ours_8']['agg_tok_s']:.1f} tok/s", file=sys.stderr)
+            print(f"round {k}: ours 8 streams {rnd['ours_8']['agg_tok_s']:.1f} tok/s end to end, decode "
+                  f"{rnd['ours_8']['decode_tok_s'] or 0:.1f} tok/s", file=sys.stderr)
             one = stream_one(srv.url, reqs[0])
             rnd["ours_1"] = {"completion_tokens": one["completion_tokens"], "wall_s": one["t_end"] - one["t0"],
-                             "agg_tok_s": one["completion_tokens"] / (one["t_end"] - one["t0"])}
-            print(f"round {k}: ours 1 stream {rnd['ours_1']['agg_tok_s']:.1f} tok/s", file=sys.stderr)
+                             "agg_tok_s": one["completion_tokens"] / (one["t_end"] - one["t0"]),
+                             "decode_tok_s": decode_rate([one])}
+            print(f"round {k}: ours 1 stream {rnd['ours_1']['agg_tok_s']:.1f} tok/s end to end, decode "
+                  f"{rnd['ours_1']['decode_tok_s'] or 0:.1f} tok/s", file=sys.stderr)
             if llama is not None:
                 rnd["llama_8"] = run_llama(llama, chat_ids, reqs, rnd["ours_8"]["per_request_tokens"])
                 print(f"round {k}: llama.cpp 8 requests {rnd['llama_8']['agg_tok_s']:.1f} tok/s", file=sys.stderr)

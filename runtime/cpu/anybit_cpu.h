@@ -13,6 +13,7 @@ typedef struct ab_pool ab_pool;
 ab_pool *ab_pool_create(int nthreads);
 void ab_pool_destroy(ab_pool *pool);
 int ab_pool_threads(ab_pool *pool);
+int ab_pool_check(ab_pool *pool, int calls, int max_tasks, unsigned seed);   /* tests: 0 = every task once */
 int ab_isa_available(void);
 int ab_a16_block(int G);
 

@@ -1,6 +1,14 @@
 /* A persistent pthread pool: threads are created once per backend and woken per call. Workers spin
  * briefly after a call (decode issues many small calls back to back, and a futex wake costs tens of
- * microseconds), then sleep on a condition variable. Tasks are handed out through an atomic counter. */
+ * microseconds), then sleep on a condition variable. Tasks are handed out through an atomic counter.
+ *
+ * A call ends when its tasks are done, not when every worker has seen it: on a machine shared with
+ * other processes a worker may not be scheduled for milliseconds, and a call whose tasks the caller ran
+ * alone used to wait for that worker anyway (a batched decode step makes hundreds of calls). A worker
+ * that wakes late finds no task left and goes back to waiting. Tasks are claimed by counting down: a
+ * call writes its parameters while the count is <= 0 (nothing to claim), then stores the task count
+ * (release); a claim that gets a positive count (acquire) therefore sees this call's parameters, which
+ * stay until every claimed task is done. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -25,8 +33,8 @@ struct ab_pool {
     ab_task_fn fn;
     void *ctx;
     int ntasks;
-    atomic_int next;
-    atomic_int pending;         /* workers still busy with the current generation */
+    atomic_int left;            /* tasks not yet claimed (<= 0: none) */
+    atomic_int done;            /* tasks of the current call finished */
     atomic_uint gen;
     atomic_int stop;
 };
@@ -39,9 +47,15 @@ static inline void cpu_relax(void) {
 
 static void run_tasks(ab_pool *p) {
     for (;;) {
-        int i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
-        if (i >= p->ntasks) break;
-        p->fn(p->ctx, i);
+        int r = atomic_fetch_sub_explicit(&p->left, 1, memory_order_acquire);
+        if (r <= 0) break;
+        int n = p->ntasks;
+        p->fn(p->ctx, n - r);
+        if (atomic_fetch_add_explicit(&p->done, 1, memory_order_acq_rel) + 1 == n) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->cv_done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
 }
 
@@ -63,11 +77,6 @@ static void *worker(void *arg) {
         if (atomic_load(&p->stop)) break;
         seen = atomic_load(&p->gen);
         run_tasks(p);
-        if (atomic_fetch_sub(&p->pending, 1) == 1) {
-            pthread_mutex_lock(&p->mu);
-            pthread_cond_signal(&p->cv_done);
-            pthread_mutex_unlock(&p->mu);
-        }
     }
     return NULL;
 }
@@ -113,25 +122,59 @@ void ab_pool_run(ab_pool *p, ab_task_fn fn, void *ctx, int ntasks) {
         return;
     }
     pthread_mutex_lock(&p->run_mu);
-    p->fn = fn;
+    p->fn = fn;                             /* left <= 0 here: no claim can read these yet */
     p->ctx = ctx;
     p->ntasks = ntasks;
-    atomic_store(&p->next, 0);
-    atomic_store(&p->pending, p->n - 1);
+    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->left, ntasks, memory_order_release);
     pthread_mutex_lock(&p->mu);
     atomic_fetch_add(&p->gen, 1);
     pthread_cond_broadcast(&p->cv_work);
     pthread_mutex_unlock(&p->mu);
     run_tasks(p);
     long t0 = now_ns();
-    for (int i = 1; atomic_load(&p->pending) > 0; i++) {
+    for (int i = 1; atomic_load_explicit(&p->done, memory_order_acquire) < ntasks; i++) {
         cpu_relax();
         if ((i & 255) == 0 && now_ns() - t0 > AB_SPIN_NS) break;
     }
-    if (atomic_load(&p->pending) > 0) {
+    if (atomic_load_explicit(&p->done, memory_order_acquire) < ntasks) {
         pthread_mutex_lock(&p->mu);
-        while (atomic_load(&p->pending) > 0) pthread_cond_wait(&p->cv_done, &p->mu);
+        while (atomic_load_explicit(&p->done, memory_order_acquire) < ntasks) pthread_cond_wait(&p->cv_done, &p->mu);
         pthread_mutex_unlock(&p->mu);
     }
     pthread_mutex_unlock(&p->run_mu);
+}
+
+/* ---- self-check for the tests: every task of every call runs exactly once, and the call returns only
+ * after all of them, with calls of varied sizes back to back and now and then a slow task (so that
+ * workers wake late and overlap the next call). Returns the number of violations. */
+typedef struct {
+    atomic_int *hits;
+    int slow;
+} check_ctx;
+
+static void check_task(void *ctx, int i) {
+    check_ctx *c = ctx;
+    if (c->slow == i) {
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
+    atomic_fetch_add(&c->hits[i], 1);
+}
+
+int ab_pool_check(ab_pool *pool, int calls, int max_tasks, unsigned seed) {
+    if (calls < 0 || max_tasks < 1) return -3;
+    atomic_int *hits = malloc((size_t)max_tasks * sizeof(atomic_int));
+    if (!hits) return -1;
+    int bad = 0;
+    for (int k = 0; k < calls; k++) {
+        seed = seed * 1103515245u + 12345u;
+        int n = 1 + (int)((seed >> 8) % (unsigned)max_tasks);
+        check_ctx c = {hits, (seed >> 4) % 16 == 0 ? (int)((seed >> 12) % (unsigned)n) : -1};
+        for (int i = 0; i < n; i++) atomic_store(&hits[i], 0);
+        ab_pool_run(pool, check_task, &c, n);
+        for (int i = 0; i < n; i++) bad += atomic_load(&hits[i]) != 1;
+    }
+    free(hits);
+    return bad;
 }
