@@ -17,29 +17,43 @@ class StopText:
         self.pending = ""
         self.hit: str | None = None      # the stop string that ended the text
 
-    def push(self, piece: str) -> str:
-        """The text that can be emitted now that `piece` arrived ("" once a stop string was seen)."""
-        if self.hit is not None:
-            return ""
-        buf = self.pending + piece
+    def _first(self, buf: str):
+        """The earliest complete stop string in buf: (index, stop), or None."""
         first = None
         for s in self.stops:
             i = buf.find(s)
             if i >= 0 and (first is None or i < first[0]):
                 first = (i, s)
-        if first is not None:
+        return first
+
+    def push(self, piece: str) -> str:
+        """The text that can be emitted now that `piece` arrived ("" once a stop string was seen)."""
+        if self.hit is not None:
+            return ""
+        buf = self.pending + piece
+        first = self._first(buf)
+        # the earliest place where a stop string may begin and run past the end of what has arrived:
+        # with "b" and "aba" as stops, "aab" must wait, since "aaba" stops at 1, not at 2
+        start = len(buf)
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    start = min(start, len(buf) - k)
+                    break
+        if first is not None and first[0] <= start:
             self.hit, self.pending = first[1], ""
             return buf[:first[0]]
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.pending = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+        self.pending = buf[start:]
+        return buf[:start]
 
     def flush(self) -> str:
-        """What was held back, at the end of the text (it did not grow into a stop string)."""
-        out, self.pending = ("" if self.hit is not None else self.pending), ""
+        """What was held back, at the end of the text, up to a stop string it holds."""
+        if self.hit is not None:
+            self.pending = ""
+            return ""
+        out, self.pending = self.pending, ""
+        first = self._first(out)
+        if first is not None:
+            self.hit = first[1]
+            return out[:first[0]]
         return out

@@ -33,6 +33,11 @@ def test_stop_matcher_holds_back_a_possible_start():
     assert m.push("nd> more") == "" and m.hit == "</end>"
     m = StopMatcher(["</end>"])
     assert m.push("a </e") == "a " and m.push("xit") == "</exit" and m.flush() == ""
+    # a complete stop string must wait while a longer one may still begin before it (found by hypothesis)
+    m = StopMatcher(["b", "aba"])
+    assert m.push("aab") == "a" and m.push("a") == "" and m.hit == "aba"
+    m = StopMatcher(["b", "aba"])
+    assert m.push("aab") == "a" and m.flush() == "a" and m.hit == "b"
 
 
 # ---- the prefix cache ------------------------------------------------------------------------------
@@ -138,7 +143,8 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path):
 
 def test_scheduler_takes_a_batched_decode_step_when_the_decoder_has_one(tiny_model):
     """The step_batch hook: the scheduler hands every active sequence to it at once; answers are
-    those of the Python API (here step_batch runs the rows one by one, so they are exact)."""
+    those of the Python API (here step_batch runs the rows one by one, so they are exact). The prompts
+    admitted together are prefilled in one step (a run of rows per prompt), with the same answers."""
     import threading
     from engine.sampling import SamplingParams
     from engine.server.scheduler import Job, Scheduler
@@ -151,7 +157,13 @@ def test_scheduler_takes_a_batched_decode_step_when_the_decoder_has_one(tiny_mod
         return np.stack([dec.forward([t], c) for t, c in zip(tokens, caches)])
     prompts = ["hello world", "the world", "tell me more", "again and again"]
     want = [m.generate(p, max_tokens=8, temperature=0.8, seed=i).text for i, p in enumerate(prompts)]
-    dec.step_batch = step_batch
+    joint = []
+    real_step = dec.step
+
+    def step(ids, pos, caches, out_rows):
+        joint.append(len({id(c) for c in caches}))
+        return real_step(ids, pos, caches, out_rows)
+    dec.step_batch, dec.step = step_batch, step
     try:
         sched = Scheduler(m, slots=4)
         got = [[] for _ in prompts]
@@ -171,9 +183,9 @@ def test_scheduler_takes_a_batched_decode_step_when_the_decoder_has_one(tiny_mod
             assert done.acquire(timeout=30)
         sched.stop()
     finally:
-        del dec.step_batch
+        del dec.step_batch, dec.step
     assert ["".join(g) for g in got] == want
-    assert max(calls) == 4
+    assert max(calls) == 4 and joint[0] == 4
 
 
 def test_decoder_step_batch_matches_each_sequence_alone(tiny_model):

@@ -1,8 +1,9 @@
 """The model worker: one thread owns the Model (engine/api.Model is not thread-safe) and runs the
 sequences that requests submit, behind a bounded queue.
 
-Each loop iteration admits waiting jobs into free slots (a prefill each, which also yields the first
-token), then runs one decode step for every active sequence, then retires the finished ones. The decode
+Each loop iteration admits waiting jobs into free slots (their prompts prefilled together in one step,
+which also yields each one's first token), then runs one decode step for every active sequence, then
+retires the finished ones. The decode
 step is `_decode_step(seqs)`: a decoder with `step_batch(tokens, caches) -> logits (N, V)` (batched
 decode, one product for N sequences) gets them all in one call; without it each sequence takes its own
 forward, in turn. So up to `slots` sequences advance together, a token each per iteration; with a
@@ -163,8 +164,8 @@ class Scheduler:
                     admit = []
                     while self._waiting and len(self._active) + len(admit) < self.slots:
                         admit.append(self._waiting.popleft())
-                for job in admit:
-                    self._admit(job)
+                if admit:
+                    self._admit_all(admit)
                 live = [s for s in self._active if s.next_token is not None and not self._dropped(s)]
                 if live:
                     self._decode_step(live)
@@ -188,19 +189,50 @@ class Scheduler:
             s.finish = "cancelled"
         return s.finish is not None
 
-    def _admit(self, job: Job) -> None:
+    def _start(self, job: Job) -> Sequence | None:
+        """A slot for `job`: its cache (from the prefix cache when it has one) and sequence."""
         if job.cancelled.is_set():
-            return
+            return None
         if self.prefix_cache is not None:
             cache, reused = self.prefix_cache.acquire(job.ids)
         else:
             cache, reused = self.decoder.new_cache(), 0
         seq = Sequence(job, self.model.tokenizer, cache, reused)
         self._active.append(seq)
-        try:
-            seq.accept(self.decoder.forward(job.ids[reused:], cache))
-        except Exception as e:          # a failing prompt ends its own request, not the worker
-            self._fail(seq, e)
+        return seq
+
+    def _admit_all(self, jobs: list[Job]) -> None:
+        """Prefill the admitted prompts: together in one step when the decoder takes rows of several
+        sequences (each prompt a run of rows on its own cache: every linear reads its weights once for
+        all of them, and each prompt's rows come out as they would alone), else one by one. If the
+        joint step fails, each prompt is tried alone, so that a bad prompt fails only its own request."""
+        seqs = [s for s in (self._start(j) for j in jobs) if s is not None]
+        step = getattr(self.decoder, "step", None)
+        if len(seqs) > 1 and step is not None and all(len(s.job.ids) > s.job.reused for s in seqs):
+            ids, pos, caches, last = [], [], [], []
+            for s in seqs:
+                new = s.job.ids[s.job.reused:]
+                ids += new
+                pos += range(s.cache.n, s.cache.n + len(new))
+                caches += [s.cache] * len(new)
+                last.append(len(ids) - 1)
+            try:
+                logits = step(ids, pos, caches, last)
+            except Exception:
+                logits = None
+            if logits is not None:
+                for s, row in zip(seqs, logits):
+                    s.cache.n += len(s.job.ids) - s.job.reused
+                    try:
+                        s.accept(row)
+                    except Exception as e:
+                        self._fail(s, e)
+                return
+        for s in seqs:
+            try:
+                s.accept(self.decoder.forward(s.job.ids[s.job.reused:], s.cache))
+            except Exception as e:      # a failing prompt ends its own request, not the worker
+                self._fail(s, e)
 
     def _decode_step(self, seqs: list[Sequence]) -> None:
         step_batch = getattr(self.decoder, "step_batch", None)
