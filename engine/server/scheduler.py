@@ -221,18 +221,20 @@ class Scheduler:
             except Exception:
                 logits = None
             if logits is not None:
-                for s, row in zip(seqs, logits):
+                for s in seqs:
                     s.cache.n += len(s.job.ids) - s.job.reused
-                    try:
-                        s.accept(row)
-                    except Exception as e:
-                        self._fail(s, e)
+                for s, row in zip(seqs, logits):
+                    self._accept(s, lambda row=row: row)
                 return
         for s in seqs:
-            try:
-                s.accept(self.decoder.forward(s.job.ids[s.job.reused:], s.cache))
-            except Exception as e:      # a failing prompt ends its own request, not the worker
-                self._fail(s, e)
+            self._accept(s, lambda s=s: self.decoder.forward(s.job.ids[s.job.reused:], s.cache))
+
+    def _accept(self, s: Sequence, logits) -> None:
+        """s takes the logits that `logits()` gives; an error there ends s's request, not the worker."""
+        try:
+            s.accept(logits())
+        except Exception as e:
+            self._fail(s, e)
 
     def _decode_step(self, seqs: list[Sequence]) -> None:
         step_batch = getattr(self.decoder, "step_batch", None)
@@ -244,16 +246,10 @@ class Scheduler:
                     self._fail(s, e)
                 return
             for s, row in zip(seqs, logits):
-                try:
-                    s.accept(row)
-                except Exception as e:
-                    self._fail(s, e)
+                self._accept(s, lambda row=row: row)
             return
         for s in seqs:
-            try:
-                s.accept(self.decoder.forward([s.next_token], s.cache))
-            except Exception as e:      # one failing sequence ends its own request, not the worker
-                self._fail(s, e)
+            self._accept(s, lambda s=s: self.decoder.forward([s.next_token], s.cache))
 
     def _fail(self, s: Sequence, e: BaseException) -> None:
         s.finish, s.next_token = "error", None
