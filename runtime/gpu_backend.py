@@ -177,7 +177,7 @@ class GpuBackend(GpuLayoutOps):
                 self.last_path = "gemv_a16"
         elif 1 <= abits <= 8:
             q = int(abits)
-            ga = h.G if agroup is None else int(agroup)
+            ga = max(h.G, 32) if agroup is None else int(agroup)    # 16-lane weight groups: Ga 32
             if ga <= 0 or ga % 32:
                 raise ValueError(f"agroup must be a positive multiple of 32, got {agroup!r}")
             ga = min(ga, round_up(K, 32))
