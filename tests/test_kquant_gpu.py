@@ -112,3 +112,30 @@ def test_device_bytes_near_source(be):
         bpw = 8 * h.nbytes / (8 * 512)
         assert bpw == 8 * lin.nbytes / (8 * 512)
         assert bpw <= 1.10 * SOURCE_BPW[kind], (kind, bpw, SOURCE_BPW[kind])
+
+
+@pytest.mark.parametrize("abits", [16, 8])
+def test_model_matches_cpu_backend(abits):
+    """A tiny Llama whose linears are Q6_K / Q4_K / Q2_K / Q3_K / Q5_K / Q5_0 blocks, packed at its sources'
+    precisions (wbits 0: every linear exact and two-level), on GpuBackend in the interpreter against the
+    CPU backend: prompt logits and a decode step within the GPU-vs-CPU tolerance of
+    tests/test_decoder.py, same greedy tokens."""
+    from engine.decoder import Decoder
+    from loader.pack import Recipe, quantize_model
+    from runtime.cpu import CpuBackend
+    from tests.test_kquant_cpu import kq_llama
+
+    mix = dict(wq="Q4_K", wk="Q6_K", wv="Q2_K", wo="Q3_K", w_gate="Q6_K", w_up="Q5_K", w_down="Q2_K", output="Q5_0")
+    pm = quantize_model(kq_llama(mix, seed=7), Recipe(wbits=0))
+    assert all(pm.tensors[n].sub is not None for n in pm.info)
+    gpu = GpuBackend(dev=kc.SimDevice())
+    cpu = CpuBackend(threads=1)
+    g, c = Decoder(pm, gpu, abits=abits), Decoder(pm, cpu, abits=abits)
+    gc, cc = g.new_cache(), c.new_cache()
+    ids = [3, 9, 27]
+    for step in (ids, [81]):
+        got = g.forward(step, gc, all_logits=True)
+        want = c.forward(step, cc, all_logits=True)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    gpu.close()
