@@ -288,6 +288,8 @@ def cases(quick: bool):
     add(case_sample, 2500, 0.7, 0, 0.9)
     add(case_sample, 1000, 1.3, 50, 0.8)
     add(case_sample, 7, 1.0, 3, 1.0)
+    from tools.kernel_cases_kq import add_cases as add_kq
+    add_kq(add, quick)
     if not quick:
         add(case_sample, 49152, 0.7, 40, 0.95)
         add(case_rows, 2, 1536, 256, 576)
