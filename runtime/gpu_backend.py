@@ -11,6 +11,10 @@ Linear paths (which one ran is recorded in `last_path`):
   each lane once and serves 4 tokens per pass over the packed planes);
 - abits 1..8: actquant, then bgemm_b1 (tensor cores) when M > 8 and the blocks of L = min(G, Ga) lanes
   fit its 128-lane granularity (L % 128 == 0, or one block L >= K), else gemv_q (popcount, any group).
+- two-level weights (exact K-quant imports, groups of 16 or 32 lanes; runtime/gpu_device.GpuLinear):
+  the same GEMVs, which rebuild each sub-block's scale and offset from d, dmin and the integer
+  sub-scales; with quantized activations they take gemv_q for any M (their groups are below bgemm_b1's
+  128-lane granularity, as float-table weights with G < 128 are).
 - linear_float (wbits 16) has no float GEMM kernel yet: it runs on the host in float32 and says so.
 
 Untested on a GPU at the time of writing: only the interpreter has executed these kernels.
@@ -163,15 +167,17 @@ class GpuBackend(GpuLayoutOps):
             # too) for a caller's view that is only 4-byte aligned: such an x takes gemv_a16
             if M == 1 and xd_use.ptr % 16 == 0:
                 self._launch("gemv.ptx", "gemv_a16_m1", (cdiv(h.N, 4), 1, 1), (128, 1, 1),
-                             [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw, resd])
+                             [y, xd_use, h.planes, h.scales, h.offsets, h.N, K, h.Kw, h.p, h.G, h.ngw, resd,
+                              *h.kq_args()])
                 self.last_path = "gemv_a16_m1"
             else:
                 self._launch("gemv.ptx", "gemv_a16", (cdiv(h.N, 4), cdiv(M, 4), 1), (128, 1, 1),
-                             [y, xd_use, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, h.G, h.ngw, resd])
+                             [y, xd_use, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, h.G, h.ngw, resd,
+                              *h.kq_args()])
                 self.last_path = "gemv_a16"
         elif 1 <= abits <= 8:
             q = int(abits)
-            ga = h.G if agroup is None else int(agroup)
+            ga = max(h.G, 32) if agroup is None else int(agroup)    # 16-lane weight groups: Ga 32
             if ga <= 0 or ga % 32:
                 raise ValueError(f"agroup must be a positive multiple of 32, got {agroup!r}")
             ga = min(ga, round_up(K, 32))
@@ -186,7 +192,7 @@ class GpuBackend(GpuLayoutOps):
                          [ap, asc, acs, xd, h.smooth, M, K, h.Kw, q, ga, nga, nch], smem=4 * nga)
             L = min(h.G, ga)
             exact_range = L * ((1 << h.p) - 1) * ((1 << q) - 1) < 2 ** 31
-            if M > GEMV_MAX_M and (L % 128 == 0 or L >= K) and exact_range:
+            if M > GEMV_MAX_M and (L % 128 == 0 or L >= K) and exact_range and not h.kq:
                 grid, block, smem = bgemm_geometry(M, h.N, K, h.p, q, self.dev.arch, h.G, ga)
                 self._launch("bgemm_b1.ptx", "bgemm_b1", grid, block,
                              [y, ap, asc, acs, h.planes, h.scales, h.offsets, h.csum, M, h.N, K, h.Kw, h.p, q,
@@ -198,7 +204,7 @@ class GpuBackend(GpuLayoutOps):
             else:
                 self._launch("gemv.ptx", "gemv_q", (cdiv(h.N, 4), M, 1), (128, 1, 1),
                              [y, ap, asc, h.planes, h.scales, h.offsets, M, h.N, K, h.Kw, h.p, q, h.G, ga,
-                              h.ngw, nga, resd])
+                              h.ngw, nga, resd, *h.kq_args()])
                 self.last_path = "gemv_q"
         else:
             raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")

@@ -17,28 +17,55 @@ PTX_DIR = Path(__file__).resolve().parents[1] / "ptx"
 
 
 class GpuLinear:
-    """A linear weight on the device: planes (p, N, Kw), scales/offsets (N, ngw), code sums (N, Kw/4)."""
+    """A linear weight on the device: planes (p, N, Kw) and its group parameters, in one of two forms:
+
+    - float32 tables: scales / offsets (N, ngw), one entry per group of G lanes (G 16 or a multiple of
+      32), code sums (N, Kw/4) for bgemm_b1;
+    - two-level (an exact K-quant import, loader/kquant.py; kq != 0): scales = d and offsets = dmin
+      float16 (N, ngw) per super-block of S lanes, sc int8 (or Q2_K's sc | m << 4, kq & 2) and m uint8
+      (N, Kp/G) per sub-block of G = 16 or 32 lanes; the GEMVs rebuild s = d*sc/2 and o = c0*d*sc -
+      dmin*m per sub-block (docs/DESIGN.md). No code sums: bgemm_b1 does not take these weights.
+    """
 
     def __init__(self, be, lin: PackedLinear):
-        if lin.group % 32:
-            # two-level imports of Q6_K / Q3_K / Q2_K have 16-lane sub-blocks (loader/kquant.py); the GPU
-            # kernels apply one scale per 32-lane word at least
-            raise ValueError(f"the GPU kernels need weight groups of 32 lanes or more, this weight has {lin.group} "
-                             "(a 16-lane GGUF sub-block): run it on the CPU, or pack with --wbits below the "
-                             "source's bits to re-quantize at 32")
+        if lin.group != 16 and lin.group % 32:
+            raise ValueError(f"the GPU kernels need weight groups of 16 lanes or a multiple of 32, this weight "
+                             f"has {lin.group}")
         gp = to_gpu_planes(lin.planes)
         self.lin, self.N, self.K, self.p, self.G = lin, lin.N, lin.K, lin.bits, lin.group
-        self.Kw, self.ngw = gp.shape[2], lin.scales.shape[1]
+        self.Kw = gp.shape[2]
         self.planes = be.upload(gp)
-        self.scales = be.upload(np.ascontiguousarray(lin.scales, np.float32))
-        self.offsets = None if lin.offsets is None else be.upload(np.ascontiguousarray(lin.offsets, np.float32))
-        self.csum = be.upload(chunk_code_sums(gp))
+        self.sc = self.m = self.csum = None
+        sub = lin.sub
+        if sub is not None:
+            self.kq, self.S, self.c0 = 1 | (2 if sub.nib else 0), sub.S, float(sub.c0)
+            self.ngw = sub.d.shape[1]
+            self.scales = be.upload(np.ascontiguousarray(sub.d, np.float16))
+            self.offsets = None if sub.dmin is None else be.upload(np.ascontiguousarray(sub.dmin, np.float16))
+            self.sc = None if sub.sc is None else be.upload(np.ascontiguousarray(sub.sc))
+            self.m = None if sub.m is None else be.upload(np.ascontiguousarray(sub.m, np.uint8))
+        else:
+            self.kq, self.S, self.c0 = 0, 0, 0.0
+            self.ngw = lin.scales.shape[1]
+            self.scales = be.upload(np.ascontiguousarray(lin.scales, np.float32))
+            self.offsets = None if lin.offsets is None else be.upload(np.ascontiguousarray(lin.offsets, np.float32))
+            self.csum = be.upload(chunk_code_sums(gp))
         self.smooth = None if lin.smooth is None else be.upload(np.ascontiguousarray(lin.smooth, np.float32))
+
+    def kq_args(self) -> list:
+        """The GEMVs' trailing arguments (sc, m, kq, S, c0): the two-level form, or kq = 0 (float32 tables)."""
+        return [self.sc, self.m, self.kq, self.S, self.c0]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the weight (planes, parameters, code sums)."""
+        return sum(a.nbytes for a in (self.planes, self.scales, self.offsets, self.sc, self.m, self.csum)
+                   if a is not None)
 
     def close(self):
         from runtime.driver import Releaser
         rel = Releaser()                  # best effort: every array, the first error raised
-        for a in (self.planes, self.scales, self.offsets, self.csum, self.smooth):
+        for a in (self.planes, self.scales, self.offsets, self.sc, self.m, self.csum, self.smooth):
             if a is not None:
                 rel(a.close)
         rel.done()

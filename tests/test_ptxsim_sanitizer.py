@@ -168,6 +168,6 @@ def test_unaligned_view_of_x_avoids_the_vector_loads_of_gemv_a16_m1():
     y = be.empty((1, 8))
     with pytest.raises(SanitizerError, match="misaligned global load of 16 bytes"):
         be._launch("gemv.ptx", "gemv_a16_m1", (2, 1, 1), (128, 1, 1),
-                   [y, view, h.planes, h.scales, h.offsets, 8, 64, h.Kw, h.p, h.G, h.ngw, None])
+                   [y, view, h.planes, h.scales, h.offsets, 8, 64, h.Kw, h.p, h.G, h.ngw, None, *h.kq_args()])
     with pytest.raises(ValueError, match="not 4-byte aligned"):
         be.linear(h, whole.view(2, (1, 64)))

@@ -132,6 +132,9 @@ def case_actquant(run, rng, M, K, q, ga, smooth):
                   0.0, "exact", "; ".join(s for s in (n1, n2, n3) if s), {"planes": gp, "csum": gc})
 
 
+NO_KQ = (None, None, 0, 0, 0.0)      # the GEMVs' two-level arguments (sc, m, kq, S, c0): float32 tables
+
+
 def residual(rng, M, N):
     """Integer-valued float32 residual rows: res + an integer product is exact in float32."""
     return rng.integers(-50, 51, (M, N)).astype(np.float32)
@@ -162,7 +165,7 @@ def case_gemv_a16(run, rng, M, N, K, p, G, integer):
     res = residual(rng, M, N) if integer else None           # integer runs check the fused residual add
     run.launch("gemv.ptx", "gemv_a16", (cdiv(N, 4), cdiv(M, 4), 1), (128, 1, 1),
                [y, run.put(x), w["planes"], w["scales"], w["offsets"], M, N, K, kw, p, G, lin.scales.shape[1],
-                None if res is None else run.put(res)])
+                None if res is None else run.put(res), *NO_KQ])
     return _a16_result("gemv_a16", run.get(y, (M, N), np.float32), x, lin, K, f"M{M} N{N} K{K} p{p} G{G}", res,
                        "res + y")
 
@@ -175,7 +178,7 @@ def case_gemv_a16_m1(run, rng, N, K, p, G, integer):
     y = run.out((1, N), np.float32) if res is None else run.put(res)      # in place: y = y + W x
     run.launch("gemv.ptx", "gemv_a16_m1", (cdiv(N, 4), 1, 1), (128, 1, 1),
                [y, run.put(x), w["planes"], w["scales"], w["offsets"], N, K, kw, p, G, lin.scales.shape[1],
-                None if res is None else y])
+                None if res is None else y, *NO_KQ])
     return _a16_result("gemv_a16_m1", run.get(y, (1, N), np.float32), x, lin, K, f"M1 N{N} K{K} p{p} G{G}", res,
                        "y + W x in place")
 
@@ -205,7 +208,7 @@ def case_gemv_q(run, rng, M, N, K, p, q, G, ga, integer):
     res = residual(rng, M, N) if integer else None
     run.launch("gemv.ptx", "gemv_q", (cdiv(N, 4), M, 1), (128, 1, 1),
                [y, a["ap"], a["asc"], w["planes"], w["scales"], w["offsets"], M, N, K, kw, p, q, G, a["ga"],
-                lin.scales.shape[1], a["nga"], None if res is None else run.put(res)])
+                lin.scales.shape[1], a["nga"], None if res is None else run.put(res), *NO_KQ])
     out = run.get(y, (M, N), np.float32)
     shape = f"M{M} N{N} K{K} p{p} q{q} G{G} Ga{a['ga']}"
     if integer:
@@ -285,6 +288,8 @@ def cases(quick: bool):
     add(case_sample, 2500, 0.7, 0, 0.9)
     add(case_sample, 1000, 1.3, 50, 0.8)
     add(case_sample, 7, 1.0, 3, 1.0)
+    from tools.kernel_cases_kq import add_cases as add_kq
+    add_kq(add, quick)
     if not quick:
         add(case_sample, 49152, 0.7, 40, 0.95)
         add(case_rows, 2, 1536, 256, 576)
