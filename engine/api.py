@@ -37,6 +37,22 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None     # one per generated id when asked for
 
 
+def fixed_heap_threshold(nbytes: int = 1 << 20) -> bool:
+    """glibc's malloc raises its mmap threshold to the largest block freed (up to 32 MB), so the
+    tens-of-MB temporaries of preparing weights land in the heap afterwards and their holes, between
+    tiles that live on, stay resident: measured 70 MB of the 1.4 GB of an 8-layer 7B-shaped Q5_0 model.
+    A fixed threshold gives every block over `nbytes` a mapping of its own, returned when freed. Returns
+    whether it was set (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, int(nbytes)))          # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
@@ -263,6 +279,7 @@ def load(path=None, *, wbits: int = 4, abits: int = 16, group: int | None = None
     group None: the source's block size where it maps exactly (32), else 128. agroup None: = group;
     "token": one activation scale per token (activations are then smoothed offline).
     """
+    fixed_heap_threshold()
     packed, wbits_eff = load_packed_model(path, wbits=wbits, abits=abits, group=group, agroup=agroup,
                                           progress=progress)
     backend = select_backend(device, threads)

@@ -159,12 +159,40 @@ def _container(codes: np.ndarray, cw: int) -> np.ndarray:
     return packed.transpose(0, 2, 1, 3)
 
 
-def kq_codes_tiles(planes: np.ndarray, chunk_tiles: int = 64) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """uint32 (p, N, W) planes -> (uint8 (Nt, Qtot, 64, 4) code parts, [(cw, shift, qoff)] per part): part r
-    holds bits [shift, shift + cw) of each code in containers of cw bits (codes_tiles' layout), its
-    chunks from qoff on within each tile. Built chunk_tiles tiles at a time, so that the temporaries of a
-    large output projection (49152 x 4096) stay a few MB instead of several times its codes."""
-    p, N, W = planes.shape
+def _row_blocks(planes) -> list[np.ndarray]:
+    """planes: one uint32 (p, N, W) array, or a list of them stacked along N (fused q|k|v, gate|up)."""
+    blocks = list(planes) if isinstance(planes, (list, tuple)) else [planes]
+    if not blocks or any(b.ndim != 3 or b.dtype != np.uint32 or b.shape[0] != blocks[0].shape[0]
+                         or b.shape[2] != blocks[0].shape[2] for b in blocks):
+        raise ValueError("planes must be uint32 (p, N, W) arrays that agree in p and W")
+    return blocks
+
+
+def _take_rows(blocks: list[np.ndarray], lo: int, hi: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(rows [lo, hi) of the blocks stacked along N, the source views they came from: one contiguous
+    view per plane, for a caller that reads a mapped file to let their pages go once they are read)."""
+    out, views, start = [], [], 0
+    for b in blocks:
+        n = b.shape[1]
+        a, z = max(lo, start), min(hi, start + n)
+        if a < z:
+            out.append(b[:, a - start:z - start])
+            views += [b[r, a - start:z - start] for r in range(b.shape[0])]
+        start += n
+    return (out[0] if len(out) == 1 else np.concatenate(out, axis=1)), views
+
+
+def kq_codes_tiles(planes, chunk_tiles: int | None = None, release=None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """uint32 (p, N, W) planes (or a list of such blocks stacked along N) -> (uint8 (Nt, Qtot, 64, 4) code
+    parts, [(cw, shift, qoff)] per part): part r holds bits [shift, shift + cw) of each code in containers
+    of cw bits (codes_tiles' layout), its chunks from qoff on within each tile. Built chunk_tiles tiles at a
+    time (default: about 2 MB of codes, whatever the width: 64 tiles of an 11008-wide down projection
+    were 45 MB per temporary, the peak of loading), so that temporaries stay a few MB instead of several
+    times the codes, and fused weights are never copied whole; release (optional) is called with the
+    source rows of each chunk once they are read (see _take_rows)."""
+    blocks = _row_blocks(planes)
+    p, _, W = blocks[0].shape
+    N = sum(b.shape[1] for b in blocks)
     Kp, Nt = 32 * W, -(-N // TILE)
     parts, shift, qoff = [], 0, 0
     for cw in KQ_PARTS[p]:
@@ -172,9 +200,13 @@ def kq_codes_tiles(planes: np.ndarray, chunk_tiles: int = 64) -> tuple[np.ndarra
         shift += cw
         qoff += Kp // (4 * (8 // cw))
     out = np.empty((Nt, qoff, TILE, 4), np.uint8)
+    chunk_tiles = chunk_tiles or max(1, (2 << 20) // (TILE * Kp))
     for t0 in range(0, Nt, chunk_tiles):
         t1 = min(Nt, t0 + chunk_tiles)
-        codes = _codes_of_planes(planes[:, t0 * TILE:min(N, t1 * TILE)])
+        rows, views = _take_rows(blocks, t0 * TILE, min(N, t1 * TILE))
+        codes = _codes_of_planes(rows)
+        if release is not None:
+            release(views)
         for cw, sh, qo in parts:
             out[t0:t1, qo:qo + Kp // (4 * (8 // cw))] = _container((codes >> np.uint8(sh)) & np.uint8((1 << cw) - 1), cw)
     return out, parts
@@ -224,6 +256,40 @@ def kq_blob(sub, N: int, Kp: int, parts: list[tuple[int, int, int]], qtot: int) 
                            offs["d"], offs.get("dmin", 0), offs.get("sc", 0), offs.get("m", 0), qtot, *cw, *sh, *qo)
     blob[:len(head)] = np.frombuffer(head, np.uint8)
     return blob
+
+
+def kq_unblob(blob: np.ndarray, N: int):
+    """Inverse of kq_blob's parameters: the SubScales (loader/kquant.py) its tiled arrays hold."""
+    from loader.kquant import SubScales
+    (magic, G, S, flags, c0, ng, nsb, _np, off_d, off_dmin, off_sc, off_m, *_rest) = \
+        _KQ_HEADER.unpack(blob[:_KQ_HEADER.size].tobytes())
+    if magic != KQ_MAGIC:
+        raise ValueError("not a two-level parameter blob")
+    Nt = -(-N // TILE)
+
+    def field(off, dtype, n):
+        size = Nt * n * TILE * np.dtype(dtype).itemsize
+        return untile_rows(blob[off:off + size].view(dtype).reshape(Nt, n, TILE), N)
+    sc_type = np.int8 if flags & 16 else np.uint8
+    return SubScales(field(off_d, np.float16, nsb), field(off_sc, sc_type, ng) if flags & 1 else None,
+                     field(off_dmin, np.float16, nsb) if flags & 2 else None,
+                     field(off_m, np.uint8, ng) if flags & 4 else None, float(c0), G, S, bool(flags & 8))
+
+
+class BlobSub:
+    """The two-level parameters of a prepared weight, read back from its blob (kq_unblob) when a rare path
+    asks for them (the float32 A16 check, the popcount kernel): the handle keeps no second copy of them
+    (for fused q|k|v and gate|up that copy was a concatenation, 67 MB of an 8-layer 7B-shaped Q5_0 model).
+    G, S, c0 and nib are plain attributes; anything else is the SubScales' own."""
+
+    def __init__(self, blob: np.ndarray, N: int, G: int, S: int, c0: float, nib: bool):
+        self._blob, self._N = blob, N
+        self.G, self.S, self.c0, self.nib = G, S, c0, nib
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(kq_unblob(self._blob, self._N), name)
 
 
 def code_sums(planes: np.ndarray, lanes: int) -> np.ndarray:
