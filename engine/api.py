@@ -61,13 +61,14 @@ def peak_rss_bytes() -> int:
 class Model:
     """A loaded decoder. Not thread-safe: one generation at a time."""
 
-    def __init__(self, packed, backend, *, wbits: int, abits: int, agroup, context: int | None = None):
+    def __init__(self, packed, backend, *, wbits: int | str, abits: int, agroup, context: int | None = None):
         self.packed, self.backend = packed, backend
         self.config = packed.config
         self.tokenizer = Tokenizer.from_json(packed.tokenizer_json, chat_template=self.config.chat_template,
                                              bos_id=self.config.bos_id, eos_ids=self.config.eos_ids)
         self.wbits, self.abits = wbits, abits
-        self.decoder = Decoder(packed, backend, wbits_run=None if wbits == 16 else wbits, abits=abits,
+        # 16 and "source" run every weight at the bits it is stored with (no nested planes dropped)
+        self.decoder = Decoder(packed, backend, wbits_run=None if wbits in (16, "source") else wbits, abits=abits,
                                agroup=agroup, context=context)
         self.device = backend.name
         self.weight_bytes = packed.weight_bytes
@@ -271,10 +272,14 @@ class Model:
         return cache, p
 
 
-def load(path=None, *, wbits: int = 4, abits: int = 16, group: int | None = None, agroup=None,
+def load(path=None, *, wbits: int | str = 4, abits: int = 16, group: int | None = None, agroup=None,
          device: str = "auto", threads: int | None = None, context: int | None = None,
          progress: bool = True) -> Model:
     """Load a decoder: path None (default SmolLM2), a GGUF file, an HF directory or a packed directory.
+
+    wbits: 1..8, 16 (float weights) or "source": each tensor at its source type's own bits, as
+    `python -m tools.pack --wbits source` packs it (GGUF Q5_0 at 5, Q4_K at 4, Q6_K at 6, Q8_0 at 8,
+    float tensors at 8); a packed directory then runs at the bits it holds.
 
     group None: the source's block size where it maps exactly (32), else 128. agroup None: = group;
     "token": one activation scale per token (activations are then smoothed offline).

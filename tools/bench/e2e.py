@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from loader.precision import check_bits
+from loader.precision import check_bits, check_wbits
 from tools.bench import machine, peers
 from tools.bench.stats import print_table, report_and_save, summarize
 
@@ -20,7 +20,8 @@ DEFAULT_PRECISIONS = "w8a16,w4a16,w2a16,w8a8g32,w4a8g32,w8a8g128t"
 
 def parse_precision(s: str) -> dict:
     """'w4a8g32' -> wbits 4, abits 8, group = agroup = 32; 'w8a8g128t' -> weight group 128 and one
-    activation scale per token (as tools.eval names it); 'w4a16' -> groups left to the engine."""
+    activation scale per token (as tools.eval names it); 'w4a16' -> groups left to the engine;
+    'wsourcea16' -> each tensor at its source type's own bits."""
     t = s.strip().lower()
     try:
         if not t.startswith("w") or "a" not in t:
@@ -29,13 +30,14 @@ def parse_precision(s: str) -> dict:
         a, _, g = rest.partition("g")
         per_token = g.endswith("t")
         g = g[:-1] if per_token else g
-        cfg = {"name": t, "wbits": int(w), "abits": int(a), "group": int(g) if g else None,
+        cfg = {"name": t, "wbits": "source" if w == "source" else int(w), "abits": int(a),
+               "group": int(g) if g else None,
                "agroup": "token" if per_token else (int(g) if g else None)}
     except ValueError:
-        raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>[t]], e.g. w4a16, w4a8g32 or "
-                         "w8a8g128t") from None
+        raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>[t]], e.g. w4a16, w4a8g32, "
+                         "w8a8g128t or wsourcea16") from None
     try:
-        check_bits(cfg["wbits"], "wbits"), check_bits(cfg["abits"], "abits")
+        check_wbits(cfg["wbits"], "wbits"), check_bits(cfg["abits"], "abits")
     except ValueError as e:
         raise ValueError(f"precision {s!r}: {e}") from None
     return cfg
