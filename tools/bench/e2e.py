@@ -51,7 +51,11 @@ def _worker(cfg: dict, a, threads: int, prepare: bool = False) -> peers.JsonWork
 
 
 def _summ(samples: list[dict]) -> dict:
-    return {k: summarize(s[k] for s in samples) for k in ("prompt_tok_s", "decode_tok_s", "ttft_s")}
+    out = {k: summarize(s[k] for s in samples) for k in ("prompt_tok_s", "decode_tok_s", "ttft_s")}
+    # what else ran during each sample (tools/bench/machine.py other_cores), sample by sample
+    out["other_cores"] = [s.get("other_cores") for s in samples]
+    out["load_average"] = [s.get("load_average") for s in samples]
+    return out
 
 
 def _agree(a: list[int], b: list[int]) -> int:
@@ -123,7 +127,10 @@ def run(a) -> dict:
                     for who, wk in order:
                         if wk is None:
                             continue
+                        mark = machine.cpu_mark(wk.proc.pid)
                         res = wk.request({"cmd": "run", "ids": ids, "max_tokens": a.max_tokens})
+                        res["other_cores"] = machine.other_cores(mark, wk.proc.pid)
+                        res["load_average"] = machine.load_average()
                         (ours if who == "ours" else theirs).append(res)
                 peer_samples += theirs
                 row = {"precision": cfg["name"], "wbits": cfg["wbits"], "abits": cfg["abits"],
@@ -170,6 +177,12 @@ def print_report(doc: dict) -> None:
     print_table(hdr, rows)
     for n in doc["notes"]:
         print(f"note: {n}")
+    for r in doc["rows"]:
+        oc = lambda d: ", ".join("-" if v is None else f"{v:.2f}" for v in d.get("other_cores", []))
+        line = f"other processes' cores during each {r['precision'].upper()} run: {oc(r)}"
+        if "peer_interleaved" in r:
+            line += f"; during each llama.cpp run: {oc(r['peer_interleaved'])}"
+        print(f"note: {line}")
     if p:
         print("x: our median / llama.cpp median (> 1: faster); best: our fastest run / llama.cpp's fastest run")
 
