@@ -107,7 +107,10 @@ def run(a) -> dict:
     peer = None
     if llama_py:
         try:
-            peer = peers.start_llama(llama_py, model, threads, n_ctx=max(512, a.prompt_tokens + a.max_tokens + 8))
+            peer = peers.start_llama(llama_py, model, threads, n_ctx=max(512, a.prompt_tokens + a.max_tokens + 8),
+                                     repack=not getattr(a, "llama_no_repack", False))
+            if getattr(a, "llama_no_repack", False):
+                notes.append("llama.cpp ran without its repacked weight copies (--llama-no-repack: use_extra_bufts off)")
         except peers.PeerUnavailable as e:
             notes.append(f"llama.cpp peer failed to start: {e}")
     ids, rows, peer_samples = None, [], []
@@ -226,6 +229,9 @@ def add_args(ap) -> None:
     ap.add_argument("--install-peers", action="store_true",
                     help="build llama-cpp-python into a venv under the cache dir if none is found")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--llama-no-repack", action="store_true",
+                    help="llama.cpp without the interleaved copies it makes of some weight types at load "
+                         "(use_extra_bufts off): its memory is then the mapped file's")
 
 
 def main(a) -> int:
