@@ -54,6 +54,7 @@ def _summ(samples: list[dict]) -> dict:
     out = {k: summarize(s[k] for s in samples) for k in ("prompt_tok_s", "decode_tok_s", "ttft_s")}
     # what else ran during each sample (tools/bench/machine.py other_cores), sample by sample
     out["other_cores"] = [s.get("other_cores") for s in samples]
+    out["decode_tok_s_samples"] = [round(s["decode_tok_s"], 3) for s in samples]
     out["load_average"] = [s.get("load_average") for s in samples]
     return out
 
@@ -182,9 +183,11 @@ def print_report(doc: dict) -> None:
         print(f"note: {n}")
     for r in doc["rows"]:
         oc = lambda d: ", ".join("-" if v is None else f"{v:.2f}" for v in d.get("other_cores", []))
-        line = f"other processes' cores during each {r['precision'].upper()} run: {oc(r)}"
+        dec = lambda d: ", ".join(f"{v:.1f}" for v in d.get("decode_tok_s_samples", []))
+        line = f"{r['precision'].upper()} runs: decode tok/s {dec(r)}, other processes' cores {oc(r)}"
         if "peer_interleaved" in r:
-            line += f"; during each llama.cpp run: {oc(r['peer_interleaved'])}"
+            p_ = r["peer_interleaved"]
+            line += f"; llama.cpp runs: decode tok/s {dec(p_)}, other processes' cores {oc(p_)}"
         print(f"note: {line}")
     if p:
         print("x: our median / llama.cpp median (> 1: faster); best: our fastest run / llama.cpp's fastest run")
