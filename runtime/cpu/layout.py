@@ -132,6 +132,7 @@ def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
 
 KQ_FLAG = 1 << 30           # ab_internal.h AB_F16_KQ
 KQ_MAGIC = 0x3151424B
+KQ_HI = 32                  # ab_internal.h AB_KQ_HI: 6-bit sc and m as low nibbles + 2 high bits each
 # bits of each code part, low part first: no code of 3, 5, 6 or 7 bits sits in a wider container (a
 # nested 1-bit weight keeps a 2-bit one: single parts run on the plain tile loops, kernels_int8.c)
 KQ_PARTS = {1: (2,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
@@ -236,12 +237,22 @@ def kq_uncodes_tiles(ct: np.ndarray, N: int, p: int, Kp: int) -> np.ndarray:
 def kq_blob(sub, N: int, Kp: int, parts: list[tuple[int, int, int]], qtot: int) -> np.ndarray:
     """The ab_kq header and its tiled arrays (d, dmin float16 [Nt][Kp/S][64]; sc, m 8-bit [Nt][Kp/G][64])
     in one uint8 array: what the kernels read as wsc when f16 = KQ_FLAG."""
-    flags = ((1 if sub.sc is not None else 0) | (2 if sub.dmin is not None else 0) | (4 if sub.m is not None else 0)
-             | (8 if sub.nib else 0) | (16 if sub.sc is not None and sub.sc.dtype == np.int8 else 0))
+    # 6-bit sc and m (Q4_K, Q5_K) in 12 bits, as the source holds them (ab_internal.h AB_KQ_HI)
+    # (loader/kquant.py gives them as int8 sc, uint8 m; the form needs 0 <= sc, m < 64)
+    hi = (sub.sc is not None and sub.m is not None and not sub.nib and sub.sc.dtype == np.int8
+          and int(sub.sc.min(initial=0)) >= 0 and int(sub.sc.max(initial=0)) < 64 and int(sub.m.max(initial=0)) < 64)
+    flags = ((1 if sub.sc is not None else 0) | (2 if sub.dmin is not None else 0)
+             | (4 if sub.m is not None and not hi else 0) | (8 if sub.nib or hi else 0)
+             | (16 if sub.sc is not None and sub.sc.dtype == np.int8 and not hi else 0) | (KQ_HI if hi else 0))
     tiles = {"d": tile_rows(sub.d)}
     for f in ("dmin", "sc", "m"):
         if getattr(sub, f) is not None:
             tiles[f] = tile_rows(getattr(sub, f))
+    if hi:
+        sc, m = sub.sc.view(np.uint8), sub.m
+        tiles["sc"] = tile_rows((sc & 15) | (m & 15) << 4)
+        h = tile_rows((sc >> 4) | (m >> 4) << 2)                            # (Nt, ng, 64), values < 16
+        tiles["m"] = np.ascontiguousarray(h[..., :TILE // 2] | h[..., TILE // 2:] << 4)
     offs, pos = {}, _KQ_HEAD
     for f, a in tiles.items():
         offs[f] = pos
@@ -271,8 +282,14 @@ def kq_unblob(blob: np.ndarray, N: int):
         size = Nt * n * TILE * np.dtype(dtype).itemsize
         return untile_rows(blob[off:off + size].view(dtype).reshape(Nt, n, TILE), N)
     sc_type = np.int8 if flags & 16 else np.uint8
-    return SubScales(field(off_d, np.float16, nsb), field(off_sc, sc_type, ng) if flags & 1 else None,
-                     field(off_dmin, np.float16, nsb) if flags & 2 else None,
+    d, dmin = field(off_d, np.float16, nsb), field(off_dmin, np.float16, nsb) if flags & 2 else None
+    if flags & KQ_HI:
+        nib = field(off_sc, np.uint8, ng)
+        hp = blob[off_m:off_m + Nt * ng * TILE // 2].reshape(Nt, ng, TILE // 2)
+        h = untile_rows(np.concatenate([hp & 15, hp >> 4], axis=-1), N)
+        return SubScales(d, ((nib & 15) | (h & 3) << 4).view(np.int8), dmin, (nib >> 4) | (h >> 2) << 4,
+                         float(c0), G, S, False)
+    return SubScales(d, field(off_sc, sc_type, ng) if flags & 1 else None, dmin,
                      field(off_m, np.uint8, ng) if flags & 4 else None, float(c0), G, S, bool(flags & 8))
 
 
