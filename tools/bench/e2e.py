@@ -104,6 +104,8 @@ def run(a) -> dict:
         notes.append(f"llama.cpp peer skipped: {model} is not a GGUF file")
         llama_py = None
     configs = [parse_precision(s) for s in a.precisions.split(",") if s.strip()]
+    notes.append("other_cores (per sample, in the rows and peer_interleaved): the CPU that other processes "
+                 "took while each sample ran, for a machine shared with other work")
 
     peer = None
     if llama_py:
