@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.archs import BUILDERS, DECODERS
 from engine.graph import Step
-from loader.bipolar import PackedLinear, concat_rows, unpack_planes, values_of
+from loader.bipolar import PackedLinear, can_concat_rows, concat_rows, unpack_planes, values_of
 from loader.errors import FormatError
 from loader.rotation import hadamard_blocks
 from loader.packed import PackedModel
@@ -32,10 +32,14 @@ class Linear:
     PackedLinear (rotate: the weight holds W R, feed it R x), or float_w: float32 (N, K). splits: the
     output columns of each product when several were fused into this one."""
 
-    def __init__(self, backend, w, abits: int, agroup, splits=None):
+    def __init__(self, backend, w, abits: int, agroup, splits=None, release=None):
         self.abits = abits
         self.act_quant = None       # (abits, group): float weights with quantize-dequantized inputs
-        if isinstance(w, PackedLinear):
+        if isinstance(w, list):     # row blocks of one product, stacked by the backend (prepare_rows)
+            self.h, self.float_w = backend.prepare_rows(w, release), None
+            self.rotate, self.N, self.K = w[0].rotate, sum(x.N for x in w), w[0].K
+            self.agroup = w[0].Kp if agroup == "token" else agroup
+        elif isinstance(w, PackedLinear):
             self.h, self.float_w = backend.prepare_linear(w), None
             self.rotate, self.N, self.K = w.rotate, w.N, w.K
             self.agroup = w.Kp if agroup == "token" else agroup
@@ -50,16 +54,18 @@ class Embedding:
     """Token rows (M, d) of a float table or of a packed one (then dequantized one row per token, never
     as a whole)."""
 
-    def __init__(self, table):
+    def __init__(self, table, mapping=None):
         self.table = table
+        # rows of a mapped table are read with pread (loader.packed.FileMap.take), not through the map
+        self.take = mapping.take if mapping is not None else (lambda a, ids: a[..., ids, :])
 
     def rows(self, ids, pos=None) -> np.ndarray:
         e = self.table
         if not isinstance(e, PackedLinear):
-            return np.asarray(e[ids], np.float32)
-        codes = unpack_planes(np.ascontiguousarray(e.planes[:, ids, :]))          # (M, Kp)
+            return np.asarray(self.take(e, ids), np.float32)
+        codes = unpack_planes(np.ascontiguousarray(self.take(e.planes, ids)))     # (M, Kp)
         v = values_of(codes, e.bits).astype(np.float32)
-        sr, orow = e.row_params(ids)      # two-level: only these rows' parameters are computed
+        sr, orow = e.row_params(ids, self.take)   # two-level: only these rows' parameters are computed
         w = np.repeat(sr, e.group, axis=1) * v
         if orow is not None:
             w += np.repeat(orow, e.group, axis=1)
@@ -166,26 +172,39 @@ class Decoder:
         W: dict = {}
         self.linear_for: dict = {}        # source linear name -> the Linear that computes it
 
+        # the backend holds its own copies of what it prepared: the mapped file pages under each weight
+        # are given back as soon as it is prepared (rows of fused weights as they are read), so that the
+        # peak memory of loading is about one weight's file data over the backend's copies
+        release = pm.mapping.release if pm.mapping is not None else None
+
         def add(names):
             ws = [get(n) for n in names]
             lin = None
             if len(ws) > 1 and all(isinstance(w, PackedLinear) for w in ws):
-                cat = _concat(ws)
-                if cat is not None:
-                    lin = Linear(backend, cat, abits, agroup, [w.N for w in ws])
+                if can_concat_rows(ws):
+                    lin = (Linear(backend, ws, abits, agroup, [w.N for w in ws], release=release)
+                           if has(backend, "prepare_rows") else
+                           Linear(backend, _concat(ws), abits, agroup, [w.N for w in ws]))
             elif len(ws) > 1 and all(not isinstance(w, PackedLinear) for w in ws):
                 lin = Linear(backend, np.concatenate([np.asarray(w, np.float32) for w in ws], axis=0), abits,
                              agroup, [np.shape(w)[0] for w in ws])
             if lin is not None:
                 W["|".join(names)] = lin
                 self.linear_for.update((n, lin) for n in names)
-                return
-            for n, w in zip(names, ws):
-                W[n] = self.linear_for[n] = Linear(backend, w, abits, agroup)
+            else:
+                rows = has(backend, "prepare_rows")
+                for n, w in zip(names, ws):
+                    W[n] = self.linear_for[n] = (Linear(backend, [w], abits, agroup, release=release)
+                                                 if rows and isinstance(w, PackedLinear) else
+                                                 Linear(backend, w, abits, agroup))
+            pm.release_pages(names)
 
         def vec(name):
             W[name] = np.ascontiguousarray(pm.linear(name), np.float32)
 
+        # the output projection first (kept at its packed bits): the largest single weight, prepared while
+        # little else is held, so that its file pages and temporaries do not add to the final peak
+        add(["output"])
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm", "bo"):
@@ -201,15 +220,9 @@ class Decoder:
             bias = [p + b for b in ("bq", "bk", "bv")]
             if all(b in W for b in bias) and "|".join(p + n for n in ("wq", "wk", "wv")) in W:
                 W["|".join(bias)] = np.concatenate([W[b] for b in bias])
-            # the backend holds its own copies now: give back the layer's mapped file pages, so that
-            # the peak memory of loading is one layer of file data, not the whole file
-            pm.release_pages([p + n for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")])
         vec("norm")
-        W["output"] = Linear(backend, pm.linear("output"), abits, agroup)    # kept at its packed bits
-        self.linear_for["output"] = W["output"]
-        pm.release_pages(["output"])
         # (V, d) rows gathered per token: the untied table (packed like the linears), or the tied output
-        W["tok_embeddings"] = Embedding(pm.tensors.get("tok_embeddings", pm.linear("output")))
+        W["tok_embeddings"] = Embedding(pm.tensors.get("tok_embeddings", pm.linear("output")), pm.mapping)
         freqs = rope_divisors(cfg)
         if freqs is not None:
             W["rope_freqs"] = freqs

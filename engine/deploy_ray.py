@@ -30,7 +30,7 @@ class ReplicaConfig:
     """What every replica loads: plain values, so that Ray can ship it to the replica processes."""
     model: str | None = None            # GGUF / HF / packed path, None = default model, "none" = no decoder
     embed_model: str | None = None      # None = no embedder, "default" = all-MiniLM-L6-v2
-    wbits: int = 4
+    wbits: int | str = 4                # or "source": each tensor at its source type's bits
     abits: int = 16
     group: int | None = None
     agroup: object = None

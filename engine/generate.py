@@ -18,6 +18,11 @@ def _bits(s: str) -> int:
     return v
 
 
+def _wbits(s: str):
+    from loader.precision import parse_wbits
+    return parse_wbits(s)
+
+
 def _group(s: str) -> int:
     v = int(s)
     if v <= 0 or v % 32:
@@ -66,7 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads it from stdin)")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
                                                  "(default: SmolLM2-135M-Instruct)")
-    p.add_argument("--wbits", type=_bits, default=4, help="weight bits 1..8, or 16 for unquantized (default 4)")
+    p.add_argument("--wbits", type=_wbits, default=4,
+                   help="weight bits 1..8, 16 for unquantized, or 'source': each tensor at its source type's own "
+                        "bits (GGUF Q5_0 at 5, Q6_K at 6, ...; default 4)")
     p.add_argument("--abits", type=_bits, default=16, help="activation bits 1..8, or 16 (default 16)")
     p.add_argument("--group", type=_group, default=None,
                    help="weight group size (default: the source's block where exact, else 128)")

@@ -15,6 +15,7 @@ from loader.errors import FormatError
 from loader.fetch import cache_dir
 from loader.pack import PackedModel, Recipe, quantize_model
 from loader.pack_writer import pack_to_dir
+from loader.precision import SOURCE, check_wbits
 from loader.packed import is_packed_dir, read_packed
 from loader.progress import Progress, summary
 from loader.validate import check_group
@@ -64,7 +65,8 @@ def check_runnable(cfg, where) -> None:
 
 
 def default_recipe(kind: str, wbits: int, abits: int, group=None, agroup=None) -> Recipe:
-    """The recipe a source is packed with for these precisions (the cache key includes it)."""
+    """The recipe a source is packed with for these precisions (the cache key includes it); wbits 0:
+    every tensor at its source type's own bits."""
     # quantized activations on a decoder: linear inputs are rotated (loader/rotation.py) with one scale
     # per token (measured far better than SmoothQuant: W8A8 G128 KL 0.0068 against 0.025; SmoothQuant
     # stays available as `tools.pack --smooth`), and with groups too where the weights have 8 bits,
@@ -76,20 +78,25 @@ def default_recipe(kind: str, wbits: int, abits: int, group=None, agroup=None) -
         rotate = ROTATE_BLOCK
     # a 4-bit or narrower embedder (float activations) is rounded by GPTQ on rotated inputs, calibrated on
     # the calibration text (engine/calibrate.py): round-to-nearest left a short sentence at cosine 0.904
-    gptq = kind == "embedder" and wbits <= 4 and abits == 16
+    gptq = kind == "embedder" and 1 <= wbits <= 4 and abits == 16
     if gptq:
         rotate = ROTATE_BLOCK
     return Recipe(wbits=wbits, group=group, abits=abits, agroup=agroup, rotate=rotate, gptq=gptq)
 
 
-def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None, agroup=None,
-                      kind: str = "decoder", progress: bool = True) -> tuple[PackedModel, int]:
-    """-> (packed model, the weight bits it runs at). wbits 16 keeps float weights (never cached)."""
+def load_packed_model(path=None, *, wbits: int | str = 4, abits: int = 16, group=None, agroup=None,
+                      kind: str = "decoder", progress: bool = True) -> tuple[PackedModel, int | str]:
+    """-> (packed model, the weight bits it runs at). wbits 16 keeps float weights (never cached);
+    "source" packs each tensor at its source type's own bits (Recipe wbits 0) and runs a packed
+    directory at the bits it holds."""
+    wbits = check_wbits(wbits)
     src = resolve_source(path, kind)
     if src.is_dir() and is_packed_dir(src):
         pm = read_packed(src)
         if kind == "decoder":
             check_runnable(pm.config, src)
+        if wbits == SOURCE:
+            return pm, SOURCE
         # the model's precision is that of its layers; the output projection keeps its own (head_bits)
         bits = [m["bits"] for n, m in pm.info.items() if n not in ("output", "tok_embeddings")] or [16]
         stored = max(bits)
@@ -99,7 +106,7 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
             print(f"anybit: {src} holds {stored}-bit weights; running at {stored} bits", file=sys.stderr)
             wbits = stored
         return pm, wbits
-    recipe = default_recipe(kind, wbits, abits, group, agroup)
+    recipe = default_recipe(kind, 0 if wbits == SOURCE else wbits, abits, group, agroup)
     if wbits == 16:
         return quantize_model(_read_source(src, kind), recipe), 16
     out = cache_root() / "packed" / f"{src.stem}-w{wbits}-{_cache_key(src, recipe)}"
@@ -118,7 +125,8 @@ def load_packed_model(path=None, *, wbits: int = 4, abits: int = 16, group=None,
         if progress:
             print("anybit: calibrating (GPTQ) on the calibration text ...", file=sys.stderr)
         hessians = encoder_hessians(source, recipe)
-    label = f"anybit: first use of {src.name} at W{wbits}: packing (cached for later runs)"
+    at = "source bits" if wbits == SOURCE else f"W{wbits}"
+    label = f"anybit: first use of {src.name} at {at}: packing (cached for later runs)"
     show = Progress(label) if progress else None
     _, info, _ = pack_to_dir(source, recipe, out, hessians=hessians, progress=show,
                               force=True)   # the cache's own entry: a damaged one is replaced

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader.errors import FormatError
-from loader.kquant import SubScales, concat_subscales
+from loader.kquant import SubScales, concat_subscales, subscales_agree
 
 LANES = 32  # input lanes per uint32 word
 
@@ -240,11 +240,13 @@ class PackedLinear:
         return PackedLinear(self.planes[:k], (self.scales * (1 << (self.bits - k))).astype(np.float32),
                             self.offsets, k, self.group, self.K, self.N, self.smooth, self.rotate)
 
-    def row_params(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 (scales, offsets) of rows `ids` only (an embedding lookup must not compute them all)."""
+    def row_params(self, ids, take=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (scales, offsets) of rows `ids` only (an embedding lookup must not compute them all);
+        take(a, ids): how to gather rows (see SubScales.take)."""
         if self.sub is not None:
-            return self.sub.take(ids).params()
-        return self.scales[ids], None if self.offsets is None else self.offsets[ids]
+            return self.sub.take(ids, take).params()
+        t = (lambda a: a[ids]) if take is None else (lambda a: take(a, ids))
+        return t(self.scales), None if self.offsets is None else t(self.offsets)
 
     def dequantize(self) -> np.ndarray:
         """float64 (N, K). Two-level: exactly a*q - a*zq - b (so its float32 rounding is the source
@@ -285,21 +287,28 @@ PackedLinear.scales = _derived(0)
 PackedLinear.offsets = _derived(1)
 
 
-def concat_rows(lins: list["PackedLinear"]) -> "PackedLinear | None":
-    """Stack linears along N when they share K, bits, group, parameter form, offsets and smoothing
-    (the fused q|k|v and gate|up of the engine); None when they do not."""
+def can_concat_rows(lins: list["PackedLinear"]) -> bool:
+    """Whether linears can be stacked along N: same K, bits, group, parameter form (two-level ones the
+    same sub-block form, see concat_subscales), offsets and smoothing."""
     a = lins[0]
     key = lambda x: (x.K, x.bits, x.group, x.sub is None, x.smooth is None, x.rotate,
                      x.sub is None and x.offsets is None)
     if any(key(x) != key(a) or (x.smooth is not None and not np.array_equal(x.smooth, a.smooth)) for x in lins):
+        return False
+    return a.sub is None or subscales_agree([x.sub for x in lins])
+
+
+def concat_rows(lins: list["PackedLinear"]) -> "PackedLinear | None":
+    """Stack linears along N when can_concat_rows (the fused q|k|v and gate|up of the engine); None when
+    they cannot be."""
+    if not can_concat_rows(lins):
         return None
+    a = lins[0]
     planes = np.concatenate([x.planes for x in lins], axis=1)
     N = sum(x.N for x in lins)
     if a.sub is not None:
-        sub = concat_subscales([x.sub for x in lins])
-        if sub is None:
-            return None
-        return PackedLinear(planes, None, None, a.bits, a.group, a.K, N, a.smooth, a.rotate, sub)
+        return PackedLinear(planes, None, None, a.bits, a.group, a.K, N, a.smooth, a.rotate,
+                            concat_subscales([x.sub for x in lins]))
     return PackedLinear(planes, np.concatenate([x.scales for x in lins], axis=0),
                         None if a.offsets is None else np.concatenate([x.offsets for x in lins], axis=0),
                         a.bits, a.group, a.K, N, a.smooth, a.rotate)

@@ -129,18 +129,25 @@ class SubScales:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.d, self.sc, self.dmin, self.m) if a is not None)
 
-    def take(self, ids) -> "SubScales":
-        """The parameters of rows `ids` (an index array or slice)."""
-        f = lambda a: None if a is None else a[ids]
+    def take(self, ids, take=None) -> "SubScales":
+        """The parameters of rows `ids` (an index array or slice); take(a, ids): how to gather them (e.g.
+        loader.packed.FileMap.take, which reads a mapped file's rows without mapping them)."""
+        f = lambda a: None if a is None else (a[ids] if take is None else take(a, ids))
         return SubScales(f(self.d), f(self.sc), f(self.dmin), f(self.m), self.c0, self.G, self.S, self.nib)
 
 
-def concat_subscales(subs: list[SubScales]) -> SubScales | None:
-    """Stack along N when the forms agree (same G, S, c0, fields present), else None."""
+def subscales_agree(subs: list[SubScales]) -> bool:
+    """Whether two-level parameters can be stacked along N: same G, S, c0, fields present and dtypes."""
     a = subs[0]
     key = lambda s: (s.G, s.S, s.c0, s.nib, s.sc is None, s.dmin is None, s.m is None)
-    if any(key(s) != key(a) or (s.sc is not None and s.sc.dtype != a.sc.dtype) for s in subs):
+    return not any(key(s) != key(a) or (s.sc is not None and s.sc.dtype != a.sc.dtype) for s in subs)
+
+
+def concat_subscales(subs: list[SubScales]) -> SubScales | None:
+    """Stack along N when the forms agree (subscales_agree), else None."""
+    if not subscales_agree(subs):
         return None
+    a = subs[0]
     cat = lambda f: None if getattr(a, f) is None else np.concatenate([getattr(s, f) for s in subs], axis=0)
     return SubScales(cat("d"), cat("sc"), cat("dmin"), cat("m"), a.c0, a.G, a.S, a.nib)
 

@@ -135,14 +135,42 @@ class FileMap:
     mapped after the backend had tiled them were 5 GB of the process's 12.5 GB peak."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
         self._base = np.frombuffer(self.mm, np.uint8).ctypes.data
         self.size = len(self.mm)
 
     def array(self, offset: int, dtype, shape) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(self.mm, dtype=dtype, count=n, offset=offset).reshape(shape)
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
+
+    def take(self, a: np.ndarray, ids) -> np.ndarray:
+        """a[..., ids, :] for a view `a` of this map (rows along its next-to-last axis, each row contiguous),
+        read with pread instead of through the mapping: the kernel maps a whole large folio of page cache
+        around a touched byte, so gathering the 32 embedding rows of a prompt from the map made 54 MB of
+        a 7B-shaped model's file resident. Other arrays are indexed as usual."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        start = a.ctypes.data - self._base
+        if a.ndim < 2 or a.nbytes == 0 or start < 0 or start + a.nbytes > self.size or a.strides[-1] != a.itemsize:
+            return a[..., ids, :]
+        if len(ids) and (ids.min() < -a.shape[-2] or ids.max() >= a.shape[-2]):
+            raise IndexError(f"row index out of range for {a.shape[-2]} rows")
+        ids = ids % a.shape[-2] if len(ids) else ids
+        out = np.empty(a.shape[:-2] + (len(ids), a.shape[-1]), a.dtype)
+        row = a.shape[-1] * a.itemsize
+        flat = out.reshape(-1, len(ids), a.shape[-1])
+        for j, lead in enumerate(np.ndindex(*a.shape[:-2])):
+            base = start + sum(i * st for i, st in zip(lead, a.strides[:-2]))
+            for k, r in enumerate(ids):
+                buf = os.pread(self.fd, row, base + int(r) * a.strides[-2])
+                flat[j, k] = np.frombuffer(buf, a.dtype)
+        return out
 
     def release(self, arrays) -> int:
         """Drop the resident pages of these views (whole pages they touch); returns the bytes advised."""

@@ -1,6 +1,8 @@
 """Bit widths: the one rule for a precision value (weights or activations), and its parser for CLIs.
 
-A precision is 1..8 bits (bipolar codes) or 16 (unquantized: float weights, or 16-bit activations)."""
+A precision is 1..8 bits (bipolar codes) or 16 (unquantized: float weights, or 16-bit activations). Weights
+may also be "source": each tensor at its source type's own bits (a GGUF Q5_0 tensor at 5, Q6_K at 6, Q8_0
+at 8; exact imports, loader/pack.py Recipe wbits 0)."""
 from __future__ import annotations
 
 import argparse
@@ -25,3 +27,26 @@ def parse_bits(s: str) -> int:
         return check_bits(int(s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 1..8 or 16, got {s!r}") from None
+
+
+SOURCE = "source"
+
+
+def check_wbits(v, what: str = "wbits"):
+    """Weight bits: 1..8 or 16 as an int, or "source" (0, tools.pack's other spelling of it, is "source")."""
+    if isinstance(v, str) and v.strip().lower() == SOURCE or (v == 0 and not isinstance(v, bool)):
+        return SOURCE
+    try:
+        return check_bits(v, what)
+    except ValueError:
+        raise ValueError(f"{what} must be 1..8, 16 or 'source', got {v!r}") from None
+
+
+def parse_wbits(s: str):
+    """argparse type of --wbits: 1..8, 16 or 'source' (each tensor at its source type's bits)."""
+    if s.strip().lower() == SOURCE:
+        return SOURCE
+    try:
+        return check_bits(int(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1..8, 16 or 'source', got {s!r}") from None

@@ -1,6 +1,8 @@
 """tools.bench: result schema of a tiny kernels run, statistics, plots of fixture results, README section
 replacement, machine description. Fast (no model, no llama.cpp build)."""
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -109,7 +111,8 @@ def test_e2e_precision_parsing_and_report(capsys):
     assert e2e.parse_precision("w8a16")["group"] is None
     assert e2e.parse_precision("w8a8g128t") == {"name": "w8a8g128t", "wbits": 8, "abits": 8, "group": 128,
                                                 "agroup": "token"}
-    for bad in ("4a16", "w9a16", "wxa8", "w4", "w8a8gt1"):
+    assert e2e.parse_precision("wsourcea16")["wbits"] == "source"          # each tensor at its GGUF type's bits
+    for bad in ("4a16", "w9a16", "wxa8", "w4", "w8a8gt1", "wsauce16"):
         with pytest.raises(ValueError):
             e2e.parse_precision(bad)
     e2e.print_report(fixture_docs()["e2e"])
@@ -220,3 +223,21 @@ def test_e2e_notes_a_synth_gguf(tmp_path, default_gguf):
     path = write_random_gguf(dict(name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64),
                              tmp_path / "r.gguf", default_gguf)
     assert "tiny shapes" in _synth_name(str(path)) and _synth_name(str(default_gguf)) == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_other_cores_counts_a_busy_neighbour():
+    """The CPU that other processes took while one was timed (e2e records it per sample): a busy child
+    shows, this idle process does not count."""
+    import time
+
+    from tools.bench import machine
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        time.sleep(0.3)
+        mark = machine.cpu_mark(os.getpid())
+        time.sleep(0.8)
+        v = machine.other_cores(mark, os.getpid())
+    finally:
+        child.wait()
+    assert v is not None and 0.3 <= v <= (os.cpu_count() or 1) + 0.5, v

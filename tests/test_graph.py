@@ -213,7 +213,7 @@ def test_every_backend_meets_the_contract_and_declares_known_capabilities(be):
         assert set(b.capabilities) <= set(CAPABILITIES), b.name
         for c in b.capabilities:        # a declared capability has its method
             method = {"compile": "compile", "device_kv": "kv_store", "hadamard": "hadamard", "rope_ext": "rope",
-                      "attn_ext": "attention", "geglu": "geglu_tanh"}[c]
+                      "attn_ext": "attention", "geglu": "geglu_tanh", "prepare_rows": "prepare_rows"}[c]
             assert callable(getattr(b, method)), (b.name, c)
     assert has(be, "compile") and has(gb, "device_kv") and not has(NumpyBackend(), "compile")
     with pytest.raises(ValueError, match="unknown capability"):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loader.bipolar import LANES, LinearShape, PackedLinear, round_up
+from loader.bipolar import LANES, LinearShape, PackedLinear, can_concat_rows, concat_rows, round_up
+from loader.kquant import concat_subscales
 from loader.precision import check_bits
 from runtime.cpu import build, layout
 from runtime.cpu.errors import check as _check
@@ -87,7 +88,7 @@ class CpuBackend(CpuOps):
     (9 keeps every weight on the table kernel)."""
 
     name = "cpu"
-    capabilities = frozenset({"compile", "hadamard"})
+    capabilities = frozenset({"compile", "hadamard", "prepare_rows"})
 
     def __init__(self, threads: int | None = None, isa: str | None = None, a16: str = "lut",
                  i8_min_bits: int | None = None, quant: str | None = None, params: str = "auto"):
@@ -146,9 +147,9 @@ class CpuBackend(CpuOps):
 
     # ---- linears --------------------------------------------------------------------------------
     def prepare_linear(self, lin: PackedLinear) -> LinearHandle:
-        planes = np.ascontiguousarray(lin.planes, dtype=np.uint32)
         if lin.sub is not None:
-            return self._prepare_two_level(lin, planes)
+            return self._prepare_two_level([lin])
+        planes = np.ascontiguousarray(lin.planes, dtype=np.uint32)
         p = planes.shape[0]
         bytecodes = p >= self.i8_min_bits
         # float16 group parameters only for the byte-code kernels (the table kernel reads float32)
@@ -169,16 +170,40 @@ class CpuBackend(CpuOps):
                             layout.codes_tiles(planes) if bytecodes else None, wsc, woff,
                             planes if keep else None, None, f16=r)
 
-    def _prepare_two_level(self, lin: PackedLinear, planes: np.ndarray) -> LinearHandle:
+    def prepare_rows(self, lins: list[PackedLinear], release=None) -> LinearHandle:
+        """One handle for linears stacked along N (fused q|k|v, gate|up; can_concat_rows must hold). Two-level
+        weights are tiled from their parts a chunk of rows at a time, release(views) told of the sources
+        once read (a mapped file's pages can go): no concatenated copy, the peak of loading a 7B-shaped
+        model. Other forms are concatenated and prepared as one."""
+        if not can_concat_rows(lins):
+            raise ValueError("prepare_rows: these linears differ in shape, bits, group or parameter form")
+        if lins[0].sub is not None:
+            return self._prepare_two_level(lins, release)
+        h = self.prepare_linear(lins[0] if len(lins) == 1 else concat_rows(lins))
+        if release is not None:
+            release([a for x in lins for a in (x.planes, x.scales, x.offsets) if a is not None])
+        return h
+
+    def _prepare_two_level(self, lins: list[PackedLinear], release=None) -> LinearHandle:
         """Two-level parameters (loader/kquant.py): the byte-code A16 kernel on every isa and precision,
         codes in parts of 1/2/4 bits (a 5-bit code reads 5 bits, not 8) and the parameters as the source
         stored them (layout.kq_blob). The kernels see G = the super-block S (a multiple of 32); the
-        header gives the 16- or 32-lane groups inside it."""
-        codes, parts = layout.kq_codes_tiles(planes)
-        blob = layout.kq_blob(lin.sub, lin.N, lin.Kp, parts, codes.shape[1])
+        header gives the 16- or 32-lane groups inside it. lins: one weight, or several stacked along N."""
+        lin, N = lins[0], sum(x.N for x in lins)
+        sub = lin.sub if len(lins) == 1 else concat_subscales([x.sub for x in lins])
+        codes, parts = layout.kq_codes_tiles([x.planes for x in lins], release=release)
+        blob = layout.kq_blob(sub, N, lin.Kp, parts, codes.shape[1])
+        if release is not None:
+            release([a for x in lins for a in (x.sub.d, x.sub.sc, x.sub.dmin, x.sub.m) if a is not None])
         keep = self.a16 == "f32" or self.quant == "popcount"
-        return LinearHandle(LinearShape.of(lin, group=lin.sub.S), None, codes, blob, None,
-                            planes if keep else None, None, f16=layout.KQ_FLAG)
+        planes = None
+        if keep:
+            planes = np.ascontiguousarray(lin.planes if len(lins) == 1 else
+                                          np.concatenate([x.planes for x in lins], axis=1), dtype=np.uint32)
+        # the shape's parameters are read back from the blob when asked (layout.BlobSub), not kept twice
+        shape = LinearShape(None, None, lin.bits, sub.S, lin.K, N, lin.Kp, lin.smooth, lin.rotate,
+                            layout.BlobSub(blob, N, sub.G, sub.S, sub.c0, sub.nib))
+        return LinearHandle(shape, None, codes, blob, None, planes, None, f16=layout.KQ_FLAG)
 
     @staticmethod
     def _pgroup(lin) -> int:

@@ -132,6 +132,7 @@ def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
 
 KQ_FLAG = 1 << 30           # ab_internal.h AB_F16_KQ
 KQ_MAGIC = 0x3151424B
+KQ_HI = 32                  # ab_internal.h AB_KQ_HI: 6-bit sc and m as low nibbles + 2 high bits each
 # bits of each code part, low part first: no code of 3, 5, 6 or 7 bits sits in a wider container (a
 # nested 1-bit weight keeps a 2-bit one: single parts run on the plain tile loops, kernels_int8.c)
 KQ_PARTS = {1: (2,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
@@ -159,12 +160,40 @@ def _container(codes: np.ndarray, cw: int) -> np.ndarray:
     return packed.transpose(0, 2, 1, 3)
 
 
-def kq_codes_tiles(planes: np.ndarray, chunk_tiles: int = 64) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """uint32 (p, N, W) planes -> (uint8 (Nt, Qtot, 64, 4) code parts, [(cw, shift, qoff)] per part): part r
-    holds bits [shift, shift + cw) of each code in containers of cw bits (codes_tiles' layout), its
-    chunks from qoff on within each tile. Built chunk_tiles tiles at a time, so that the temporaries of a
-    large output projection (49152 x 4096) stay a few MB instead of several times its codes."""
-    p, N, W = planes.shape
+def _row_blocks(planes) -> list[np.ndarray]:
+    """planes: one uint32 (p, N, W) array, or a list of them stacked along N (fused q|k|v, gate|up)."""
+    blocks = list(planes) if isinstance(planes, (list, tuple)) else [planes]
+    if not blocks or any(b.ndim != 3 or b.dtype != np.uint32 or b.shape[0] != blocks[0].shape[0]
+                         or b.shape[2] != blocks[0].shape[2] for b in blocks):
+        raise ValueError("planes must be uint32 (p, N, W) arrays that agree in p and W")
+    return blocks
+
+
+def _take_rows(blocks: list[np.ndarray], lo: int, hi: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(rows [lo, hi) of the blocks stacked along N, the source views they came from: one contiguous
+    view per plane, for a caller that reads a mapped file to let their pages go once they are read)."""
+    out, views, start = [], [], 0
+    for b in blocks:
+        n = b.shape[1]
+        a, z = max(lo, start), min(hi, start + n)
+        if a < z:
+            out.append(b[:, a - start:z - start])
+            views += [b[r, a - start:z - start] for r in range(b.shape[0])]
+        start += n
+    return (out[0] if len(out) == 1 else np.concatenate(out, axis=1)), views
+
+
+def kq_codes_tiles(planes, chunk_tiles: int | None = None, release=None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """uint32 (p, N, W) planes (or a list of such blocks stacked along N) -> (uint8 (Nt, Qtot, 64, 4) code
+    parts, [(cw, shift, qoff)] per part): part r holds bits [shift, shift + cw) of each code in containers
+    of cw bits (codes_tiles' layout), its chunks from qoff on within each tile. Built chunk_tiles tiles at a
+    time (default: about 2 MB of codes, whatever the width: 64 tiles of an 11008-wide down projection
+    were 45 MB per temporary, the peak of loading), so that temporaries stay a few MB instead of several
+    times the codes, and fused weights are never copied whole; release (optional) is called with the
+    source rows of each chunk once they are read (see _take_rows)."""
+    blocks = _row_blocks(planes)
+    p, _, W = blocks[0].shape
+    N = sum(b.shape[1] for b in blocks)
     Kp, Nt = 32 * W, -(-N // TILE)
     parts, shift, qoff = [], 0, 0
     for cw in KQ_PARTS[p]:
@@ -172,9 +201,13 @@ def kq_codes_tiles(planes: np.ndarray, chunk_tiles: int = 64) -> tuple[np.ndarra
         shift += cw
         qoff += Kp // (4 * (8 // cw))
     out = np.empty((Nt, qoff, TILE, 4), np.uint8)
+    chunk_tiles = chunk_tiles or max(1, (2 << 20) // (TILE * Kp))
     for t0 in range(0, Nt, chunk_tiles):
         t1 = min(Nt, t0 + chunk_tiles)
-        codes = _codes_of_planes(planes[:, t0 * TILE:min(N, t1 * TILE)])
+        rows, views = _take_rows(blocks, t0 * TILE, min(N, t1 * TILE))
+        codes = _codes_of_planes(rows)
+        if release is not None:
+            release(views)
         for cw, sh, qo in parts:
             out[t0:t1, qo:qo + Kp // (4 * (8 // cw))] = _container((codes >> np.uint8(sh)) & np.uint8((1 << cw) - 1), cw)
     return out, parts
@@ -204,12 +237,22 @@ def kq_uncodes_tiles(ct: np.ndarray, N: int, p: int, Kp: int) -> np.ndarray:
 def kq_blob(sub, N: int, Kp: int, parts: list[tuple[int, int, int]], qtot: int) -> np.ndarray:
     """The ab_kq header and its tiled arrays (d, dmin float16 [Nt][Kp/S][64]; sc, m 8-bit [Nt][Kp/G][64])
     in one uint8 array: what the kernels read as wsc when f16 = KQ_FLAG."""
-    flags = ((1 if sub.sc is not None else 0) | (2 if sub.dmin is not None else 0) | (4 if sub.m is not None else 0)
-             | (8 if sub.nib else 0) | (16 if sub.sc is not None and sub.sc.dtype == np.int8 else 0))
+    # 6-bit sc and m (Q4_K, Q5_K) in 12 bits, as the source holds them (ab_internal.h AB_KQ_HI)
+    # (loader/kquant.py gives them as int8 sc, uint8 m; the form needs 0 <= sc, m < 64)
+    hi = (sub.sc is not None and sub.m is not None and not sub.nib and sub.sc.dtype == np.int8
+          and int(sub.sc.min(initial=0)) >= 0 and int(sub.sc.max(initial=0)) < 64 and int(sub.m.max(initial=0)) < 64)
+    flags = ((1 if sub.sc is not None else 0) | (2 if sub.dmin is not None else 0)
+             | (4 if sub.m is not None and not hi else 0) | (8 if sub.nib or hi else 0)
+             | (16 if sub.sc is not None and sub.sc.dtype == np.int8 and not hi else 0) | (KQ_HI if hi else 0))
     tiles = {"d": tile_rows(sub.d)}
     for f in ("dmin", "sc", "m"):
         if getattr(sub, f) is not None:
             tiles[f] = tile_rows(getattr(sub, f))
+    if hi:
+        sc, m = sub.sc.view(np.uint8), sub.m
+        tiles["sc"] = tile_rows((sc & 15) | (m & 15) << 4)
+        h = tile_rows((sc >> 4) | (m >> 4) << 2)                            # (Nt, ng, 64), values < 16
+        tiles["m"] = np.ascontiguousarray(h[..., :TILE // 2] | h[..., TILE // 2:] << 4)
     offs, pos = {}, _KQ_HEAD
     for f, a in tiles.items():
         offs[f] = pos
@@ -224,6 +267,46 @@ def kq_blob(sub, N: int, Kp: int, parts: list[tuple[int, int, int]], qtot: int) 
                            offs["d"], offs.get("dmin", 0), offs.get("sc", 0), offs.get("m", 0), qtot, *cw, *sh, *qo)
     blob[:len(head)] = np.frombuffer(head, np.uint8)
     return blob
+
+
+def kq_unblob(blob: np.ndarray, N: int):
+    """Inverse of kq_blob's parameters: the SubScales (loader/kquant.py) its tiled arrays hold."""
+    from loader.kquant import SubScales
+    (magic, G, S, flags, c0, ng, nsb, _np, off_d, off_dmin, off_sc, off_m, *_rest) = \
+        _KQ_HEADER.unpack(blob[:_KQ_HEADER.size].tobytes())
+    if magic != KQ_MAGIC:
+        raise ValueError("not a two-level parameter blob")
+    Nt = -(-N // TILE)
+
+    def field(off, dtype, n):
+        size = Nt * n * TILE * np.dtype(dtype).itemsize
+        return untile_rows(blob[off:off + size].view(dtype).reshape(Nt, n, TILE), N)
+    sc_type = np.int8 if flags & 16 else np.uint8
+    d, dmin = field(off_d, np.float16, nsb), field(off_dmin, np.float16, nsb) if flags & 2 else None
+    if flags & KQ_HI:
+        nib = field(off_sc, np.uint8, ng)
+        hp = blob[off_m:off_m + Nt * ng * TILE // 2].reshape(Nt, ng, TILE // 2)
+        h = untile_rows(np.concatenate([hp & 15, hp >> 4], axis=-1), N)
+        return SubScales(d, ((nib & 15) | (h & 3) << 4).view(np.int8), dmin, (nib >> 4) | (h >> 2) << 4,
+                         float(c0), G, S, False)
+    return SubScales(d, field(off_sc, sc_type, ng) if flags & 1 else None, dmin,
+                     field(off_m, np.uint8, ng) if flags & 4 else None, float(c0), G, S, bool(flags & 8))
+
+
+class BlobSub:
+    """The two-level parameters of a prepared weight, read back from its blob (kq_unblob) when a rare path
+    asks for them (the float32 A16 check, the popcount kernel): the handle keeps no second copy of them
+    (for fused q|k|v and gate|up that copy was a concatenation, 67 MB of an 8-layer 7B-shaped Q5_0 model).
+    G, S, c0 and nib are plain attributes; anything else is the SubScales' own."""
+
+    def __init__(self, blob: np.ndarray, N: int, G: int, S: int, c0: float, nib: bool):
+        self._blob, self._N = blob, N
+        self.G, self.S, self.c0, self.nib = G, S, c0, nib
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(kq_unblob(self._blob, self._N), name)
 
 
 def code_sums(planes: np.ndarray, lanes: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from loader.precision import check_bits
+from loader.precision import check_bits, check_wbits
 from tools.bench import machine, peers
 from tools.bench.stats import print_table, report_and_save, summarize
 
@@ -20,7 +20,8 @@ DEFAULT_PRECISIONS = "w8a16,w4a16,w2a16,w8a8g32,w4a8g32,w8a8g128t"
 
 def parse_precision(s: str) -> dict:
     """'w4a8g32' -> wbits 4, abits 8, group = agroup = 32; 'w8a8g128t' -> weight group 128 and one
-    activation scale per token (as tools.eval names it); 'w4a16' -> groups left to the engine."""
+    activation scale per token (as tools.eval names it); 'w4a16' -> groups left to the engine;
+    'wsourcea16' -> each tensor at its source type's own bits."""
     t = s.strip().lower()
     try:
         if not t.startswith("w") or "a" not in t:
@@ -29,13 +30,14 @@ def parse_precision(s: str) -> dict:
         a, _, g = rest.partition("g")
         per_token = g.endswith("t")
         g = g[:-1] if per_token else g
-        cfg = {"name": t, "wbits": int(w), "abits": int(a), "group": int(g) if g else None,
+        cfg = {"name": t, "wbits": "source" if w == "source" else int(w), "abits": int(a),
+               "group": int(g) if g else None,
                "agroup": "token" if per_token else (int(g) if g else None)}
     except ValueError:
-        raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>[t]], e.g. w4a16, w4a8g32 or "
-                         "w8a8g128t") from None
+        raise ValueError(f"precision {s!r}: expected w<bits>a<bits>[g<group>[t]], e.g. w4a16, w4a8g32, "
+                         "w8a8g128t or wsourcea16") from None
     try:
-        check_bits(cfg["wbits"], "wbits"), check_bits(cfg["abits"], "abits")
+        check_wbits(cfg["wbits"], "wbits"), check_bits(cfg["abits"], "abits")
     except ValueError as e:
         raise ValueError(f"precision {s!r}: {e}") from None
     return cfg
@@ -49,7 +51,12 @@ def _worker(cfg: dict, a, threads: int, prepare: bool = False) -> peers.JsonWork
 
 
 def _summ(samples: list[dict]) -> dict:
-    return {k: summarize(s[k] for s in samples) for k in ("prompt_tok_s", "decode_tok_s", "ttft_s")}
+    out = {k: summarize(s[k] for s in samples) for k in ("prompt_tok_s", "decode_tok_s", "ttft_s")}
+    # what else ran during each sample (tools/bench/machine.py other_cores), sample by sample
+    out["other_cores"] = [s.get("other_cores") for s in samples]
+    out["decode_tok_s_samples"] = [round(s["decode_tok_s"], 3) for s in samples]
+    out["load_average"] = [s.get("load_average") for s in samples]
+    return out
 
 
 def _agree(a: list[int], b: list[int]) -> int:
@@ -97,11 +104,16 @@ def run(a) -> dict:
         notes.append(f"llama.cpp peer skipped: {model} is not a GGUF file")
         llama_py = None
     configs = [parse_precision(s) for s in a.precisions.split(",") if s.strip()]
+    notes.append("other_cores (per sample, in the rows and peer_interleaved): the CPU that other processes "
+                 "took while each sample ran, for a machine shared with other work")
 
     peer = None
     if llama_py:
         try:
-            peer = peers.start_llama(llama_py, model, threads, n_ctx=max(512, a.prompt_tokens + a.max_tokens + 8))
+            peer = peers.start_llama(llama_py, model, threads, n_ctx=max(512, a.prompt_tokens + a.max_tokens + 8),
+                                     repack=not getattr(a, "llama_no_repack", False))
+            if getattr(a, "llama_no_repack", False):
+                notes.append("llama.cpp ran without its repacked weight copies (--llama-no-repack: use_extra_bufts off)")
         except peers.PeerUnavailable as e:
             notes.append(f"llama.cpp peer failed to start: {e}")
     ids, rows, peer_samples = None, [], []
@@ -121,7 +133,10 @@ def run(a) -> dict:
                     for who, wk in order:
                         if wk is None:
                             continue
+                        mark = machine.cpu_mark(wk.proc.pid)
                         res = wk.request({"cmd": "run", "ids": ids, "max_tokens": a.max_tokens})
+                        res["other_cores"] = machine.other_cores(mark, wk.proc.pid)
+                        res["load_average"] = machine.load_average()
                         (ours if who == "ours" else theirs).append(res)
                 peer_samples += theirs
                 row = {"precision": cfg["name"], "wbits": cfg["wbits"], "abits": cfg["abits"],
@@ -168,6 +183,14 @@ def print_report(doc: dict) -> None:
     print_table(hdr, rows)
     for n in doc["notes"]:
         print(f"note: {n}")
+    for r in doc["rows"]:
+        oc = lambda d: ", ".join("-" if v is None else f"{v:.2f}" for v in d.get("other_cores", []))
+        dec = lambda d: ", ".join(f"{v:.1f}" for v in d.get("decode_tok_s_samples", []))
+        line = f"{r['precision'].upper()} runs: decode tok/s {dec(r)}, other processes' cores {oc(r)}"
+        if "peer_interleaved" in r:
+            p_ = r["peer_interleaved"]
+            line += f"; llama.cpp runs: decode tok/s {dec(p_)}, other processes' cores {oc(p_)}"
+        print(f"note: {line}")
     if p:
         print("x: our median / llama.cpp median (> 1: faster); best: our fastest run / llama.cpp's fastest run")
 
@@ -211,6 +234,9 @@ def add_args(ap) -> None:
     ap.add_argument("--install-peers", action="store_true",
                     help="build llama-cpp-python into a venv under the cache dir if none is found")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--llama-no-repack", action="store_true",
+                    help="llama.cpp without the interleaved copies it makes of some weight types at load "
+                         "(use_extra_bufts off): its memory is then the mapped file's")
 
 
 def main(a) -> int:

@@ -122,3 +122,41 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def _busy_ticks() -> int | None:
+    """Clock ticks all CPUs spent busy since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+def _proc_ticks(pid: int) -> int | None:
+    """Clock ticks process `pid` (all its threads) has run: utime + stime of /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(rest[11]) + int(rest[12])
+
+
+def cpu_mark(pid: int):
+    """A mark for other_cores: (wall time, busy ticks of the machine, ticks of `pid`)."""
+    import time
+    return time.perf_counter(), _busy_ticks(), _proc_ticks(pid)
+
+
+def other_cores(mark, pid: int) -> float | None:
+    """Cores that processes other than `pid` kept busy since `mark` (cpu_mark), on average: 0 when the
+    timed process had the machine to itself; on 2 cores, 1.0 means that half of the machine was taken
+    (another engine spinning, a test suite). None where /proc is not there."""
+    t1, b1, p1 = cpu_mark(pid)
+    t0, b0, p0 = mark
+    if None in (b0, b1, p0, p1) or t1 <= t0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return round(max(0.0, ((b1 - b0) - (p1 - p0)) / hz / (t1 - t0)), 3)

@@ -29,6 +29,16 @@ def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 cfg = json.loads(sys.argv[1])
+if not cfg.get("repack", True):
+    # llama.cpp's CPU "extra buffer types" repack some types (Q4_0, Q4_K, IQ4_NL, ...) into an interleaved
+    # copy at load: faster products, but the copy sits beside the mapped file. Off: the file's own blocks.
+    import llama_cpp.llama_cpp as _ll
+    _defaults = _ll.llama_model_default_params
+    def _no_repack():
+        p = _defaults()
+        p.use_extra_bufts = False
+        return p
+    _ll.llama_model_default_params = _no_repack
 t0 = time.perf_counter()
 llm = llama_cpp.Llama(model_path=cfg["model"], n_threads=cfg["threads"], n_threads_batch=cfg["threads"],
                       n_ctx=cfg["n_ctx"], n_batch=cfg["n_ctx"], verbose=False)
@@ -186,8 +196,9 @@ def find_llama(python: str | None = None, install: bool = False) -> tuple[str | 
                   "build it into a venv under the cache dir)")
 
 
-def start_llama(python: str, model: str, threads: int, n_ctx: int = 512) -> JsonWorker:
-    cfg = json.dumps({"model": str(model), "threads": threads, "n_ctx": n_ctx})
+def start_llama(python: str, model: str, threads: int, n_ctx: int = 512, repack: bool = True) -> JsonWorker:
+    """repack False: llama.cpp without its repacked weight copies (use_extra_bufts off)."""
+    cfg = json.dumps({"model": str(model), "threads": threads, "n_ctx": n_ctx, "repack": repack})
     return JsonWorker([python, "-c", WORKER_SCRIPT, cfg], env=thread_env(threads), name="llama.cpp worker")
 
 
