@@ -15,17 +15,12 @@ HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it"
 
 
 def parser() -> argparse.ArgumentParser:
-    from engine.generate import _agroup, _bits, _group, _wbits
+    from engine.generate import add_precision_options
     p = argparse.ArgumentParser(prog="python -m engine.chat", description="Chat with a quantized language model.")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
-    p.add_argument("--wbits", type=_wbits, default=4,
-                   help="weight bits 1..8, 16 for unquantized, or 'source': each tensor at its source type's own "
-                        "bits (GGUF Q5_0 at 5, Q6_K at 6, ...; default 4)")
-    p.add_argument("--abits", type=_bits, default=16, help="activation bits 1..8, or 16 (default 16)")
-    p.add_argument("--group", type=_group, default=None)
-    p.add_argument("--agroup", type=_agroup, default=None)
+    add_precision_options(p)
     add_reply_options(p)
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--threads", type=int, default=None)

@@ -65,12 +65,9 @@ def chat_text(model, prompt: str, system: str | None) -> str:
         return model.tokenizer.apply_chat_template(user)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.generate",
-                                description="Generate text with a 1-8 bit quantized language model.")
-    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads it from stdin)")
-    p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
-                                                 "(default: SmolLM2-135M-Instruct)")
+def add_precision_options(p: argparse.ArgumentParser) -> None:
+    """--wbits, --abits, --group, --agroup: the decoder CLIs' precision options (engine.generate, chat,
+    serve), with engine.load's defaults."""
     p.add_argument("--wbits", type=_wbits, default=4,
                    help="weight bits 1..8, 16 for unquantized, or 'source': each tensor at its source type's own "
                         "bits (GGUF Q5_0 at 5, Q6_K at 6, ...; default 4)")
@@ -79,6 +76,15 @@ def parser() -> argparse.ArgumentParser:
                    help="weight group size (default: the source's block where exact, else 128)")
     p.add_argument("--agroup", type=_agroup, default=None,
                    help="activation group size, or 'token' for one scale per token (default: = group)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.generate",
+                                description="Generate text with a 1-8 bit quantized language model.")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("--model", default=None, help="GGUF file, HF directory or packed directory "
+                                                 "(default: SmolLM2-135M-Instruct)")
+    add_precision_options(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.generate import _agroup, _bits, _group, _wbits
+from engine.generate import _bits, add_precision_options
 
 
 def _positive(s: str) -> int:
@@ -36,12 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-model", default=None, help="a BERT model for /v1/embeddings (HF or packed dir, "
                                                        "or 'default' for all-MiniLM-L6-v2)")
     p.add_argument("--embed-wbits", type=_bits, default=16, help="embedder weight bits (default 16)")
-    p.add_argument("--wbits", type=_wbits, default=4,
-                   help="weight bits 1..8, 16 for unquantized, or 'source': each tensor at its source type's own "
-                        "bits (GGUF Q5_0 at 5, Q6_K at 6, ...; default 4)")
-    p.add_argument("--abits", type=_bits, default=16, help="activation bits 1..8, or 16 (default 16)")
-    p.add_argument("--group", type=_group, default=None)
-    p.add_argument("--agroup", type=_agroup, default=None)
+    add_precision_options(p)
     p.add_argument("--context", type=_positive, default=None, help="KV-cache length (default min(model, 4096))")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--threads", type=_positive, default=None)

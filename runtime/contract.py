@@ -19,8 +19,8 @@ import numpy as np
 #   "rope_ext"   rope(..., n_rot=, freqs=): partial rotary and per-dimension frequency factors
 #   "attn_ext"   attention(..., scale=, window=, softcap=): scale, sliding window, score soft-capping
 #   "geglu"      geglu_tanh(a, b): gelu_tanh(a) * b
-#   "prepare_rows" prepare_rows(lins, release=None) -> one handle for linears stacked along N (fused
-#                q|k|v, gate|up) without a concatenated copy; release(arrays) is told of the sources read
+#   "prepare_rows" prepare_rows(lins, release=None) -> one handle for linears stacked along N (products
+#                that share an input) without a concatenated copy; release(arrays) is told of the sources read
 CAPABILITIES = ("compile", "device_kv", "hadamard", "rope_ext", "attn_ext", "geglu", "prepare_rows")
 
 

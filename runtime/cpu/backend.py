@@ -171,7 +171,7 @@ class CpuBackend(CpuOps):
                             planes if keep else None, None, f16=r)
 
     def prepare_rows(self, lins: list[PackedLinear], release=None) -> LinearHandle:
-        """One handle for linears stacked along N (fused q|k|v, gate|up; can_concat_rows must hold). Two-level
+        """One handle for linears stacked along N (products that share an input; can_concat_rows must hold). Two-level
         weights are tiled from their parts a chunk of rows at a time, release(views) told of the sources
         once read (a mapped file's pages can go): no concatenated copy, the peak of loading a 7B-shaped
         model. Other forms are concatenated and prepared as one."""

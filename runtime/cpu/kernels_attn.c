@@ -329,7 +329,7 @@ static int attn_setup(attn_ctx *c, int nthreads, int isa, const float *q, const 
 
 /* Several attention calls as one: the tasks of call r follow those of calls 0..r-1, so one pool pass
  * scores and one merges them all. Batched decode has a call per sequence (each with its own cache and
- * length); a pass per call would wake the threads twice per sequence and layer for a few microseconds
+ * length); a pass per call would wake the threads twice per sequence and call for a few microseconds
  * of work each. Each call keeps the split it would have alone, so its result is bitwise the same. */
 typedef struct {
     attn_ctx *c;
@@ -355,18 +355,23 @@ static void multi_merge_task(void *ctx, int task) {
     merge_task(&mu->c[r], task - mu->first[r]);
 }
 
+/* Floats of a call's partial results: [M][H][nch][2 + hd] (max, sum, unnormalised output). */
+static size_t attn_part_floats(const attn_ctx *c) {
+    return (size_t)c->M * c->H * c->nch * (2 + (size_t)c->hd);
+}
+
 static int attn_run(ab_pool *pool, attn_ctx *c, int n) {
     int *first = malloc((size_t)(n + 1) * sizeof(int));
     size_t parts = 0;
-    for (int r = 0; r < n; r++) parts += (size_t)c[r].M * c[r].H * c[r].nch * (2 + (size_t)c[r].hd);
+    for (int r = 0; r < n; r++) parts += attn_part_floats(&c[r]);
     float *part = malloc((parts ? parts : 1) * sizeof(float));
     if (!first || !part) { free(first); free(part); return -1; }
     attn_multi mu = {c, n, first};
-    size_t off = 0;
     first[0] = 0;
+    size_t at = 0;
     for (int r = 0; r < n; r++) {
-        c[r].part = part + off;
-        off += (size_t)c[r].M * c[r].H * c[r].nch * (2 + (size_t)c[r].hd);
+        c[r].part = part + at;
+        at += attn_part_floats(&c[r]);
         first[r + 1] = first[r] + c[r].M * c[r].Hkv * c[r].nch;
     }
     ab_pool_run(pool, multi_attn_task, &mu, first[n]);

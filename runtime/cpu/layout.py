@@ -161,7 +161,7 @@ def _container(codes: np.ndarray, cw: int) -> np.ndarray:
 
 
 def _row_blocks(planes) -> list[np.ndarray]:
-    """planes: one uint32 (p, N, W) array, or a list of them stacked along N (fused q|k|v, gate|up)."""
+    """planes: one uint32 (p, N, W) array, or a list of them stacked along N (products that share an input)."""
     blocks = list(planes) if isinstance(planes, (list, tuple)) else [planes]
     if not blocks or any(b.ndim != 3 or b.dtype != np.uint32 or b.shape[0] != blocks[0].shape[0]
                          or b.shape[2] != blocks[0].shape[2] for b in blocks):
@@ -296,7 +296,7 @@ def kq_unblob(blob: np.ndarray, N: int):
 class BlobSub:
     """The two-level parameters of a prepared weight, read back from its blob (kq_unblob) when a rare path
     asks for them (the float32 A16 check, the popcount kernel): the handle keeps no second copy of them
-    (for fused q|k|v and gate|up that copy was a concatenation, 67 MB of an 8-layer 7B-shaped Q5_0 model).
+    (for weights stacked along N that copy was a concatenation, 67 MB of an 8-layer 7B-shaped Q5_0 model).
     G, S, c0 and nib are plain attributes; anything else is the SubScales' own."""
 
     def __init__(self, blob: np.ndarray, N: int, G: int, S: int, c0: float, nib: bool):
