@@ -62,6 +62,23 @@ def test_a16_every_isa(kind):
         np.testing.assert_array_equal(y, ys[0])          # the same floats on every isa
 
 
+@pytest.mark.parametrize("kind,k", [(t, None) for t in KQ_TYPES] + [("Q4_K", 2), ("Q6_K", 4), ("Q5_K", 1)])
+def test_one_token_is_the_batched_row(kind, k):
+    """Decode (one activation row) has its own AVX-512 loop for one-part codes (Q4_K, Q2_K, IQ4, nested):
+    each row alone gives the bits it gets inside a batch, on every isa, and the integer formula's value."""
+    lin = packed(random_blocks(kind, 200, 768, 4), kind)
+    lin = lin.nested(k) if k else lin
+    x = (np.random.default_rng(5).standard_normal((3, 768)) * 2).astype(np.float32)
+    ref_int, tol = integer_reference(lin, x)
+    for isa in ISAS:
+        be = backend(isa)
+        h = be.prepare_linear(lin)
+        batch = be.linear(h, x)
+        assert np.all(np.abs(batch - ref_int) <= tol), isa
+        for m in range(3):
+            np.testing.assert_array_equal(be.linear(h, x[m:m + 1])[0], batch[m], err_msg=f"{isa} row {m}")
+
+
 @pytest.mark.parametrize("kind,k", [("Q6_K", 4), ("Q5_K", 3), ("Q4_K", 2), ("Q5_0", 1), ("Q3_K", 2)])
 def test_nested_precision(kind, k):
     """The top k planes of an import run as a k-bit weight (d * 2^(p-k), c0 / 2^(p-k))."""

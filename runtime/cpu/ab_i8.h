@@ -31,6 +31,37 @@ AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const f
     }
 }
 
+/* Decode of two-level weights with the parameters in registers (kernels_int8.c i8_tile_kq_m1_avx512,
+ * kernels_kq.c kq_tile_avx512_m1): d and dmin of a super-block's 64 rows as floats, once per super-block. */
+AB_AVX512 AB_INLINE void i8_kq_d_avx512(const ab_kq *k, ab_kq_ptrs P, __m512 *dv, __m512 *dmv) {
+    for (int i = 0; i < 4; i++) {
+        dv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.d + 16 * i)));
+        if (k->flags & AB_KQ_DMIN) dmv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P.dm + 16 * i)));
+    }
+}
+
+/* One block's epilogue for token m: the floats of ab_gp_kq_avx512 (s = 0.5 a, o = c0 a - dmin m, a = d sc)
+ * and of i8_rows_avx512 (y += D * (s * sx), then y += o * group sum), the same operations in the same order,
+ * so the bits of every other path. */
+AB_AVX512 AB_INLINE void i8_kq_epi_avx512(const i8_ctx *c, const ab_kq *k, int m, int b, const __m512 *dv,
+                                          const __m512 *dmv, const uint8_t *sbytes, const uint8_t *mbytes,
+                                          const __m512i *ah, const __m512i *al, __m512 *ya) {
+    const __m512 half = _mm512_set1_ps(0.5f), c0 = _mm512_set1_ps(k->c0);
+    __m512i pv = _mm512_set1_epi32(c->px[(size_t)m * c->nb + b]);
+    __m512 l = _mm512_set1_ps(c->sx[(size_t)m * c->nb + b]);
+    __m512 gsv = _mm512_set1_ps(c->gs[(size_t)m * c->ng + b]);
+    for (int i = 0; i < 4; i++) {
+        __m512 a = dv[i];
+        if (k->flags & AB_KQ_SC) a = _mm512_mul_ps(a, ab_kq_scf_avx512(k, sbytes, 16 * i));
+        __m512 s = _mm512_mul_ps(half, a), o = _mm512_mul_ps(c0, a);
+        if (k->flags & AB_KQ_DMIN) o = _mm512_sub_ps(o, _mm512_mul_ps(dmv[i], ab_kq_mf_avx512(k, mbytes, 16 * i)));
+        __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[i], 8), al[i]);
+        __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
+        ya[i] = _mm512_add_ps(ya[i], _mm512_mul_ps(_mm512_cvtepi32_ps(D), _mm512_mul_ps(s, l)));
+        ya[i] = _mm512_add_ps(ya[i], _mm512_mul_ps(o, gsv));
+    }
+}
+
 /* Tiles of two-level weights whose codes come in several parts (kernels_kq.c). */
 void ab_kq_tile_portable(const i8_ctx *c, int t, int m0, int mc);
 void ab_kq_tile_avx2(const i8_ctx *c, int t, int m0, int mc);

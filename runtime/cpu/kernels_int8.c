@@ -270,7 +270,56 @@ AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int 
     for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
+/* Decode (one token) of one-part two-level weights (Q4_K, Q2_K, IQ4 and nested ones): the floats of
+ * ab_gp_kq_avx512 and i8_rows_avx512 with the same operations in the same order (so the bits of every
+ * other path), but kept in registers: no parameter arrays stored and read back per block, the output
+ * accumulated in registers over the whole row, d and dmin converted once per super-block. The parameter
+ * work had been ~40% of this product's instructions, so decode was bound by it rather than by memory. */
+AB_AVX512 AB_INLINE void i8_tile_kq_m1_avx512(const i8_ctx *c, int t, int m, const int PER) {
+    const ab_kq *k = c->wsc;
+    const int cw = 8 / PER;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << cw) - 1));
+    int qpb = c->L / (4 * PER), bps = k->S / c->G;
+    const int8_t *qh = c->xh + (size_t)m * c->Kp, *ql = c->xl + (size_t)m * c->Kp;
+    __m512 ya[4], dv[4], dmv[4];
+    for (int i = 0; i < 4; i++) ya[i] = dv[i] = dmv[i] = _mm512_setzero_ps();
+    uint8_t sbytes[64] __attribute__((aligned(64))), mbytes[64] __attribute__((aligned(64)));
+    for (int b = 0; b < c->nb; b++) {
+        ab_kq_ptrs P = ab_kq_at(k, (size_t)t, b);
+        if (b % bps == 0) i8_kq_d_avx512(k, P, dv, dmv);
+        ab_kq_bytes_avx512(k, P, sbytes, mbytes);
+        const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
+        __m512i ah[4], al[4];
+        for (int i = 0; i < 4; i++) ah[i] = al[i] = _mm512_setzero_si512();
+        for (int j = 0; j < qpb; j++) {
+            __m512i wv[4];
+            for (int i = 0; i < 4; i++) wv[i] = _mm512_loadu_si512((const void *)(w + (size_t)j * 256 + 64 * i));
+            for (int u = 0; u < PER; u++) {
+                int32_t h4, l4;
+                memcpy(&h4, qh + (size_t)b * c->L + 4 * (PER * j + u), 4);
+                memcpy(&l4, ql + (size_t)b * c->L + 4 * (PER * j + u), 4);
+                __m512i bh = _mm512_set1_epi32(h4), bl = _mm512_set1_epi32(l4);
+                for (int i = 0; i < 4; i++) {
+                    __m512i cv = PER == 1 ? wv[i] : _mm512_and_si512(u ? _mm512_srli_epi16(wv[i], cw * u) : wv[i], mask);
+                    ah[i] = _mm512_dpbusd_epi32(ah[i], cv, bh);
+                    al[i] = _mm512_dpbusd_epi32(al[i], cv, bl);
+                }
+            }
+        }
+        i8_kq_epi_avx512(c, k, m, b, dv, dmv, sbytes, mbytes, ah, al, ya);
+    }
+    float yacc[64] __attribute__((aligned(64)));
+    for (int i = 0; i < 4; i++) _mm512_store_ps(yacc + 16 * i, ya[i]);
+    ab_store_tile(c->y, c->N, t, m, yacc);
+}
+
 AB_AVX512 static void i8_tile_avx512(const i8_ctx *c, int t, int m0, int mc) {
+    if (mc == 1 && (c->f16 & AB_F16_KQ) && c->L == c->G) {
+        if (c->cw == 8) i8_tile_kq_m1_avx512(c, t, m0, 1);
+        else if (c->cw == 4) i8_tile_kq_m1_avx512(c, t, m0, 2);
+        else i8_tile_kq_m1_avx512(c, t, m0, 4);
+        return;
+    }
     if (c->cw == 8) i8_tile_avx512_per(c, t, m0, mc, 1);
     else if (c->cw == 4) i8_tile_avx512_per(c, t, m0, mc, 2);
     else i8_tile_avx512_per(c, t, m0, mc, 4);

@@ -132,11 +132,11 @@ AB_AVX2 void ab_kq_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
     for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
-/* One token (decode): the parts are combined in registers right before the dot products, never stored. */
+/* One token (decode): the parts are combined in registers right before the dot products, never stored, and
+ * the parameters and the output stay in registers too (i8_kq_epi_avx512). */
 AB_AVX512 static void kq_tile_avx512_m1(const i8_ctx *c, int t, int m) {
     const ab_kq *k = c->kq;
     float yacc[64] __attribute__((aligned(64)));
-    memset(yacc, 0, sizeof yacc);
     const uint8_t *tb = c->codes + (size_t)t * k->qtot * 256;
     int n4 = c->L / 4, np = k->nparts;
     __m512i mask[3];
@@ -145,9 +145,14 @@ AB_AVX512 static void kq_tile_avx512_m1(const i8_ctx *c, int t, int m) {
         per[r] = 8 / k->cw[r];
         mask[r] = _mm512_set1_epi8((char)((1 << k->cw[r]) - 1));
     }
+    int bps = k->S / c->G;
+    __m512 ya[4], dv[4], dmv[4];
+    for (int i = 0; i < 4; i++) ya[i] = dv[i] = dmv[i] = _mm512_setzero_ps();
+    uint8_t sbytes[64] __attribute__((aligned(64))), mbytes[64] __attribute__((aligned(64)));
     for (int b = 0; b < c->nb; b++) {
-        float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
-        const float *wo, *ws = ab_gp_avx512(c->kq, NULL, AB_F16_KQ, ((size_t)t * c->ng + b) * 64, sb, ob, &wo);
+        ab_kq_ptrs P = ab_kq_at(k, (size_t)t, b);
+        if (b % bps == 0) i8_kq_d_avx512(k, P, dv, dmv);
+        ab_kq_bytes_avx512(k, P, sbytes, mbytes);
         const int8_t *qh = c->xh + (size_t)m * c->Kp + (size_t)b * c->L;
         const int8_t *ql = c->xl + (size_t)m * c->Kp + (size_t)b * c->L;
         __m512i ah[4], al[4];
@@ -174,18 +179,9 @@ AB_AVX512 static void kq_tile_avx512_m1(const i8_ctx *c, int t, int m) {
                 al[i] = _mm512_dpbusd_epi32(al[i], cv[i], bl);
             }
         }
-        __m512i pv = _mm512_set1_epi32(c->px[(size_t)m * c->nb + b]);
-        __m512 l = _mm512_set1_ps(c->sx[(size_t)m * c->nb + b]);
-        __m512 gsv = _mm512_set1_ps(c->gs[(size_t)m * c->ng + b]);
-        for (int i = 0; i < 4; i++) {
-            __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[i], 8), al[i]);
-            __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
-            __m512 ya = _mm512_load_ps(&yacc[16 * i]);
-            ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), _mm512_mul_ps(_mm512_loadu_ps(ws + 16 * i), l)));
-            ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), gsv));
-            _mm512_store_ps(&yacc[16 * i], ya);
-        }
+        i8_kq_epi_avx512(c, k, m, b, dv, dmv, sbytes, mbytes, ah, al, ya);
     }
+    for (int i = 0; i < 4; i++) _mm512_store_ps(yacc + 16 * i, ya[i]);
     ab_store_tile(c->y, c->N, t, m, yacc);
 }
 
