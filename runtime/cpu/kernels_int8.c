@@ -289,6 +289,9 @@ AB_AVX512 AB_INLINE void i8_tile_kq_m1_avx512(const i8_ctx *c, int t, int m, con
         if (b % bps == 0) i8_kq_d_avx512(k, P, dv, dmv);
         ab_kq_bytes_avx512(k, P, sbytes, mbytes);
         const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
+        /* the codes 2 KB ahead: measured +4..12% from memory on 2 cores (-8% from cache), the hardware
+         * prefetchers alone leaving the stream short of the memory roof (prefetching past the end is harmless) */
+        for (int q = 0; q < qpb * 4; q++) _mm_prefetch((const char *)(w + 2048 + 64 * q), _MM_HINT_T0);
         __m512i ah[4], al[4];
         for (int i = 0; i < 4; i++) ah[i] = al[i] = _mm512_setzero_si512();
         for (int j = 0; j < qpb; j++) {
