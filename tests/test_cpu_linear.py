@@ -409,6 +409,8 @@ def test_f16_params_exact_import(src, bits, r, k):
                 assert h.param_dtype == "float32" and h.f16 == 0
             y, yq = be.linear(h, x), be.linear(h, x, abits=8, agroup=32)
             assert np.all(np.abs(y - ref16) <= a16_bound(lin, x)), np.abs(y - ref16).max()
+            for m in range(M):                  # decode (one row) has its own loop on AVX-512
+                np.testing.assert_array_equal(be.linear(h, x[m:m + 1])[0], y[m], err_msg=f"{isa} {params} row {m}")
             np.testing.assert_allclose(yq, refq, rtol=1e-5, atol=1e-6 * np.abs(refq).max())
             outs[isa, params] = (y, yq, be.linear(h, x, abits=4, agroup="token"))
     first = outs[ISAS[0], "float32"]
