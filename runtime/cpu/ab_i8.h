@@ -11,6 +11,7 @@ typedef struct {
     const void *wsc, *woff;      /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
     const float *x;
     int f16, p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa, nr;
+    int ar;                /* abits "q8": 0, or the block of llama.cpp's 8-bit grid (32: Q8_0, 256: Q8_K) */
     int16_t *x16;
     int8_t *xh, *xl;
     float *sx, *gs;
