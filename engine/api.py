@@ -284,6 +284,10 @@ class Model:
         return cache, p
 
 
+Q8_CPU_ONLY = ("abits 'q8' (llama.cpp's 8-bit activation rounding) runs on the CPU only; the {} backend has no "
+               "kernel for it (use device 'cpu')")
+
+
 def load(path=None, *, wbits: int | str = 4, abits: int = 16, group: int | None = None, agroup=None,
          device: str = "auto", threads: int | None = None, context: int | None = None,
          progress: bool = True) -> Model:
@@ -304,14 +308,15 @@ def load(path=None, *, wbits: int | str = 4, abits: int = 16, group: int | None 
     if abits == Q8 and agroup is not None:
         raise ValueError(f"agroup does not apply to abits 'q8' (its blocks follow each weight's source type), "
                          f"got agroup {agroup!r}")
+    if abits == Q8 and device == "cuda":
+        raise ValueError(Q8_CPU_ONLY.format("cuda"))
     fixed_heap_threshold()
     packed, wbits_eff = load_packed_model(path, wbits=wbits, abits=abits, group=group, agroup=agroup,
                                           progress=progress)
     backend = select_backend(device, threads)
     if abits == Q8 and backend.name not in ("cpu", "numpy"):
         backend.close()
-        raise ValueError("abits 'q8' (llama.cpp's 8-bit activation rounding) runs on the CPU only; the "
-                         f"{backend.name} backend has no kernel for it (use device 'cpu')")
+        raise ValueError(Q8_CPU_ONLY.format(backend.name))
     try:
         return Model(packed, backend, wbits=wbits_eff, abits=abits, agroup=agroup, context=context)
     except BaseException:
