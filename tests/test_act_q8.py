@@ -366,5 +366,6 @@ def test_random_llama_matches_llama_cpp(tmp_path, monkeypatch, llama_python, fty
         with engine.load(dst, wbits="source", abits=ab, device="cpu", threads=2, progress=False) as m:
             out[ab] = m.logits(ids).astype(np.float64)
     k8, k16 = kl(want, out["q8"]), kl(want, out[16])
+    print(f"{ftype}: q8 max KL {k8.max():.1e} (mean {k8.mean():.1e}); A16 max {k16.max():.1e} (mean {k16.mean():.1e})")
     assert k8.max() < 1e-8, (ftype, k8)
     assert k16.mean() > 1e-5                 # A16 is measurably off: the comparison can fail
