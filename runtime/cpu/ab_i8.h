@@ -32,6 +32,9 @@ AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const f
     }
 }
 
+/* abits "q8": one row rounded to llama.cpp's 8-bit grid into x16, xh, xl, sx, px, gs (kernels_q8.c). */
+void ab_q8_quantize_row(const i8_ctx *c, int m);
+
 /* Tiles of two-level weights whose codes come in several parts (kernels_kq.c). */
 void ab_kq_tile_portable(const i8_ctx *c, int t, int m0, int mc);
 void ab_kq_tile_avx2(const i8_ctx *c, int t, int m0, int mc);
