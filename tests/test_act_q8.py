@@ -280,7 +280,14 @@ def test_decoder_keeps_mixed_roundings_apart_and_compiles_them():
     want = ref_dec.forward(ids, ref_dec.new_cache(), all_logits=True)
     np.testing.assert_array_equal(got, want)
     a16 = Decoder(pm, be, abits=16)
-    assert np.abs(a16.forward(ids, a16.new_cache(), all_logits=True) - got).max() > 1e-4
+    z16 = a16.forward(ids, a16.new_cache(), all_logits=True)
+    assert np.abs(z16 - got).max() > 1e-4
+    # the NumPy backend (runtime/act_q8.py's rounding, float32 products) runs the same model
+    from runtime.numpy_backend import NumpyBackend
+    from tests.reference_forward import kl_per_position
+    npd = Decoder(pm, NumpyBackend(), abits="q8")
+    znp = npd.forward(ids, npd.new_cache(), all_logits=True)
+    assert kl_per_position(got, znp).max() < 1e-3 * kl_per_position(got, z16).max()
     with pytest.raises(ValueError, match="agroup does not apply"):
         Decoder(pm, be, abits="q8", agroup=32)
     be.close()
