@@ -203,6 +203,24 @@ def test_linear_q8_is_float64_of_the_rounded_row(isa):
         be.close()
 
 
+def test_linear_q8_same_bits_on_every_isa():
+    """The byte-code product with q8 rounding gives the same floats on every isa path (M = 1 and M > 1)."""
+    rng = np.random.default_rng(11)
+    lins = make_lins(rng)
+    x = (rng.standard_normal((5, 512)) * rng.uniform(0.1, 3, 512)).astype(F)
+    for name, lin in lins.items():
+        for ar in (32, 256):
+            ys = []
+            for isa in ISAS:
+                be = CpuBackend(threads=2, isa=isa, i8_min_bits=1)
+                h = be.prepare_linear(lin)
+                ys.append(np.concatenate([be.linear(h, x[:1], abits="q8", agroup=ar),
+                                          be.linear(h, x, abits="q8", agroup=ar)]))
+                be.close()
+            for y in ys[1:]:
+                np.testing.assert_array_equal(y, ys[0], err_msg=f"{name} {ar}")
+
+
 def test_linear_q8_bad_block():
     be = CpuBackend(threads=1)
     h = be.prepare_linear(PackedLinear.from_quant(quantize_weights(np.ones((4, 64)), 4, 32)))
