@@ -247,7 +247,8 @@ class CpuBackend(CpuOps):
         ar = 0
         if abits == Q8:          # llama.cpp's 8-bit grid in blocks of agroup lanes, then the A16 product
             ar = check_q8_block(agroup)
-        elif isinstance(abits, bool) or not isinstance(abits, (int, np.integer)) or not (abits == 16 or 1 <= abits <= 8):
+        elif (isinstance(abits, bool) or not isinstance(abits, (int, np.integer))
+              or not (abits == 16 or 1 <= abits <= 8)):
             raise ValueError(f"abits must be 1..8, 16 or 'q8', got {abits!r}")
         x = self._input(h, x)
         lin = h.lin

@@ -97,7 +97,8 @@ AB_AVX512 static void q8_block_avx512(const float *x, int k0, int ar, int K, int
         sg = mx > 0.0f ? -1.0f : 1.0f;
         *d = sg * (1.0f / mul);
     }
-    const __m512 vmul = _mm512_set1_ps(mul), top = _mm512_set1_ps(ar == 32 ? 3.0e38f : 127.0f), vsg = _mm512_set1_ps(sg);
+    const __m512 vmul = _mm512_set1_ps(mul), vsg = _mm512_set1_ps(sg);
+    const __m512 top = _mm512_set1_ps(ar == 32 ? 3.0e38f : 127.0f);        /* Q8_0 needs no clamp */
     for (int k = k0; k < k0 + ar; k += 16) {
         __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(q8_lanes(k, k1), x + k), vmul),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
