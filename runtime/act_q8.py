@@ -74,6 +74,8 @@ def q8_round(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
             iscale = np.where(nz, np.float32(-127) / np.where(nz, first, 1), np.float32(0)).astype(np.float32)
             q = np.minimum(np.rint(xb * iscale[..., None]), 127)
             d = np.where(nz, np.float32(1) / np.where(nz, iscale, 1), np.float32(0)).astype(np.float32)
+        # d = 0 (amax below the float16 / float32 range of d): every value is 0, whatever q llama.cpp keeps
+        q = np.where((d != 0)[..., None], q, 0)
     return q.astype(np.int32).reshape(M, nb * block), d.astype(np.float32)
 
 

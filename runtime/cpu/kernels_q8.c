@@ -51,20 +51,20 @@ static void q8_block_portable(const float *x, int k0, int ar, int K, int16_t *q,
     if (ar == 32) {
         float amax = 0.0f;
         for (int k = k0; k < k1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        for (int k = k0; k < k0 + ar; k++) q[k - k0] = (int16_t)(k < k1 ? rintf(x[k] * id) : 0.0f);
         *d = f16_round(amax / 127.0f);
+        float id = *d != 0.0f ? 127.0f / amax : 0.0f;       /* d = 0: every value is 0 (and 127/amax may be inf) */
+        for (int k = k0; k < k0 + ar; k++) q[k - k0] = (int16_t)(k < k1 ? rintf(x[k] * id) : 0.0f);
         return;
     }
     float amax = 0.0f, mx = 0.0f;
     for (int k = k0; k < k1; k++)
         if (fabsf(x[k]) > amax) { amax = fabsf(x[k]); mx = x[k]; }
-    if (amax == 0.0f) {
+    float iscale = -127.0f / mx, sg = mx > 0.0f ? -1.0f : 1.0f;     /* sg: the sign of d */
+    if (amax == 0.0f || isinf(iscale)) {                            /* then d = 0: every value is 0 */
         memset(q, 0, (size_t)ar * sizeof(int16_t));
         *d = 0.0f;
         return;
     }
-    float iscale = -127.0f / mx, sg = mx > 0.0f ? -1.0f : 1.0f;     /* sg: the sign of d */
     for (int k = k0; k < k0 + ar; k++) {
         float v = k < k1 ? rintf(iscale * x[k]) : 0.0f;
         q[k - k0] = (int16_t)(sg * (v > 127.0f ? 127.0f : v));
@@ -79,14 +79,9 @@ AB_AVX512 static void q8_block_avx512(const float *x, int k0, int ar, int K, int
         va = _mm512_max_ps(va, _mm512_abs_ps(_mm512_maskz_loadu_ps(q8_lanes(k, k1), x + k)));
     float amax = _mm512_reduce_max_ps(va), mul, sg = 1.0f;
     if (ar == 32) {
-        mul = amax != 0.0f ? 127.0f / amax : 0.0f;
         *d = f16_round(amax / 127.0f);
+        mul = *d != 0.0f ? 127.0f / amax : 0.0f;
     } else {
-        if (amax == 0.0f) {
-            memset(q, 0, (size_t)ar * sizeof(int16_t));
-            *d = 0.0f;
-            return;
-        }
         float mx = 0.0f;             /* the first element of largest |x| (the scalar loop's strict >) */
         for (int k = k0; k < k1; k += 16) {
             __m512 v = _mm512_maskz_loadu_ps(q8_lanes(k, k1), x + k);
@@ -94,6 +89,11 @@ AB_AVX512 static void q8_block_avx512(const float *x, int k0, int ar, int K, int
             if (hit) { mx = x[k + __builtin_ctz(hit)]; break; }
         }
         mul = -127.0f / mx;
+        if (amax == 0.0f || isinf(mul)) {
+            memset(q, 0, (size_t)ar * sizeof(int16_t));
+            *d = 0.0f;
+            return;
+        }
         sg = mx > 0.0f ? -1.0f : 1.0f;
         *d = sg * (1.0f / mul);
     }
