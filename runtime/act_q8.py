@@ -19,8 +19,11 @@ Q4_1 / Q5_1 weights pair with Q8_1, the same grid as Q8_0 plus a block sum float
 only their offset term reads; here the offset term sees the exact sum of d * q (a relative difference of
 at most 2^-11 in that term). Lanes past K count as zeros; a block that ends past K is cut there.
 
-This module is the readable definition: the NumPy backend runs it, and the C kernels (kernels_int8.c,
-q8_* functions) produce the same q and d bit for bit (tests/test_act_q8.py).
+A block whose d is 0 (amax below float16's range for Q8_0, 127 / max overflowing for Q8_K) is all zeros
+(llama.cpp's q there comes from an infinite multiplier, but its values d * q are 0 too).
+
+This module is the readable definition: the NumPy backend runs it, and the C kernels (kernels_q8.c) give
+the same d * q bit for bit (tests/test_act_q8.py).
 """
 from __future__ import annotations
 
