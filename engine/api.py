@@ -19,6 +19,7 @@ from engine.decoder import ContextOverflow, Decoder
 from engine.model_store import load_packed_model
 from engine.sampling import Sampler, SamplingParams, TokenLogprob
 from engine.stop_text import StopText
+from loader.precision import Q8, check_abits
 from loader.tokenizer import Tokenizer
 from runtime.select import select_backend
 
@@ -283,6 +284,10 @@ class Model:
         return cache, p
 
 
+Q8_CPU_ONLY = ("abits 'q8' (llama.cpp's 8-bit activation rounding) runs on the CPU only; the {} backend has no "
+               "kernel for it (use device 'cpu')")
+
+
 def load(path=None, *, wbits: int | str = 4, abits: int = 16, group: int | None = None, agroup=None,
          device: str = "auto", threads: int | None = None, context: int | None = None,
          progress: bool = True) -> Model:
@@ -294,11 +299,24 @@ def load(path=None, *, wbits: int | str = 4, abits: int = 16, group: int | None 
 
     group None: the source's block size where it maps exactly (32), else 128. agroup None: = group;
     "token": one activation scale per token (activations are then smoothed offline).
+
+    abits "q8" (CPU only): each linear's input is rounded as llama.cpp's CPU dot products round it, to
+    8 bits per 32 lanes (Q8_0) or per 256 (Q8_K) as its weight's GGUF type pairs with
+    (runtime/act_q8.py), then multiplied exactly; the weights are not changed. agroup must stay None.
     """
+    abits = check_abits(abits)
+    if abits == Q8 and agroup is not None:
+        raise ValueError(f"agroup does not apply to abits 'q8' (its blocks follow each weight's source type), "
+                         f"got agroup {agroup!r}")
+    if abits == Q8 and device == "cuda":
+        raise ValueError(Q8_CPU_ONLY.format("cuda"))
     fixed_heap_threshold()
     packed, wbits_eff = load_packed_model(path, wbits=wbits, abits=abits, group=group, agroup=agroup,
                                           progress=progress)
     backend = select_backend(device, threads)
+    if abits == Q8 and backend.name not in ("cpu", "numpy"):
+        backend.close()
+        raise ValueError(Q8_CPU_ONLY.format(backend.name))
     try:
         return Model(packed, backend, wbits=wbits_eff, abits=abits, agroup=agroup, context=context)
     except BaseException:

@@ -19,6 +19,8 @@ from loader.bipolar import PackedLinear, can_concat_rows, concat_rows, unpack_pl
 from loader.errors import FormatError
 from loader.rotation import hadamard_blocks
 from loader.packed import PackedModel
+from loader.precision import Q8, check_abits
+from runtime.act_q8 import block_for_type
 from runtime.contract import has
 
 
@@ -35,6 +37,8 @@ class Linear:
     def __init__(self, backend, w, abits: int, agroup, splits=None, release=None):
         self.abits = abits
         self.act_quant = None       # (abits, group): float weights with quantize-dequantized inputs
+        if abits == Q8 and not isinstance(w, (list, PackedLinear)):
+            self.act_quant = (Q8, agroup)           # agroup: the q8 rounding block (act_q8.block_for_type)
         if isinstance(w, list):     # row blocks of one product, stacked by the backend (prepare_rows)
             self.h, self.float_w = backend.prepare_rows(w, release), None
             self.rotate, self.N, self.K = w[0].rotate, sum(x.N for x in w), w[0].K
@@ -161,7 +165,10 @@ class Decoder:
             raise FormatError(f"the decoder runs {', '.join(DECODERS)} models, not {arch!r}")
         self.cfg, self.backend = cfg, backend
         self.context = min(cfg.max_seq_len, context or 4096)
-        self.abits = abits
+        self.abits = abits = check_abits(abits)
+        if abits == Q8 and agroup is not None:
+            raise ValueError(f"agroup does not apply to abits 'q8' (its blocks follow each weight's source type), "
+                             f"got agroup {agroup!r}")
 
         def get(name):
             w = pm.linear(name)
@@ -179,24 +186,29 @@ class Decoder:
 
         def add(names):
             ws = [get(n) for n in names]
+            # abits "q8": each product rounds its input in the blocks llama.cpp uses for its weight's source
+            # type (32 or 256 lanes); products whose roundings differ are not fused, as they see different inputs
+            blocks = [block_for_type(pm.info.get(n, {}).get("source_type")) for n in names]
+            ag = {n: (b if abits == Q8 else agroup) for n, b in zip(names, blocks)}
+            fuse = len(ws) > 1 and len(set(ag.values())) == 1
             lin = None
-            if len(ws) > 1 and all(isinstance(w, PackedLinear) for w in ws):
+            if fuse and all(isinstance(w, PackedLinear) for w in ws):
                 if can_concat_rows(ws):
-                    lin = (Linear(backend, ws, abits, agroup, [w.N for w in ws], release=release)
+                    lin = (Linear(backend, ws, abits, ag[names[0]], [w.N for w in ws], release=release)
                            if has(backend, "prepare_rows") else
-                           Linear(backend, _concat(ws), abits, agroup, [w.N for w in ws]))
-            elif len(ws) > 1 and all(not isinstance(w, PackedLinear) for w in ws):
+                           Linear(backend, _concat(ws), abits, ag[names[0]], [w.N for w in ws]))
+            elif fuse and all(not isinstance(w, PackedLinear) for w in ws):
                 lin = Linear(backend, np.concatenate([np.asarray(w, np.float32) for w in ws], axis=0), abits,
-                             agroup, [np.shape(w)[0] for w in ws])
+                             ag[names[0]], [np.shape(w)[0] for w in ws])
             if lin is not None:
                 W["|".join(names)] = lin
                 self.linear_for.update((n, lin) for n in names)
             else:
                 rows = has(backend, "prepare_rows")
                 for n, w in zip(names, ws):
-                    W[n] = self.linear_for[n] = (Linear(backend, [w], abits, agroup, release=release)
+                    W[n] = self.linear_for[n] = (Linear(backend, [w], abits, ag[n], release=release)
                                                  if rows and isinstance(w, PackedLinear) else
-                                                 Linear(backend, w, abits, agroup))
+                                                 Linear(backend, w, abits, ag[n]))
             pm.release_pages(names)
 
         def vec(name):

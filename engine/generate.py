@@ -18,6 +18,11 @@ def _bits(s: str) -> int:
     return v
 
 
+def _abits(s: str):
+    from loader.precision import parse_abits
+    return parse_abits(s)
+
+
 def _wbits(s: str):
     from loader.precision import parse_wbits
     return parse_wbits(s)
@@ -71,7 +76,9 @@ def add_precision_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wbits", type=_wbits, default=4,
                    help="weight bits 1..8, 16 for unquantized, or 'source': each tensor at its source type's own "
                         "bits (GGUF Q5_0 at 5, Q6_K at 6, ...; default 4)")
-    p.add_argument("--abits", type=_bits, default=16, help="activation bits 1..8, or 16 (default 16)")
+    p.add_argument("--abits", type=_abits, default=16,
+                   help="activation bits 1..8, 16 (default), or 'q8': each linear's input rounded to 8 bits as "
+                        "llama.cpp's CPU dot products do (per 32 or 256 lanes by the weight's GGUF type; CPU only)")
     p.add_argument("--group", type=_group, default=None,
                    help="weight group size (default: the source's block where exact, else 128)")
     p.add_argument("--agroup", type=_agroup, default=None,

@@ -15,7 +15,7 @@ from loader.errors import FormatError
 from loader.fetch import cache_dir
 from loader.pack import PackedModel, Recipe, quantize_model
 from loader.pack_writer import pack_to_dir
-from loader.precision import SOURCE, check_wbits
+from loader.precision import Q8, SOURCE, check_wbits
 from loader.packed import is_packed_dir, read_packed
 from loader.progress import Progress, summary
 from loader.validate import check_group
@@ -90,6 +90,8 @@ def load_packed_model(path=None, *, wbits: int | str = 4, abits: int = 16, group
     "source" packs each tensor at its source type's own bits (Recipe wbits 0) and runs a packed
     directory at the bits it holds."""
     wbits = check_wbits(wbits)
+    if abits == Q8:         # a rounding at run time: packed as for A16 (the same cache entry)
+        abits = 16
     src = resolve_source(path, kind)
     if src.is_dir() and is_packed_dir(src):
         pm = read_packed(src)

@@ -2,7 +2,8 @@
 
 A precision is 1..8 bits (bipolar codes) or 16 (unquantized: float weights, or 16-bit activations). Weights
 may also be "source": each tensor at its source type's own bits (a GGUF Q5_0 tensor at 5, Q6_K at 6, Q8_0
-at 8; exact imports, loader/pack.py Recipe wbits 0)."""
+at 8; exact imports, loader/pack.py Recipe wbits 0). Activations may also be "q8": each linear's input
+rounded to llama.cpp's 8-bit grid in the blocks its weight's source type pairs with (runtime/act_q8.py)."""
 from __future__ import annotations
 
 import argparse
@@ -50,3 +51,24 @@ def parse_wbits(s: str):
         return check_bits(int(s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 1..8, 16 or 'source', got {s!r}") from None
+
+
+Q8 = "q8"
+
+
+def check_abits(v, what: str = "abits"):
+    """Activation bits: 1..8 or 16 as an int, or "q8" (llama.cpp's 8-bit activation rounding, CPU only)."""
+    if isinstance(v, str) and v.strip().lower() == Q8:
+        return Q8
+    try:
+        return check_bits(v, what)
+    except ValueError:
+        raise ValueError(f"{what} must be 1..8, 16 or 'q8', got {v!r}") from None
+
+
+def parse_abits(s: str):
+    """argparse type of --abits: 1..8, 16 or 'q8'."""
+    try:
+        return check_abits(s.strip() if s.strip().lower() == Q8 else int(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1..8, 16 or 'q8', got {s!r}") from None

@@ -139,6 +139,9 @@ class GpuBackend(GpuLayoutOps):
     def linear(self, h: GpuLinear, x, *, abits: int = 16, agroup: int | None = None, out=None, residual=None):
         """x W^T, or residual + x W^T with residual (M, N): a residual add fused
         into the GEMV's output store (bgemm_b1: a separate add), bitwise add(residual, x W^T)."""
+        if abits == "q8":
+            raise ValueError("abits 'q8' (llama.cpp's 8-bit activation rounding) runs on the CPU only; "
+                             "the GPU backend has no kernel for it (use device 'cpu')")
         xd, host = self._dev(x)
         M, K = xd.shape
         if K != h.K:

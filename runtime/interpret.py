@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from loader.bipolar import quantize_activations
+from loader.precision import Q8
+from runtime.act_q8 import q8_values
 from loader.rotation import rotate_rows
 from runtime.contract import has
 
@@ -50,7 +52,8 @@ def linear(be, lin, x: np.ndarray) -> np.ndarray:
     if lin.float_w is not None:
         if lin.act_quant:       # simulate quantized activations on a float weight (abits < 16 measured alone)
             bits, group = lin.act_quant
-            x = quantize_activations(x, bits, group).dequantize()[:, :x.shape[1]].astype(np.float32)
+            x = (q8_values(x, group) if bits == Q8 else
+                 quantize_activations(x, bits, group).dequantize()[:, :x.shape[1]]).astype(np.float32)
         return be.linear_float(lin.float_w, x)
     if lin.rotate:              # the weight holds W R (loader/rotation.py): feed it R x
         x = rotate_rows(be, x, lin.rotate)

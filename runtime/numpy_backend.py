@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from loader.bipolar import PackedLinear, quantize_activations
+from loader.precision import Q8
+from runtime.act_q8 import check_q8_block, q8_values
 
 
 class NumpyLinear:
@@ -42,7 +44,9 @@ class NumpyBackend:
         x = np.asarray(x, np.float32)
         if h.lin.smooth is not None:
             x = x / h.lin.smooth
-        if abits != 16:
+        if abits == Q8:
+            x = q8_values(x, check_q8_block(agroup)).astype(np.float32)
+        elif abits != 16:
             qa = quantize_activations(x, abits, h.lin.group if agroup is None else agroup)
             x = qa.dequantize().astype(np.float32)
         y = x @ h.w.T

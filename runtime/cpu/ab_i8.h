@@ -11,6 +11,7 @@ typedef struct {
     const void *wsc, *woff;      /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
     const float *x;
     int f16, p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa, nr;
+    int ar;                /* abits "q8": 0, or the block of llama.cpp's 8-bit grid (32: Q8_0, 256: Q8_K) */
     int16_t *x16;
     int8_t *xh, *xl;
     float *sx, *gs;
@@ -31,7 +32,7 @@ AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const f
     }
 }
 
-/* Decode of two-level weights with the parameters in registers (kernels_int8.c i8_tile_kq_m1_avx512,
+/* Decode of two-level weights with the parameters in registers (kernels_int8.c i8_tile_m1_avx512,
  * kernels_kq.c kq_tile_avx512_m1): d and dmin of a super-block's 64 rows as floats, once per super-block. */
 AB_AVX512 AB_INLINE void i8_kq_d_avx512(const ab_kq *k, ab_kq_ptrs P, __m512 *dv, __m512 *dmv) {
     for (int i = 0; i < 4; i++) {
@@ -61,6 +62,8 @@ AB_AVX512 AB_INLINE void i8_kq_epi_avx512(const i8_ctx *c, const ab_kq *k, int m
         ya[i] = _mm512_add_ps(ya[i], _mm512_mul_ps(o, gsv));
     }
 }
+/* abits "q8": one row rounded to llama.cpp's 8-bit grid into x16, xh, xl, sx, px, gs (kernels_q8.c). */
+void ab_q8_quantize_row(const i8_ctx *c, int m);
 
 /* Tiles of two-level weights whose codes come in several parts (kernels_kq.c). */
 void ab_kq_tile_portable(const i8_ctx *c, int t, int m0, int mc);

@@ -29,8 +29,9 @@ static inline void ab_range(int Nt, int nr, int r, int *t0, int *t1) {
     *t0 = (int)((int64_t)Nt * r / nr);
     *t1 = (int)((int64_t)Nt * (r + 1) / nr);
 }
+/* ar: 0, or the block of llama.cpp's 8-bit activation grid the input is rounded to first (abits "q8"). */
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
-              int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch);
+              int p, int cw, int N, int Kp, int G, const float *x, int M, int K, int ar, float *y, void *scratch);
 
 size_t ab_qd_scratch(int M, int Kp);
 int ab_qd_run(ab_pool *pool, int isa, const uint8_t *codes, const int32_t *wpw, const void *wsc, const void *woff,

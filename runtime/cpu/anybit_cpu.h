@@ -30,6 +30,14 @@ int ab_build_lut(const float *x, int K, int Kp, int G, int8_t *lut, float *lscal
 int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
                  int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y);
 int ab_i8_quantize(int isa, const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs);
+/* abits "q8" (runtime/act_q8.py): x rounded to llama.cpp's 8-bit grid in blocks of ar lanes first (32: the
+ * Q8_0 rule, 256: the Q8_K rule; 0: none), then the exact byte-code product. ab_i8_block: the kernel's
+ * block of lanes for weight group G and rounding block ar (-3: no such pair). ab_i8_quantize_q8: one
+ * row's x16 (= the 8-bit codes q), block scales (= the grid's d, >= 0) and group sums (of d * q). */
+int ab_linear_i8_q8(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
+                    int p, int cw, int N, int Kp, int G, const float *x, int M, int K, int ar, float *y);
+int ab_i8_block(int G, int ar);
+int ab_i8_quantize_q8(int isa, const float *x, int K, int Kp, int G, int ar, int16_t *x16, float *sx, float *gs);
 
 void ab_code_sums(const uint32_t *planes, int p, int rows, int W, uint16_t *out);
 int ab_quantize_acts(ab_pool *pool, const float *x, int M, int K, int Kp, int q, int Ga,
@@ -82,6 +90,7 @@ typedef struct {
     int Ga, L;                  /* quantized activations: activation group and block lanes */
     int rotate;                 /* > 0: the weight is W R; the input is rotated first (ab_hadamard_rows) */
     const float *smooth;        /* (K,) divisor of the input, or NULL */
+    int ar;                     /* abits "q8": the input's 8-bit rounding block (32 or 256; byte codes only), else 0 */
 } ab_lin;
 
 enum {

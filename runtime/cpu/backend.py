@@ -16,7 +16,8 @@ import numpy as np
 
 from loader.bipolar import LANES, LinearShape, PackedLinear, can_concat_rows, concat_rows, round_up
 from loader.kquant import concat_subscales
-from loader.precision import check_bits
+from loader.precision import Q8, check_bits
+from runtime.act_q8 import check_q8_block, q8_values
 from runtime.cpu import build, layout
 from runtime.cpu.errors import check as _check
 from runtime.cpu.ops import CpuOps
@@ -243,14 +244,22 @@ class CpuBackend(CpuOps):
                out: np.ndarray | None = None) -> np.ndarray:
         if not isinstance(h, LinearHandle):
             raise ValueError(f"linear needs a LinearHandle from prepare_linear, got {type(h).__name__}")
-        if isinstance(abits, bool) or not isinstance(abits, (int, np.integer)) or not (abits == 16 or 1 <= abits <= 8):
-            raise ValueError(f"abits must be 1..8 or 16, got {abits!r}")
+        ar = 0
+        if abits == Q8:          # llama.cpp's 8-bit grid in blocks of agroup lanes, then the A16 product
+            ar = check_q8_block(agroup)
+        elif (isinstance(abits, bool) or not isinstance(abits, (int, np.integer))
+              or not (abits == 16 or 1 <= abits <= 8)):
+            raise ValueError(f"abits must be 1..8, 16 or 'q8', got {abits!r}")
         x = self._input(h, x)
         lin = h.lin
         y = self._output(out, x.shape[0], lin.N)
-        if abits == 16:
+        if abits == 16 or abits == Q8:
             if lin.smooth is not None:
                 x = np.ascontiguousarray(x / lin.smooth.astype(np.float32))
+            if ar and (self.a16 == "f32" or h.codes is None):
+                # the rounding is part of the byte-code kernel's quantizer; the other A16 paths get the
+                # rounded row as floats (exact on the Q8_0 grid: 11 x 8 significant bits)
+                x, ar = np.ascontiguousarray(q8_values(x, ar), np.float32), 0
             if self.a16 == "f32":
                 # locals: a two-level weight's float32 parameters are computed on read, and a pointer
                 # into a temporary would outlive it
@@ -261,10 +270,11 @@ class CpuBackend(CpuOps):
                     self._p("float *", of),
                     lin.bits, lin.N, lin.Kp, self._pgroup(lin), self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
             elif h.codes is not None:
-                rc = self._lib.ab_linear_i8(
-                    self._live_pool, self._isa_code, self._p("uint8_t *", h.codes), self._p("void *", h.wsc),
-                    self._p("void *", h.woff), h.f16, lin.bits, layout.container_bits(lin.bits), lin.N, lin.Kp,
-                    lin.group, self._p("float *", x), x.shape[0], lin.K, self._p("float *", y))
+                args = (self._live_pool, self._isa_code, self._p("uint8_t *", h.codes), self._p("void *", h.wsc),
+                        self._p("void *", h.woff), h.f16, lin.bits, layout.container_bits(lin.bits), lin.N, lin.Kp,
+                        lin.group, self._p("float *", x), x.shape[0], lin.K)
+                y_p = self._p("float *", y)
+                rc = self._lib.ab_linear_i8_q8(*args, ar, y_p) if ar else self._lib.ab_linear_i8(*args, y_p)
             else:
                 rc = self._lib.ab_linear_a16(
                     self._live_pool, self._isa_code, self._p("uint8_t *", h.wl), self._p("float *", h.wsc),

@@ -57,7 +57,9 @@ static int run_lin(ab_pool *pool, int isa, int abits, const ab_lin *l, const flo
         return ab_qd_run(pool, isa, l->codes, l->wpw, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, abits,
                          l->Ga, l->L, x, l->smooth, M, K, y, NULL, NULL, NULL, scratch);
     if (l->codes)
-        return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, x, M, K, y, scratch);
+        return ab_i8_run(pool, isa, l->codes, l->wsc, l->woff, l->f16, l->p, l->cw, l->N, l->Kp, l->G, x, M, K, l->ar, y,
+                         scratch);
+    if (l->ar) return -3;       /* the q8 rounding lives in the byte-code kernel's quantizer */
     return ab_a16_run(pool, isa, l->wl, l->wsc, l->woff, l->p, l->N, l->Kp, l->G, x, M, K, y, scratch);
 }
 

@@ -113,7 +113,8 @@ AB_AVX512 static void i8_quantize_row_avx512(const i8_ctx *c, int m) {
 }
 
 static void i8_quantize_row(const i8_ctx *c, int m) {
-    if (c->isa == AB_ISA_AVX512) i8_quantize_row_avx512(c, m);
+    if (c->ar) ab_q8_quantize_row(c, m);      /* abits "q8": kernels_q8.c */
+    else if (c->isa == AB_ISA_AVX512) i8_quantize_row_avx512(c, m);
     else i8_quantize_row_portable(c, m);
 }
 
@@ -405,7 +406,7 @@ static inline void *carve(uintptr_t *s, size_t n) {
 }
 
 int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
-              int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y, void *scratch) {
+              int p, int cw, int N, int Kp, int G, const float *x, int M, int K, int ar, float *y, void *scratch) {
     const ab_kq *kq = f16 == AB_F16_KQ ? (const ab_kq *)wsc : NULL;
     if (kq && !ab_kq_ok(kq, Kp)) return -3;
     if (!kq && (f16 < 0 || AB_F16_R(f16) > 255 || AB_F16_ZK(f16) > 256 || (AB_F16_ZK(f16) && !AB_F16_R(f16)) ||
@@ -422,8 +423,9 @@ int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, con
         cw = kq->cw[0];
         c.kq = kq = NULL;
     }
-    c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L;
-    c.M = M; c.K = K; c.Nt = (N + 63) / 64; c.isa = isa; c.mbmax = 8;
+    c.p = p; c.cw = cw; c.N = N; c.Kp = Kp; c.G = G; c.L = ab_i8_block(G, ar); c.ng = Kp / G; c.nb = Kp / c.L;
+    c.M = M; c.K = K; c.Nt = (N + 63) / 64; c.isa = isa; c.mbmax = 8; c.ar = ar;
+    if (c.L < 0) return -3;
     void *own = NULL;
     if (!scratch) {
         if (posix_memalign(&own, 64, ab_i8_scratch(M, Kp))) return -1;
@@ -447,18 +449,23 @@ int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, con
 int ab_linear_i8(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, const void *woff, int f16,
                  int p, int cw, int N, int Kp, int G, const float *x, int M, int K, float *y) {
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
-    return ab_i8_run(pool, isa, codes, wsc, woff, f16, p, cw, N, Kp, G, x, M, K, y, NULL);
+    return ab_i8_run(pool, isa, codes, wsc, woff, f16, p, cw, N, Kp, G, x, M, K, 0, y, NULL);
 }
 
 /* The quantized activations of one row, for tests: x16 (Kp), block scales (Kp/L), group sums (Kp/G). */
 int ab_i8_quantize(int isa, const float *x, int K, int Kp, int G, int16_t *x16, float *sx, float *gs) {
+    return ab_i8_quantize_q8(isa, x, K, Kp, G, 0, x16, sx, gs);
+}
+
+int ab_i8_quantize_q8(int isa, const float *x, int K, int Kp, int G, int ar, int16_t *x16, float *sx, float *gs) {
     if (isa < 0 || isa > AB_ISA_AVX512 || !(ab_isa_available() >> isa & 1)) return -2;
-    if (G <= 0 || G % 32 || Kp % G || K > Kp) return -3;
+    if (G <= 0 || (G % 32 && !(ar && G == 16)) || Kp % G || K > Kp || ab_i8_block(G, ar) < 0) return -3;
     void *buf = NULL;
     if (posix_memalign(&buf, 64, ab_i8_scratch(1, Kp))) return -1;
     i8_ctx c;
     memset(&c, 0, sizeof c);
-    c.isa = isa; c.x = x; c.p = 8; c.Kp = Kp; c.G = G; c.L = ab_a16_block(G); c.ng = Kp / G; c.nb = Kp / c.L; c.M = 1; c.K = K;
+    c.isa = isa; c.x = x; c.p = 8; c.Kp = Kp; c.G = G; c.L = ab_i8_block(G, ar); c.ng = Kp / G; c.nb = Kp / c.L; c.M = 1;
+    c.K = K; c.ar = ar;
     uintptr_t s = (uintptr_t)buf;
     c.x16 = carve(&s, (size_t)Kp * 2);
     c.xh = carve(&s, (size_t)Kp);

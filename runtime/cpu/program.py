@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from loader.precision import Q8
+from runtime.act_q8 import check_q8_block
 from runtime.cpu import layout
 from runtime.cpu.errors import check as _check
 from runtime.interpret import run_op
@@ -18,6 +20,11 @@ from runtime.interpret import run_op
 KINDS = {"rmsnorm": 1, "layernorm": 2, "linear": 3, "rope": 4, "kv_store": 5, "attention": 6, "act_mul": 7,
          "gelu": 8, "add": 9, "scale": 10, "softcap": 11, "take_rows": 12}
 WHOLE_IN = ("rmsnorm", "layernorm", "attention")        # ops whose input must be a whole buffer
+
+
+def _abits_code(abits) -> int:
+    """ab_graph.abits: 16 for A16 and for "q8" (A16 after the rounding), else the bits."""
+    return 16 if abits == Q8 else int(abits)
 
 
 def _aligned(n: int, dtype=np.float32) -> np.ndarray:
@@ -36,7 +43,8 @@ class CpuProgram:
         self.names = list(graph.bufs)
         self.index = {n: i for i, n in enumerate(self.names)}
         lins = [graph.weights[op.weights[0]] for op in graph.ops if op.kind == "linear"]
-        self.abits = int(lins[0].abits) if lins else 16
+        # abits "q8" runs the A16 path with each linear's input rounding block (ab_lin.ar)
+        self.abits = _abits_code(lins[0].abits) if lins else 16
         in_c = [self._runs_in_c(op) for op in graph.ops]
         self.segments: list = []            # ("c", op0, op1) over the C records, or ("py", op)
         recs = []
@@ -75,8 +83,10 @@ class CpuProgram:
     def _c_linear(self, lin) -> bool:
         be = self.be
         h = getattr(lin, "h", None)
-        if h is None or be.a16 != "lut" or int(lin.abits) != self.abits:
+        if h is None or be.a16 != "lut" or _abits_code(lin.abits) != self.abits:
             return False
+        if lin.abits == Q8:             # the rounding is in the byte-code kernel; tables run in Python
+            return h.codes is not None
         return self.abits == 16 or (be.quant == "bytes" and h.lin.Kp <= 32768)
 
     def _runs_in_c(self, op) -> bool:
@@ -109,6 +119,7 @@ class CpuProgram:
         lo.p, lo.N, lo.Kp, lo.G, lo.K = h.lin.bits, h.lin.N, h.lin.Kp, h.lin.group, h.lin.K
         lo.rotate = h.lin.rotate
         lo.smooth = ffi.NULL if h.lin.smooth is None else self._vec(h.lin.smooth, h.lin.K)
+        lo.ar = check_q8_block(lin.agroup) if lin.abits == Q8 else 0
         if self.abits < 16:
             ga, L = be._agroups(h.lin, lin.agroup)
             be._quant_weights(h)
