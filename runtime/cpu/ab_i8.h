@@ -32,7 +32,7 @@ AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const f
     }
 }
 
-/* Decode of two-level weights with the parameters in registers (kernels_int8.c i8_tile_m1_avx512,
+/* Decode of two-level weights with the parameters in registers (kernels_decode.c i8_tile_m1_avx512,
  * kernels_kq.c kq_tile_avx512_m1): d and dmin of a super-block's 64 rows as floats, once per super-block. */
 AB_AVX512 AB_INLINE void i8_kq_d_avx512(const ab_kq *k, ab_kq_ptrs P, __m512 *dv, __m512 *dmv) {
     for (int i = 0; i < 4; i++) {
@@ -64,6 +64,9 @@ AB_AVX512 AB_INLINE void i8_kq_epi_avx512(const i8_ctx *c, const ab_kq *k, int m
 }
 /* abits "q8": one row rounded to llama.cpp's 8-bit grid into x16, xh, xl, sx, px, gs (kernels_q8.c). */
 void ab_q8_quantize_row(const i8_ctx *c, int m);
+
+/* The decode tile (M = 1) of one-part codes on AVX-512 (kernels_decode.c). */
+void ab_i8_tile_m1_avx512(const i8_ctx *c, int t, int m);
 
 /* Tiles of two-level weights whose codes come in several parts (kernels_kq.c). */
 void ab_kq_tile_portable(const i8_ctx *c, int t, int m0, int mc);
