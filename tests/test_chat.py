@@ -119,6 +119,7 @@ def test_chat_cli_ctrl_c_at_the_prompt_exits_cleanly(default_gguf):
         assert "chat template" in banner
         time.sleep(0.3)
         os.kill(p.pid, signal.SIGINT)
+        p.wait(timeout=60)          # stdin stays open: only the signal can end the prompt (EOF would exit 0)
         _, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:

@@ -10,6 +10,7 @@
  * (release); a claim that gets a positive count (acquire) therefore sees this call's parameters, which
  * stay until every claimed task is done. */
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
@@ -92,9 +93,15 @@ ab_pool *ab_pool_create(int nthreads) {
     pthread_cond_init(&p->cv_done, NULL);
     p->th = calloc((size_t)nthreads, sizeof(pthread_t));
     if (!p->th) { free(p); return NULL; }
+    /* Workers block every signal (they inherit the mask they are created with): a Ctrl-C must reach the
+     * thread that runs Python, not a worker waiting for tasks. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     for (int i = 1; i < nthreads; i++) {
         if (pthread_create(&p->th[i], NULL, worker, p) != 0) { p->n = i; break; }
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return p;
 }
 
