@@ -112,8 +112,11 @@ def test_chat_cli_ctrl_c_at_the_prompt_exits_cleanly(default_gguf):
     import os
     import signal
     import time
+    # a shell that starts CI in the background ignores SIGINT, and children inherit that: give the CLI the
+    # default disposition, as a terminal would
     p = subprocess.Popen([sys.executable, "-m", "engine.chat", "--model", str(default_gguf), "--device", "cpu"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         banner = p.stderr.readline()                   # printed once the model is loaded
         assert "chat template" in banner
