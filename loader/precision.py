@@ -31,44 +31,44 @@ def parse_bits(s: str) -> int:
 
 
 SOURCE = "source"
+Q8 = "q8"
+
+
+def _check_or_word(v, word: str, what: str, zero_means_word: bool = False):
+    """check_bits, or `word` (any case, spaces around) as itself; 0 too when zero_means_word."""
+    if isinstance(v, str) and v.strip().lower() == word or (zero_means_word and v == 0 and not isinstance(v, bool)):
+        return word
+    try:
+        return check_bits(v, what)
+    except ValueError:
+        raise ValueError(f"{what} must be 1..8, 16 or {word!r}, got {v!r}") from None
+
+
+def _parse_or_word(s: str, word: str):
+    """parse_bits, or `word` (any case) as itself."""
+    if s.strip().lower() == word:
+        return word
+    try:
+        return check_bits(int(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1..8, 16 or {word!r}, got {s!r}") from None
 
 
 def check_wbits(v, what: str = "wbits"):
     """Weight bits: 1..8 or 16 as an int, or "source" (0, tools.pack's other spelling of it, is "source")."""
-    if isinstance(v, str) and v.strip().lower() == SOURCE or (v == 0 and not isinstance(v, bool)):
-        return SOURCE
-    try:
-        return check_bits(v, what)
-    except ValueError:
-        raise ValueError(f"{what} must be 1..8, 16 or 'source', got {v!r}") from None
+    return _check_or_word(v, SOURCE, what, zero_means_word=True)
 
 
 def parse_wbits(s: str):
     """argparse type of --wbits: 1..8, 16 or 'source' (each tensor at its source type's bits)."""
-    if s.strip().lower() == SOURCE:
-        return SOURCE
-    try:
-        return check_bits(int(s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1..8, 16 or 'source', got {s!r}") from None
-
-
-Q8 = "q8"
+    return _parse_or_word(s, SOURCE)
 
 
 def check_abits(v, what: str = "abits"):
     """Activation bits: 1..8 or 16 as an int, or "q8" (llama.cpp's 8-bit activation rounding, CPU only)."""
-    if isinstance(v, str) and v.strip().lower() == Q8:
-        return Q8
-    try:
-        return check_bits(v, what)
-    except ValueError:
-        raise ValueError(f"{what} must be 1..8, 16 or 'q8', got {v!r}") from None
+    return _check_or_word(v, Q8, what)
 
 
 def parse_abits(s: str):
     """argparse type of --abits: 1..8, 16 or 'q8'."""
-    try:
-        return check_abits(s.strip() if s.strip().lower() == Q8 else int(s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1..8, 16 or 'q8', got {s!r}") from None
+    return _parse_or_word(s, Q8)

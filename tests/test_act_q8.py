@@ -341,15 +341,6 @@ np.savez(req["out"], d0=b0[..., :2].copy().view(np.float16)[..., 0].astype(np.fl
 """
 
 
-@pytest.fixture(scope="module")
-def llama_python():
-    from tools.bench.peers import find_llama
-    py, note = find_llama()
-    if py is None:
-        pytest.skip(note)
-    return py
-
-
 @pytest.mark.slow
 def test_rounding_is_llama_cpps_own(tmp_path, llama_python):
     """llama.cpp's quantize_row_q8_0 / quantize_row_q8_K, called in its own CPU library, give the same d

@@ -9,7 +9,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from tools.bench.peers import find_llama
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +46,6 @@ def write_f32_llama(path, monkeypatch):
         return w
     monkeypatch.setattr(tm, "tiny_llama_weights", soft)
     return tm.write_tiny_gguf(path, default_type="F32")
-
-
-@pytest.fixture(scope="module")
-def llama_python():
-    py, note = find_llama()
-    if py is None:
-        pytest.skip(note)
-    return py
 
 
 @pytest.mark.parametrize("ftype", list(FTYPES))
