@@ -493,12 +493,12 @@ def test_handles_drop_planes_and_rebuild_them_exactly(bits):
 @pytest.mark.parametrize("bits,group", [(2, 32), (4, 32), (4, 128), (8, 32), (3, 64)])
 def test_batched_rows_equal_rows_alone(isa, kernel, bits, group):
     """Batched decode rests on this: row m of an M-row product is bitwise the product of row m alone,
-    whatever rows sit beside it (M = 2, 5 and 11 cover paired rows, an odd tail and two row tiles)."""
+    whatever rows sit beside it (M = 2..7 and 11: every row count of a row tile, and two row tiles)."""
     rng = np.random.default_rng(bits * 100 + group)
     lin = make_lin(rng, 70, 320, bits, group, True)
     be = backend(isa, i8=KERNELS[kernel])
     h = be.prepare_linear(lin)
-    for M in (2, 5, 11):
+    for M in (2, 3, 4, 5, 6, 7, 11):
         x = (rng.standard_normal((M, 320)) * rng.uniform(0.1, 3, (M, 1))).astype(np.float32)
         y = be.linear(h, x)
         for m in range(M):

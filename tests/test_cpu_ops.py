@@ -79,9 +79,12 @@ def isa_be(request):
 @pytest.mark.parametrize("M,H,Hkv,T,n_ctx,masked,hd", [
     (1, 9, 3, 40, 17, False, 32), (5, 4, 4, 8, 8, False, 64), (6, 6, 2, 10, 7, True, 24),
     (3, 2, 1, 50, 50, False, 40), (1, 9, 3, 700, 613, False, 64), (2, 3, 1, 300, 300, True, 80),
-    (2, 2, 2, 37, 37, False, 128), (1, 2, 1, 5, 5, False, 6)])
+    (2, 2, 2, 37, 37, False, 128), (1, 2, 1, 5, 5, False, 6),
+    # more query heads than a task scores in one pass (16), a kv head's run split between passes, more query
+    # heads per kv head than a value pass takes (4), and 7 per kv head over several chunks
+    (1, 32, 8, 60, 45, False, 64), (2, 20, 4, 40, 33, True, 48), (1, 14, 2, 300, 290, False, 64)])
 def test_attention(isa_be, M, H, Hkv, T, n_ctx, masked, hd):
-    """Every isa path (vector exp, masked tails, keys beyond one vector) against float64."""
+    """Every isa path (vector exp, masked tails, keys beyond one vector, head groupings) against float64."""
     rng = np.random.default_rng(M * 100 + T + hd)
     q = (rng.standard_normal((M, H, hd)) * 2).astype(np.float32)
     k = (rng.standard_normal((T, Hkv, hd)) * 2).astype(np.float32)

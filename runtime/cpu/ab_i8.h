@@ -11,9 +11,12 @@ typedef struct {
     const void *wsc, *woff;      /* [Nt][ng][64] float32, or float16 a = 2s and z when f16 (ab_internal.h) */
     const float *x;
     int f16, p, cw, N, Kp, G, L, ng, nb, M, K, Nt, mbmax, isa, nr;
+    int qsl;               /* with xi: slices of groups each 8 rows are quantized in (one per thread) */
     int ar;                /* abits "q8": 0, or the block of llama.cpp's 8-bit grid (32: Q8_0, 256: Q8_K) */
     int16_t *x16;
     int8_t *xh, *xl;
+    int8_t *xi;            /* NULL, or for the batched tile: xh and xl of each 8 rows interleaved, [M/8][Kp/4]
+                            * [hi, lo][8 rows][4 lanes] (the 4-byte groups one vpdpbusd broadcasts) */
     float *sx, *gs;
     int32_t *px;           /* (2^p - 1) * sum of x16 per block, wrapped to 32 bits */
     float *y;
@@ -42,7 +45,7 @@ AB_AVX512 AB_INLINE void i8_kq_d_avx512(const ab_kq *k, ab_kq_ptrs P, __m512 *dv
 }
 
 /* One block's epilogue for token m: the floats of ab_gp_kq_avx512 (s = 0.5 a, o = c0 a - dmin m, a = d sc)
- * and of i8_rows_avx512 (y += D * (s * sx), then y += o * group sum), the same operations in the same order,
+ * and of ab_i8_tile_rows_avx512 (kernels_batch.c) (y += D * (s * sx), then y += o * group sum), the same operations in the same order,
  * so the bits of every other path. */
 AB_AVX512 AB_INLINE void i8_kq_epi_avx512(const i8_ctx *c, const ab_kq *k, int m, int b, const __m512 *dv,
                                           const __m512 *dmv, const uint8_t *sbytes, const uint8_t *mbytes,
@@ -67,6 +70,8 @@ void ab_q8_quantize_row(const i8_ctx *c, int m);
 
 /* The decode tile (M = 1) of one-part codes on AVX-512 (kernels_decode.c). */
 void ab_i8_tile_m1_avx512(const i8_ctx *c, int t, int m);
+/* Up to 8 tokens (rows m0 .. m0+mc-1) of one tile, AVX-512 (kernels_batch.c). */
+void ab_i8_tile_rows_avx512(const i8_ctx *c, int t, int m0, int mc);
 
 /* Tiles of two-level weights whose codes come in several parts (kernels_kq.c). */
 void ab_kq_tile_portable(const i8_ctx *c, int t, int m0, int mc);

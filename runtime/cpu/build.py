@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCES = ("threadpool.c", "kernels_linear.c", "kernels_ops.c", "kernels_graph.c", "kernels_int8.c",
            "kernels_quant.c", "kernels_attn.c", "kernels_kq.c", "kernels_q8.c",
-           "kernels_decode.c")
+           "kernels_decode.c", "kernels_batch.c")
 HEADERS = ("anybit_cpu.h", "ab_internal.h", "ab_i8.h")
 # No -march=native: ISA-specific functions carry target attributes and are chosen at run time.
 # No -ffast-math: the activation quantizer must round exactly like NumPy. No FMA contraction: the

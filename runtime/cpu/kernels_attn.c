@@ -1,9 +1,9 @@
 /* Attention over a float32 KV cache (n_ctx keys of layout [T][Hkv][hd]): causal by query position, or
  * bidirectional over the unmasked keys. Grouped heads: head h reads kv head h / (H / Hkv).
  *
- * Work is split like flash-decoding: one task per (query row, kv head, chunk of ATT_CHUNK keys) handles
- * every query head of the group, so each key and value row is read from memory once per group rather
- * than once per head, and a single query's long context still spreads over the threads. A task leaves,
+ * Work is split like flash-decoding: one task per (query row, chunk of ATT_CHUNK keys) handles every
+ * query head, so each key and value row is read from memory once, front to back, rather than once per
+ * head, and a single query's long context still spreads over the threads. A task leaves,
  * per head, its chunk's maximum score, the sum of exp(score - max) and the unnormalised output; a merge
  * pass rescales the chunks to the global maximum. Scores and exponentials stay in float32.
  *
@@ -20,7 +20,11 @@
 #include "ab_internal.h"
 
 #define ATT_CHUNK 128       /* most keys per task (the score buffer's size) */
-#define ATT_HB 4            /* query heads per pass over a chunk (register budget of the value pass) */
+#define ATT_HB 4            /* query heads per value pass (its register budget) */
+#define ATT_HS 16           /* query heads per task pass over a chunk (the score buffer's size) */
+#ifndef ATT_PF
+#define ATT_PF 16           /* keys prefetched ahead in the score pass */
+#endif
 
 typedef struct {
     const float *q, *k, *v;
@@ -90,28 +94,69 @@ static void values_portable(const attn_ctx *c, int hk, int hb, int j0, int j1, c
     }
 }
 
-AB_AVX512 static void scores_avx512(const attn_ctx *c, int m, int hk, int h0, int hb, int j0, int j1, float *s) {
-    int hd = c->hd, nv = (hd + 15) / 16;
+/* Lane i of the result: the sum of the 16 lanes of v[i] (a transposed reduction: 45 operations for 16
+ * sums, where a horizontal sum per vector takes about 8 plus a scalar store). */
+AB_AVX512 AB_INLINE __m512 hsum16x16(const __m512 *v) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++)     /* per 128-bit quarter: partials of v[2i], v[2i+1], v[2i], v[2i+1] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)     /* per quarter: partials of v[4i .. 4i+3] */
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Heads hg .. hg+hb-1 (hb <= ATT_HS, any kv heads) over keys j0..j1-1: each key row is read once, front to
+ * back, for all of them (a task per kv head read a 1/Hkv slice of every row, a strided stream that the
+ * prefetchers left waiting on memory), and its value row asked for ahead of the value pass. Keys go in
+ * runs of 16: per key and head the products summed into one vector, then the 16 keys' vectors reduced
+ * together (hsum16x16). */
+AB_AVX512 static void scores_avx512(const attn_ctx *c, int m, int hg, int hb, int j0, int j1, float *s) {
+    int hd = c->hd, nv = (hd + 15) / 16, g = c->g;
     size_t ks = (size_t)c->Hkv * hd;
-    float scale = c->scale;
-    const float *q0 = c->q + ((size_t)m * c->H + h0) * hd;
-    for (int j = j0; j < j1; j++) {
-        if (c->mask && !c->mask[j]) {
-            for (int hh = 0; hh < hb; hh++) s[hh * ATT_CHUNK + j - j0] = -INFINITY;
-            continue;
+    int hk0 = hg / g, hk1 = (hg + hb - 1) / g;
+    size_t off = (size_t)hk0 * hd, span = (size_t)(hk1 - hk0 + 1) * hd;     /* the heads' part of a row */
+    const __m512 scale = _mm512_set1_ps(c->scale);
+    const float *q0 = c->q + ((size_t)m * c->H + hg) * hd;
+    __m512 acc[ATT_HS][16];
+    for (int j = j0; j < j1 && j < j0 + ATT_PF; j++)     /* the first keys, not asked for ahead below */
+        for (size_t i = 0; i < span; i += 16) _mm_prefetch((const char *)(c->k + (size_t)j * ks + off + i), _MM_HINT_T0);
+    for (int r0 = j0; r0 < j1; r0 += 16) {
+        int nr = j1 - r0 < 16 ? j1 - r0 : 16;
+        for (int jj = 0; jj < 16; jj++) {
+            if (jj >= nr) {
+                for (int hh = 0; hh < hb; hh++) acc[hh][jj] = _mm512_setzero_ps();
+                continue;
+            }
+            const float *krow = c->k + (size_t)(r0 + jj) * ks, *vrow = c->v + (size_t)(r0 + jj) * ks;
+            for (size_t i = 0; i < span; i += 16) {
+                if (r0 + jj + ATT_PF < j1) _mm_prefetch((const char *)(krow + ATT_PF * ks + off + i), _MM_HINT_T0);
+                _mm_prefetch((const char *)(vrow + off + i), _MM_HINT_T0);
+            }
+            for (int hh = 0; hh < hb; hh++) {
+                const float *k = krow + (size_t)((hg + hh) / g) * hd, *q = q0 + (size_t)hh * hd;
+                __m512 a = _mm512_setzero_ps();
+                for (int i = 0; i < nv; i++) {
+                    __mmask16 mk = 16 * i + 16 <= hd ? 0xFFFF : (__mmask16)((1u << (hd - 16 * i)) - 1);
+                    a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + 16 * i), _mm512_maskz_loadu_ps(mk, k + 16 * i), a);
+                }
+                acc[hh][jj] = a;
+            }
         }
-        const float *k = c->k + j * ks + (size_t)hk * hd;
-        /* rows are ks floats apart: the hardware prefetcher misses this stride, so ask ahead */
-        for (int i = 0; i < hd; i += 16) _mm_prefetch((const char *)(k + 8 * ks + i), _MM_HINT_T0);
-        __m512 a[ATT_HB];
-        for (int hh = 0; hh < ATT_HB; hh++) a[hh] = _mm512_setzero_ps();
-        for (int i = 0; i < nv; i++) {
-            __mmask16 mk = 16 * i + 16 <= hd ? 0xFFFF : (__mmask16)((1u << (hd - 16 * i)) - 1);
-            __m512 kv = _mm512_maskz_loadu_ps(mk, k + 16 * i);
-            for (int hh = 0; hh < ATT_HB; hh++)
-                if (hh < hb) a[hh] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + (size_t)hh * hd + 16 * i), kv, a[hh]);
+        __mmask16 live = (__mmask16)((1u << nr) - 1);
+        if (c->mask)
+            for (int jj = 0; jj < nr; jj++)
+                if (!c->mask[r0 + jj]) live &= (__mmask16)~(1u << jj);
+        const __m512 ninf = _mm512_set1_ps(-INFINITY);
+        for (int hh = 0; hh < hb; hh++) {
+            __m512 sc = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(hsum16x16(acc[hh]), scale));
+            _mm512_mask_storeu_ps(s + hh * ATT_CHUNK + r0 - j0, (__mmask16)((1u << nr) - 1), sc);
         }
-        for (int hh = 0; hh < hb; hh++) s[hh * ATT_CHUNK + j - j0] = _mm512_reduce_add_ps(a[hh]) * scale;
     }
 }
 
@@ -139,13 +184,11 @@ AB_AVX512 static void softmax_avx512(int hb, int n, float *s, float **pp) {
     }
 }
 
-/* Four vectors (64 dims) of up to ATT_HB heads at a time: 16 accumulators in registers. */
-AB_AVX512 static void values_avx512(const attn_ctx *c, int hk, int hb, int j0, int j1, const float *s, float **pp) {
+/* Four vectors (64 dims) of HB heads at a time: 4 HB accumulators in registers. */
+AB_AVX512 AB_INLINE void values_hb_avx512(const attn_ctx *c, int hk, int j0, int j1, const float *s, float **pp,
+                                          const int HB) {
     int hd = c->hd;
     size_t ks = (size_t)c->Hkv * hd;
-    static const float zero[ATT_CHUNK];
-    const float *sh[ATT_HB];
-    for (int hh = 0; hh < ATT_HB; hh++) sh[hh] = hh < hb ? s + hh * ATT_CHUNK : zero;
     for (int d0 = 0; d0 < hd; d0 += 64) {
         __mmask16 mk[4];
         for (int u = 0; u < 4; u++) {
@@ -153,21 +196,27 @@ AB_AVX512 static void values_avx512(const attn_ctx *c, int hk, int hb, int j0, i
             mk[u] = r >= 16 ? 0xFFFF : r <= 0 ? 0 : (__mmask16)((1u << r) - 1);
         }
         __m512 acc[ATT_HB][4];
-        for (int hh = 0; hh < ATT_HB; hh++)
+        for (int hh = 0; hh < HB; hh++)
             for (int u = 0; u < 4; u++) acc[hh][u] = _mm512_setzero_ps();
         for (int j = j0; j < j1; j++) {
             const float *v = c->v + j * ks + (size_t)hk * hd + d0;
-            for (int i = 0; i < 64 && d0 + i < hd; i += 16) _mm_prefetch((const char *)(v + 8 * ks + i), _MM_HINT_T0);
             __m512 vv[4];
             for (int u = 0; u < 4; u++) vv[u] = _mm512_maskz_loadu_ps(mk[u], v + 16 * u);
-            for (int hh = 0; hh < ATT_HB; hh++) {
-                __m512 e = _mm512_set1_ps(sh[hh][j - j0]);
+            for (int hh = 0; hh < HB; hh++) {
+                __m512 e = _mm512_set1_ps(s[hh * ATT_CHUNK + j - j0]);
                 for (int u = 0; u < 4; u++) acc[hh][u] = _mm512_fmadd_ps(e, vv[u], acc[hh][u]);
             }
         }
-        for (int hh = 0; hh < hb; hh++)
+        for (int hh = 0; hh < HB; hh++)
             for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(pp[hh] + 2 + d0 + 16 * u, mk[u], acc[hh][u]);
     }
+}
+
+AB_AVX512 static void values_avx512(const attn_ctx *c, int hk, int hb, int j0, int j1, const float *s, float **pp) {
+    if (hb == 1) values_hb_avx512(c, hk, j0, j1, s, pp, 1);
+    else if (hb == 2) values_hb_avx512(c, hk, j0, j1, s, pp, 2);
+    else if (hb == 3) values_hb_avx512(c, hk, j0, j1, s, pp, 3);
+    else values_hb_avx512(c, hk, j0, j1, s, pp, 4);
 }
 
 AB_AVX2 static inline float hsum256(__m256 a) {
@@ -245,35 +294,46 @@ AB_AVX2 static void values_avx2(const attn_ctx *c, int hk, int hb, int j0, int j
     }
 }
 
+/* One (query row, chunk of keys): every head, ATT_HS at a time. A kv head's query heads score together
+ * (AVX2, portable) or all heads of the pass key by key (AVX-512); values per kv head. */
 static void attn_task(void *ctx, int task) {
     attn_ctx *c = ctx;
-    int ch = task % c->nch, hk = task / c->nch % c->Hkv, m = task / (c->nch * c->Hkv);
+    int ch = task % c->nch, m = task / c->nch;
     int j0 = ch * c->chunk, j1 = j0 + c->chunk, last = attn_last(c, m);
     j1 = j1 <= last + 1 ? j1 : last + 1;
     int n = j1 > j0 ? j1 - j0 : 0;
-    float s[ATT_HB * ATT_CHUNK] __attribute__((aligned(64)));
+    float s[ATT_HS * ATT_CHUNK] __attribute__((aligned(64)));
     /* the vector paths score plainly: a window or soft-capping takes the portable one */
     int isa = (c->isa == AB_ISA_AVX2 && c->hd % 8) || c->window || c->softcap > 0.0f ? AB_ISA_PORTABLE : c->isa;
-    for (int h0 = hk * c->g; h0 < (hk + 1) * c->g; h0 += ATT_HB) {
-        int hb = (hk + 1) * c->g - h0 < ATT_HB ? (hk + 1) * c->g - h0 : ATT_HB;
-        float *pp[ATT_HB];
-        for (int hh = 0; hh < hb; hh++) pp[hh] = part_at(c, m, h0 + hh, ch);
+    for (int hg = 0; hg < c->H; hg += ATT_HS) {
+        int hb = c->H - hg < ATT_HS ? c->H - hg : ATT_HS;
+        float *pp[ATT_HS];
+        for (int hh = 0; hh < hb; hh++) pp[hh] = part_at(c, m, hg + hh, ch);
         if (n == 0) {           /* nothing visible in this chunk: weight 0 in the merge */
             for (int hh = 0; hh < hb; hh++) { pp[hh][0] = -INFINITY; pp[hh][1] = 0.0f; }
             continue;
         }
-        if (isa == AB_ISA_AVX512) {
-            scores_avx512(c, m, hk, h0, hb, j0, j1, s);
-            softmax_avx512(hb, n, s, pp);
-            values_avx512(c, hk, hb, j0, j1, s, pp);
-        } else if (isa == AB_ISA_AVX2) {
-            scores_avx2(c, m, hk, h0, hb, j0, j1, s);
-            softmax_avx2(hb, n, s, pp);
-            values_avx2(c, hk, hb, j0, j1, s, pp);
-        } else {
-            scores_portable(c, m, hk, h0, hb, j0, j1, s);
-            softmax_portable(hb, n, s, pp);
-            values_portable(c, hk, hb, j0, j1, s, pp);
+        if (isa == AB_ISA_AVX512) scores_avx512(c, m, hg, hb, j0, j1, s);
+        for (int h = hg; h < hg + hb;) {        /* the pass's heads, a kv head's run at a time */
+            int hk = h / c->g, hz = (hk + 1) * c->g < hg + hb ? (hk + 1) * c->g : hg + hb;
+            float *sh = s + (size_t)(h - hg) * ATT_CHUNK;
+            if (isa == AB_ISA_AVX2) scores_avx2(c, m, hk, h, hz - h, j0, j1, sh);
+            else if (isa == AB_ISA_PORTABLE) scores_portable(c, m, hk, h, hz - h, j0, j1, sh);
+            h = hz;
+        }
+        if (isa == AB_ISA_AVX512) softmax_avx512(hb, n, s, pp);
+        else if (isa == AB_ISA_AVX2) softmax_avx2(hb, n, s, pp);
+        else softmax_portable(hb, n, s, pp);
+        for (int h = hg; h < hg + hb;) {
+            int hk = h / c->g, hz = (hk + 1) * c->g < hg + hb ? (hk + 1) * c->g : hg + hb;
+            for (int h0 = h; h0 < hz; h0 += ATT_HB) {
+                int hv = hz - h0 < ATT_HB ? hz - h0 : ATT_HB;
+                float *sh = s + (size_t)(h0 - hg) * ATT_CHUNK;
+                if (isa == AB_ISA_AVX512) values_avx512(c, hk, hv, j0, j1, sh, pp + (h0 - hg));
+                else if (isa == AB_ISA_AVX2) values_avx2(c, hk, hv, j0, j1, sh, pp + (h0 - hg));
+                else values_portable(c, hk, hv, j0, j1, sh, pp + (h0 - hg));
+            }
+            h = hz;
         }
     }
 }
@@ -308,7 +368,7 @@ int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const f
 
 /* One attention call's context: checks, then its split into chunks. Equal chunks of at most ATT_CHUNK
  * keys, and enough of them that a single query (decode) gives every thread about two tasks: 160 keys on
- * 3 kv heads and 2 threads run as 6 tasks of 80, not 128 + 32. */
+ * 2 threads run as 3 tasks of 48 and one of 16, not 128 + 32. */
 static int attn_setup(attn_ctx *c, int nthreads, int isa, const float *q, const float *k, const float *v, int M,
                       int H, int Hkv, int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float scale,
                       int window, float softcap, float *out) {
@@ -316,7 +376,7 @@ static int attn_setup(attn_ctx *c, int nthreads, int isa, const float *q, const 
     if (Hkv <= 0 || H % Hkv || hd < 1 || hd > 4096 || M < 0 || n_ctx < 0 || window < 0 || softcap < 0.0f) return -3;
     if (window && !qpos) return -3;
     int nch = n_ctx > 0 ? (n_ctx + ATT_CHUNK - 1) / ATT_CHUNK : 1;
-    int want = M > 0 ? (2 * nthreads + M * Hkv - 1) / (M * Hkv) : 1, most = (n_ctx + 15) / 16;
+    int want = M > 0 ? (2 * nthreads + M - 1) / M : 1, most = (n_ctx + 15) / 16;
     if (nch < want) nch = want < most ? want : (most > 0 ? most : 1);
     int chunk = n_ctx > 0 ? ((n_ctx + nch - 1) / nch + 15) / 16 * 16 : ATT_CHUNK;
     chunk = chunk < ATT_CHUNK ? chunk : ATT_CHUNK;
@@ -372,7 +432,7 @@ static int attn_run(ab_pool *pool, attn_ctx *c, int n) {
     for (int r = 0; r < n; r++) {
         c[r].part = part + at;
         at += attn_part_floats(&c[r]);
-        first[r + 1] = first[r] + c[r].M * c[r].Hkv * c[r].nch;
+        first[r + 1] = first[r] + c[r].M * c[r].nch;
     }
     ab_pool_run(pool, multi_attn_task, &mu, first[n]);
     first[0] = 0;

@@ -69,13 +69,15 @@ AB_INLINE __mmask16 lanes16(int k, int e, int K) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
-AB_AVX512 static void i8_quantize_row_avx512(const i8_ctx *c, int m) {
+/* Groups g0 .. g1-1 of row m (their blocks: a block never crosses a group). */
+AB_AVX512 static void i8_quantize_part_avx512(const i8_ctx *c, int m, int g0, int g1) {
     const float *x = c->x + (size_t)m * c->K;
     int16_t *q16 = c->x16 + (size_t)m * c->Kp;
     int8_t *qh = c->xh + (size_t)m * c->Kp, *ql = c->xl + (size_t)m * c->Kp;
     uint32_t P1 = (1u << c->p) - 1;
+    int8_t *xi = c->xi ? c->xi + (size_t)(m / 8) * c->Kp * 16 + (m % 8) * 4 : NULL;
     const __m512 hi = _mm512_set1_ps(XQ), lo = _mm512_set1_ps(-XQ);
-    for (int b = 0; b < c->nb; b++) {
+    for (int b = g0 * c->G / c->L; b < g1 * c->G / c->L; b++) {
         int k0 = b * c->L;
         __m512 vm = _mm512_setzero_ps();
         for (int k = k0; k < k0 + c->L; k += 16)   /* L is a multiple of 8, not always of 16 */
@@ -93,14 +95,25 @@ AB_AVX512 static void i8_quantize_row_avx512(const i8_ctx *c, int m) {
             __m512i q = _mm512_cvtps_epi32(r);
             __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
             __m512i l = _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8));
-            _mm512_mask_cvtepi32_storeu_epi16(q16 + k, st, q);
-            _mm512_mask_cvtepi32_storeu_epi8(qh + k, st, h);
-            _mm512_mask_cvtepi32_storeu_epi8(ql + k, st, l);
+            if (!xi) {
+                _mm512_mask_cvtepi32_storeu_epi16(q16 + k, st, q);
+                _mm512_mask_cvtepi32_storeu_epi8(qh + k, st, h);
+                _mm512_mask_cvtepi32_storeu_epi8(ql + k, st, l);
+            } else {        /* only the batched tile's interleaved bytes (the one reader of this row) */
+                __m128i h4 = _mm512_cvtepi32_epi8(h), l4 = _mm512_cvtepi32_epi8(l);
+                int8_t *o = xi + (size_t)(k / 4) * 64;
+                int n4 = (k0 + c->L - k) / 4;
+                _mm_storeu_si32(o, h4);
+                _mm_storeu_si32(o + 32, l4);
+                if (n4 > 1) { _mm_storeu_si32(o + 64, _mm_srli_si128(h4, 4)); _mm_storeu_si32(o + 96, _mm_srli_si128(l4, 4)); }
+                if (n4 > 2) { _mm_storeu_si32(o + 128, _mm_srli_si128(h4, 8)); _mm_storeu_si32(o + 160, _mm_srli_si128(l4, 8)); }
+                if (n4 > 3) { _mm_storeu_si32(o + 192, _mm_srli_si128(h4, 12)); _mm_storeu_si32(o + 224, _mm_srli_si128(l4, 12)); }
+            }
             vsum = _mm512_add_epi32(vsum, q);
         }
         c->px[(size_t)m * c->nb + b] = (int32_t)((uint32_t)_mm512_reduce_add_epi32(vsum) * P1);
     }
-    for (int g = 0; g < c->ng; g++) {
+    for (int g = g0; g < g1; g++) {
         __m512d acc = _mm512_setzero_pd();
         for (int k = g * c->G; k < (g + 1) * c->G; k += 8) {
             __mmask8 mk = k + 8 <= c->K ? 0xFF : k >= c->K ? 0 : (__mmask8)((1u << (c->K - k)) - 1);
@@ -114,7 +127,7 @@ AB_AVX512 static void i8_quantize_row_avx512(const i8_ctx *c, int m) {
 
 static void i8_quantize_row(const i8_ctx *c, int m) {
     if (c->ar) ab_q8_quantize_row(c, m);      /* abits "q8": kernels_q8.c */
-    else if (c->isa == AB_ISA_AVX512) i8_quantize_row_avx512(c, m);
+    else if (c->isa == AB_ISA_AVX512) i8_quantize_part_avx512(c, m, 0, c->ng);
     else i8_quantize_row_portable(c, m);
 }
 
@@ -198,87 +211,12 @@ AB_AVX2 static void i8_tile_avx2(const i8_ctx *c, int t, int m0, int mc) {
     for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
 }
 
-/* R activation rows (1 or 2) of one block against the block's 64 weight rows. PER codes per byte
- * (container width 8 / PER bits) and R are compile-time constants, so the unpacking unrolls. With R = 2
- * each unpacked code vector feeds both rows' vpdpbusd: in batched decode (M > 1) the unpacking, not the
- * multiply-adds, was a third of the work, and every row repeated it. Per row the sums are the same
- * integers in the same order, so a row's result does not depend on the rows beside it. */
-AB_AVX512 AB_INLINE void i8_rows_avx512(const i8_ctx *c, const uint8_t *w, int qpb, const int PER, const int R,
-                                        int m, int b, const float *ws, const float *wo, int g, int gend,
-                                        float (*yacc)[64]) {
-    const int cw = 8 / PER;
-    const __m512i mask = _mm512_set1_epi8((char)((1 << cw) - 1));
-    const int8_t *qh[2], *ql[2];
-    __m512i ah[2][4], al[2][4];
-    for (int r = 0; r < R; r++) {
-        qh[r] = c->xh + (size_t)(m + r) * c->Kp + (size_t)b * c->L;
-        ql[r] = c->xl + (size_t)(m + r) * c->Kp + (size_t)b * c->L;
-        for (int i = 0; i < 4; i++) ah[r][i] = al[r][i] = _mm512_setzero_si512();
-    }
-    for (int j = 0; j < qpb; j++) {
-        __m512i wv[4];
-        for (int i = 0; i < 4; i++) wv[i] = _mm512_loadu_si512((const void *)(w + (size_t)j * 256 + 64 * i));
-        for (int u = 0; u < PER; u++) {
-            __m512i bh[2], bl[2];
-            for (int r = 0; r < R; r++) {
-                int32_t h4, l4;
-                memcpy(&h4, qh[r] + 4 * (PER * j + u), 4);
-                memcpy(&l4, ql[r] + 4 * (PER * j + u), 4);
-                bh[r] = _mm512_set1_epi32(h4);
-                bl[r] = _mm512_set1_epi32(l4);
-            }
-            for (int i = 0; i < 4; i++) {
-                __m512i cv = PER == 1 ? wv[i] : _mm512_and_si512(u ? _mm512_srli_epi16(wv[i], cw * u) : wv[i], mask);
-                for (int r = 0; r < R; r++) {
-                    ah[r][i] = _mm512_dpbusd_epi32(ah[r][i], cv, bh[r]);
-                    al[r][i] = _mm512_dpbusd_epi32(al[r][i], cv, bl[r]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        __m512i pv = _mm512_set1_epi32(c->px[(size_t)(m + r) * c->nb + b]);
-        __m512 l = _mm512_set1_ps(c->sx[(size_t)(m + r) * c->nb + b]);
-        for (int i = 0; i < 4; i++) {
-            __m512i I = _mm512_add_epi32(_mm512_slli_epi32(ah[r][i], 8), al[r][i]);
-            __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(I, 1), pv);
-            __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(ws + 16 * i), l);
-            __m512 ya = _mm512_load_ps(&yacc[r][16 * i]);
-            ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_cvtepi32_ps(D), sc));
-            if (gend) {
-                __m512 s = _mm512_set1_ps(c->gs[(size_t)(m + r) * c->ng + g]);
-                ya = _mm512_add_ps(ya, _mm512_mul_ps(_mm512_loadu_ps(wo + 16 * i), s));
-            }
-            _mm512_store_ps(&yacc[r][16 * i], ya);
-        }
-    }
-}
-
-AB_AVX512 AB_INLINE void i8_tile_avx512_per(const i8_ctx *c, int t, int m0, int mc, const int PER) {
-    float yacc[8][64] __attribute__((aligned(64)));
-    memset(yacc, 0, sizeof yacc);
-    int qpb = c->L / (4 * PER);
-    for (int b = 0; b < c->nb; b++) {
-        const uint8_t *w = c->codes + ((size_t)t * (c->Kp / (4 * PER)) + (size_t)b * qpb) * 256;
-        int g = b * c->L / c->G;
-        float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
-        const float *wo, *ws = ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
-        int gend = wo && ((b + 1) * c->L) % c->G == 0;
-        int m = m0;
-        for (; m + 2 <= m0 + mc; m += 2) i8_rows_avx512(c, w, qpb, PER, 2, m, b, ws, wo, g, gend, &yacc[m - m0]);
-        if (m < m0 + mc) i8_rows_avx512(c, w, qpb, PER, 1, m, b, ws, wo, g, gend, &yacc[m - m0]);
-    }
-    for (int m = m0; m < m0 + mc; m++) ab_store_tile(c->y, c->N, t, m, yacc[m - m0]);
-}
-
 AB_AVX512 static void i8_tile_avx512(const i8_ctx *c, int t, int m0, int mc) {
-    if (mc == 1 && (!(c->f16 & AB_F16_KQ) || c->L == c->G)) {
+    if (!c->xi) {        /* one row: the decode tile takes it (ab_i8_run gives xi otherwise) */
         ab_i8_tile_m1_avx512(c, t, m0);      /* decode: kernels_decode.c */
         return;
     }
-    if (c->cw == 8) i8_tile_avx512_per(c, t, m0, mc, 1);
-    else if (c->cw == 4) i8_tile_avx512_per(c, t, m0, mc, 2);
-    else i8_tile_avx512_per(c, t, m0, mc, 4);
+    ab_i8_tile_rows_avx512(c, t, m0, mc);   /* kernels_batch.c */
 }
 
 static void i8_task(void *ctx, int task) {
@@ -301,19 +239,50 @@ static void i8_task(void *ctx, int task) {
 /* Tile ranges per call. Decode (M = 1) streams each weight once from memory: one contiguous range per
  * thread keeps every core's stream sequential (tiles handed out one by one interleave the two cores'
  * streams, and each core's prefetcher then runs into the other's tiles: measured 14 vs ~22 GB/s on two
- * cores). Larger M reuses tiles from cache, and single tiles balance better there. */
+ * cores). Up to 8 rows (batched decode: one row tile) also read each weight once, in 4 ranges per thread
+ * (computing longer, they balance on more pieces: measured ~5% faster per step than single tiles). Larger
+ * M reuses tiles from cache, and single tiles balance better there. */
 int ab_i8_ranges(ab_pool *pool, int Nt, int M) {
     int nt = ab_pool_threads(pool);
-    if (M > 1 || nt <= 1) return Nt;
-    int nr = nt * AB_RANGES_PER_THREAD;
+    if (M > 8 || nt <= 1) return Nt;
+    int nr = nt * (M > 1 ? 4 : AB_RANGES_PER_THREAD);
     return nr < Nt ? nr : Nt;
 }
 
-static void i8_quant_task(void *ctx, int m) { i8_quantize_row(ctx, m); }
+/* One row quantized; with the batched tile, also its bytes in the interleaved layout xi (ab_i8.h). */
+static void i8_quant_row(const i8_ctx *c, int m) {
+    i8_quantize_row(c, m);
+    if (c->xi && c->ar) {
+        const int8_t *qh = c->xh + (size_t)m * c->Kp, *ql = c->xl + (size_t)m * c->Kp;
+        int8_t *o = c->xi + (size_t)(m / 8) * c->Kp * 16 + (m % 8) * 4;
+        for (int k = 0; k < c->Kp / 4; k++) {
+            memcpy(o + (size_t)k * 64, qh + 4 * k, 4);
+            memcpy(o + (size_t)k * 64 + 32, ql + 4 * k, 4);
+        }
+    }
+}
+
+/* Task: one row; with the batched tile, a slice of groups of 8 rows (the rows of one 64-byte line of xi
+ * on one core: rows on two cores writing into the same lines made the quantization several times slower;
+ * slices let both cores quantize a decode batch's 8 rows). abits "q8" fills xi from whole rows. */
+static void i8_quant_task(void *ctx, int task) {
+    const i8_ctx *c = ctx;
+    if (!c->xi) {
+        i8_quant_row(c, task);
+        return;
+    }
+    int slab = task / c->qsl, sl = task % c->qsl, g0, g1;
+    ab_range(c->ng, c->qsl, sl, &g0, &g1);
+    for (int m = 8 * slab; m < 8 * slab + 8 && m < c->M; m++) {
+        if (c->ar) i8_quant_row(c, m);
+        else i8_quantize_part_avx512(c, m, g0, g1);
+    }
+}
 
 /* Scratch bytes ab_i8_run needs for M rows of Kp lanes. */
 size_t ab_i8_scratch(int M, int Kp) {       /* blocks and groups down to 16 lanes (two-level weights) */
-    return (size_t)M * ((size_t)Kp * 4 + (size_t)Kp / 16 * 8 + (size_t)Kp / 16 * 4) + 6 * 64;
+    return (size_t)M * ((size_t)Kp * 4 + (size_t)Kp / 16 * 8 + (size_t)Kp / 16 * 4)
+           + (size_t)(M + 7) / 8 * 8 * Kp * 2 + 7 * 64;
 }
 
 static inline void *carve(uintptr_t *s, size_t n) {
@@ -355,8 +324,15 @@ int ab_i8_run(ab_pool *pool, int isa, const uint8_t *codes, const void *wsc, con
     c.sx = carve(&s, (size_t)M * c.nb * 4);
     c.px = carve(&s, (size_t)M * c.nb * 4);
     c.gs = carve(&s, (size_t)M * c.ng * 4);
-    if (M == 1) i8_quantize_row(&c, 0);
-    else ab_pool_run(pool, i8_quant_task, &c, M);
+    /* the batched tile's interleaved bytes: for more than one row, or one row the decode tile does not take */
+    int rows_tile = isa == AB_ISA_AVX512 && !kq && (M > 1 || ((f16 & AB_F16_KQ) && c.L != c.G));
+    c.xi = rows_tile ? carve(&s, (size_t)(M + 7) / 8 * 8 * Kp * 2) : NULL;
+    if (M == 1) i8_quant_row(&c, 0);
+    else {
+        c.qsl = c.xi && !c.ar && c.ng > 1 ? ab_pool_threads(pool) : 1;
+        c.qsl = c.qsl < c.ng ? c.qsl : c.ng;
+        ab_pool_run(pool, i8_quant_task, &c, c.xi ? (M + 7) / 8 * c.qsl : M);
+    }
     c.nr = ab_i8_ranges(pool, c.Nt, M);
     ab_pool_run(pool, i8_task, &c, c.nr * ((M + c.mbmax - 1) / c.mbmax));
     free(own);
