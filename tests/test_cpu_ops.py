@@ -118,6 +118,19 @@ def test_swiglu_every_isa(isa_be, n):
     close(isa_be.swiglu(g, u), ref)
 
 
+@pytest.mark.parametrize("n", [1, 17, 2048, 40003])
+def test_geglu_tanh_every_isa(isa_be, n):
+    """gelu_tanh(g) * u (the vector path's g / (1 + exp(-2t)) form, the scalar tanh form) against float64,
+    large |g| included."""
+    rng = np.random.default_rng(n + 5)
+    g = (rng.standard_normal(n) * 4).astype(np.float32)
+    g[: min(n, 4)] = np.array([60.0, -60.0, 0.0, 1e-6], np.float32)[: min(n, 4)]
+    u = rng.standard_normal(n).astype(np.float32)
+    gd = g.astype(np.float64)
+    ref = 0.5 * gd * (1 + np.tanh(np.sqrt(2 / np.pi) * (gd + 0.044715 * gd ** 3))) * u
+    close(isa_be.geglu_tanh(g, u), ref)
+
+
 def test_elementwise_and_argmax(be):
     rng = np.random.default_rng(2)
     g, u = rng.standard_normal((3, 40000)).astype(np.float32), rng.standard_normal((3, 40000)).astype(np.float32)

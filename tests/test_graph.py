@@ -35,8 +35,10 @@ def every_op_graph(W):
     g.kv_store(k, g.cols(y, 32, 32), 0)
     a = g.attention(q, 0, g.buf("a", 64), heads=4, kv_heads=2, head_dim=16, scale=0.3, window=3, softcap=5.0)
     a2 = g.attention(q, 0, g.buf("a2", 64), heads=4, kv_heads=2, head_dim=16)
+    a3 = g.attention(q, 0, g.buf("a3", 64), heads=4, kv_heads=2, head_dim=16, window=2)   # no soft-cap: SIMD
     h = g.act_mul(a, g.cols(y, 0, 64), g.buf("h", 64), act="gelu_tanh")
     h = g.act_mul(h, a2, g.buf("h2", 64), act="silu")
+    h = g.add(h, a3, g.buf("h3", 64))
     s = g.add(g.scale(h, 8.0, g.buf("s", 64)), x, g.buf("s2", 64))
     c = g.softcap(s, 2.0, g.buf("c", 64))
     o = g.take_rows(c, g.buf("o", 64, "out"))

@@ -64,6 +64,7 @@ int ab_rope(ab_pool *pool, float *x, const int32_t *pos, int M, int H, int hd, f
 int ab_attention(ab_pool *pool, int isa, const float *q, const float *k, const float *v, int M, int H, int Hkv,
                  int hd, int n_ctx, const int32_t *qpos, const uint8_t *mask, float *out);
 int ab_swiglu(ab_pool *pool, int isa, const float *g, const float *u, int64_t n, float *out);
+int ab_geglu_tanh(ab_pool *pool, int isa, const float *g, const float *u, int64_t n, float *out);
 void ab_gelu(ab_pool *pool, const float *x, int64_t n, float *out);
 void ab_add(ab_pool *pool, const float *a, const float *b, int64_t n, float *out);
 int64_t ab_argmax(const float *x, int64_t n);

@@ -301,10 +301,12 @@ static void attn_task(void *ctx, int task) {
     int ch = task % c->nch, m = task / c->nch;
     int j0 = ch * c->chunk, j1 = j0 + c->chunk, last = attn_last(c, m);
     j1 = j1 <= last + 1 ? j1 : last + 1;
+    /* a window: the chunk's keys from the first one it shows (the keys before it would weigh exactly 0) */
+    if (c->window && j0 < c->qpos[m] - c->window + 1) j0 = c->qpos[m] - c->window + 1;
     int n = j1 > j0 ? j1 - j0 : 0;
     float s[ATT_HS * ATT_CHUNK] __attribute__((aligned(64)));
-    /* the vector paths score plainly: a window or soft-capping takes the portable one */
-    int isa = (c->isa == AB_ISA_AVX2 && c->hd % 8) || c->window || c->softcap > 0.0f ? AB_ISA_PORTABLE : c->isa;
+    /* the vector paths score plainly: soft-capping takes the portable one */
+    int isa = (c->isa == AB_ISA_AVX2 && c->hd % 8) || c->softcap > 0.0f ? AB_ISA_PORTABLE : c->isa;
     for (int hg = 0; hg < c->H; hg += ATT_HS) {
         int hb = c->H - hg < ATT_HS ? c->H - hg : ATT_HS;
         float *pp[ATT_HS];

@@ -128,16 +128,8 @@ static int run_op(ab_pool *pool, int isa, const ab_graph *g, const ab_gop *o, co
         for (int i = 0; i < M; i++) {
             const float *ar = a + (size_t)i * lda, *br = b + (size_t)i * ldb;
             float *orow = out + (size_t)i * ldo;
-            if (o->i0 == 0) {
-                int rc = ab_swiglu(pool, isa, ar, br, n, orow);
-                if (rc) return rc;
-            } else {
-                for (int j = 0; j < n; j++) {
-                    float x = ar[j];
-                    float t = tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x));
-                    orow[j] = 0.5f * x * (1.0f + t) * br[j];
-                }
-            }
+            int rc = o->i0 == 0 ? ab_swiglu(pool, isa, ar, br, n, orow) : ab_geglu_tanh(pool, isa, ar, br, n, orow);
+            if (rc) return rc;
         }
         return 0;
     case AB_G_GELU:

@@ -101,6 +101,16 @@ class CpuOps:
                                    a.size, self._p("float *", out)), "swiglu")
         return out
 
+    def geglu_tanh(self, a, b) -> np.ndarray:
+        """gelu_tanh(a) * b (the graph's act_mul 'gelu_tanh')."""
+        a, b = self._f32(a), self._f32(b)
+        if a.shape != b.shape:
+            raise ValueError(f"geglu shapes differ: {a.shape} vs {b.shape}")
+        out = np.empty_like(a)
+        _check(self._lib.ab_geglu_tanh(self._live_pool, self._isa_code, self._p("float *", a), self._p("float *", b),
+                                       a.size, self._p("float *", out)), "geglu_tanh")
+        return out
+
     def gelu(self, x) -> np.ndarray:
         """erf GELU, in place when x is a C-contiguous float32 array (returned), else on a copy."""
         x = self._f32(x)
