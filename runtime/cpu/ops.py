@@ -93,22 +93,20 @@ class CpuOps:
 
     def swiglu(self, a, b) -> np.ndarray:
         """silu(a) * b."""
-        a, b = self._f32(a), self._f32(b)
-        if a.shape != b.shape:
-            raise ValueError(f"swiglu shapes differ: {a.shape} vs {b.shape}")
-        out = np.empty_like(a)
-        _check(self._lib.ab_swiglu(self._live_pool, self._isa_code, self._p("float *", a), self._p("float *", b),
-                                   a.size, self._p("float *", out)), "swiglu")
-        return out
+        return self._gated("swiglu", a, b)
 
     def geglu_tanh(self, a, b) -> np.ndarray:
         """gelu_tanh(a) * b (the graph's act_mul 'gelu_tanh')."""
+        return self._gated("geglu_tanh", a, b)
+
+    def _gated(self, name, a, b) -> np.ndarray:
+        """act(a) * b by the C kernel ab_<name>."""
         a, b = self._f32(a), self._f32(b)
         if a.shape != b.shape:
-            raise ValueError(f"geglu shapes differ: {a.shape} vs {b.shape}")
+            raise ValueError(f"{name} shapes differ: {a.shape} vs {b.shape}")
         out = np.empty_like(a)
-        _check(self._lib.ab_geglu_tanh(self._live_pool, self._isa_code, self._p("float *", a), self._p("float *", b),
-                                       a.size, self._p("float *", out)), "geglu_tanh")
+        _check(getattr(self._lib, "ab_" + name)(self._live_pool, self._isa_code, self._p("float *", a),
+                                                self._p("float *", b), a.size, self._p("float *", out)), name)
         return out
 
     def gelu(self, x) -> np.ndarray:
