@@ -64,18 +64,19 @@ def test_a16_every_isa(kind):
 
 @pytest.mark.parametrize("kind,k", [(t, None) for t in KQ_TYPES] + [("Q4_K", 2), ("Q6_K", 4), ("Q5_K", 1)])
 def test_one_token_is_the_batched_row(kind, k):
-    """Decode (one activation row) has its own AVX-512 loop for one-part codes (Q4_K, Q2_K, IQ4, nested):
-    each row alone gives the bits it gets inside a batch, on every isa, and the integer formula's value."""
+    """Decode (one activation row) has its own AVX-512 loops, batches of up to 8 rows theirs (row tiles):
+    each row alone gives the bits it gets inside a batch of 8 + 3 rows, on every isa, and the integer
+    formula's value."""
     lin = packed(random_blocks(kind, 200, 768, 4), kind)
     lin = lin.nested(k) if k else lin
-    x = (np.random.default_rng(5).standard_normal((3, 768)) * 2).astype(np.float32)
+    x = (np.random.default_rng(5).standard_normal((11, 768)) * 2).astype(np.float32)     # 8 + 3 rows
     ref_int, tol = integer_reference(lin, x)
     for isa in ISAS:
         be = backend(isa)
         h = be.prepare_linear(lin)
         batch = be.linear(h, x)
         assert np.all(np.abs(batch - ref_int) <= tol), isa
-        for m in range(3):
+        for m in range(11):
             np.testing.assert_array_equal(be.linear(h, x[m:m + 1])[0], batch[m], err_msg=f"{isa} row {m}")
 
 
