@@ -133,6 +133,7 @@ def test_codes_tiles_roundtrip(p, N, W, seed):
     per = 8 // layout.container_bits(p)
     assert ct.shape == (-(-N // 64), 8 * W // per, 64, 4)
     np.testing.assert_array_equal(layout.uncodes_tiles(ct, N, p), planes)
+    np.testing.assert_array_equal(layout.codes_tiles(planes, chunk_tiles=1), ct)     # built a tile at a time
 
 
 def test_codes_tiles_places_codes():

@@ -83,7 +83,7 @@ def _spread_table(lanes: int, cw: int) -> np.ndarray:
 _SPREAD: dict[int, np.ndarray] = {}
 
 
-def codes_tiles(planes: np.ndarray) -> np.ndarray:
+def codes_tiles(planes: np.ndarray, chunk_tiles: int | None = None) -> np.ndarray:
     """uint32 (p, N, W) canonical planes -> uint8 (ceil(N/64), Q, 64, 4) packed codes for kernels_int8.c,
     with cw = container_bits(p) bits per code, per = 8 // cw codes per byte, Q = 32*W / (4*per):
     bits [cw*u, cw*u + cw) of [t, j, r, e] hold the code of row 64t + r at lane 4*(per*j + u) + e
@@ -91,7 +91,10 @@ def codes_tiles(planes: np.ndarray) -> np.ndarray:
 
     One table lookup per plane byte (per 16 lanes at cw 2) spreads its bits to where they go in the
     byte codes, shifted by the plane's weight: at first use this replaced a per-bit unpacking that was
-    the largest part of loading the default model (1.3 of 3 s)."""
+    the largest part of loading the default model (1.3 of 3 s). Built chunk_tiles tiles at a time (default:
+    about 2 MB of codes), as kq_codes_tiles is: done whole, the lookups' sums and two copies of the codes
+    were the peak of loading a model with a large plain output projection (Gemma 3's 262144 x 640 at 8
+    bits: 1.06 GB for a 270M model)."""
     if planes.dtype != np.uint32 or planes.ndim != 3:
         raise ValueError(f"planes must be uint32 (p, N, W), got {planes.dtype} {planes.shape}")
     p, N, W = planes.shape
@@ -102,13 +105,19 @@ def codes_tiles(planes: np.ndarray) -> np.ndarray:
         _SPREAD[cw] = _spread_table(16 if cw == 2 else 8, cw)
     table = _SPREAD[cw]
     unit = "<u2" if cw == 2 else "u1"                   # plane bits per lookup: 16 lanes or 8
-    acc = np.zeros((N, Q if cw != 8 else Q // 2), table.dtype)
-    for r in range(p):
-        runs = np.ascontiguousarray(planes[r], dtype="<u4").view(unit)
-        acc |= table[runs] << table.dtype.type(p - 1 - r)
-    out = np.zeros((Nt * TILE, Q, 4), np.uint8)
-    out[:N] = acc.astype(acc.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(N, Q, 4)
-    return np.ascontiguousarray(out.reshape(Nt, TILE, Q, 4).transpose(0, 2, 1, 3))
+    out = np.empty((Nt, Q, TILE, 4), np.uint8)
+    chunk_tiles = chunk_tiles or max(1, (2 << 20) // (TILE * 32 * max(W, 1)))
+    for t0 in range(0, Nt, chunk_tiles):
+        t1 = min(Nt, t0 + chunk_tiles)
+        r0, r1 = t0 * TILE, min(N, t1 * TILE)
+        acc = np.zeros((r1 - r0, Q if cw != 8 else Q // 2), table.dtype)
+        for r in range(p):
+            runs = np.ascontiguousarray(planes[r, r0:r1], dtype="<u4").view(unit)
+            acc |= table[runs] << table.dtype.type(p - 1 - r)
+        blk = np.zeros(((t1 - t0) * TILE, Q, 4), np.uint8)
+        blk[:r1 - r0] = acc.astype(acc.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(r1 - r0, Q, 4)
+        out[t0:t1] = blk.reshape(t1 - t0, TILE, Q, 4).transpose(0, 2, 1, 3)
+    return out
 
 
 def uncodes_tiles(ct: np.ndarray, N: int, p: int) -> np.ndarray:
