@@ -141,6 +141,20 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path):
     assert s["prefix_tokens"] >= 100 and s["prefix_ttft_speedup"] > 0
 
 
+def test_bench_serve_summary_pairs_each_rounds_sides():
+    """The paired ratio divides each round's 8-stream rate by the same round's 1-stream rate; the medians of
+    the two sides apart pair round 0's 8-stream side with round 2's 1-stream side here."""
+    from tools.bench_serve import summary
+
+    def rnd(d8, d1):
+        return {"ours_8": {"decode_tok_s": d8, "agg_tok_s": 1.0}, "ours_1": {"decode_tok_s": d1, "agg_tok_s": 1.0},
+                "prefix": {"prefix_tokens": 400, "speedup": 10.0, "first_ttft_s": 1.0, "second_ttft_s": 0.1}}
+    s = summary({"rounds": [rnd(500.0, 250.0), rnd(300.0, 100.0), rnd(600.0, 240.0)]})
+    assert s["decode_8_vs_1_per_round"] == [2.0, 3.0, 2.5]
+    assert s["decode_8_vs_1_paired_median"] == 2.5
+    assert s["decode_8_vs_1"] == 500.0 / 240.0          # the medians' ratio, for comparison
+
+
 def test_scheduler_takes_a_batched_decode_step_when_the_decoder_has_one(tiny_model):
     """The step_batch hook: the scheduler hands every active sequence to it at once; answers are
     those of the Python API (here step_batch runs the rows one by one, so they are exact). The prompts

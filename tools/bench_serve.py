@@ -166,6 +166,12 @@ def summary(report: dict) -> dict:
     s["decode_8_vs_1"] = d8 / d1 if d8 and d1 else None
     s["decode_8_vs_llama_8"] = d8 / dl if d8 and dl else None
     s["prefix_tokens"] = report["rounds"][0]["prefix"]["prefix_tokens"] if report["rounds"] else None
+    # each round's own ratio: its 8-stream and 1-stream runs are seconds apart, so a slow period of a shared
+    # machine falls on both sides of it (the medians above may pair a fast side with a slow one)
+    per = [r["ours_8"]["decode_tok_s"] / r["ours_1"]["decode_tok_s"] for r in report["rounds"]
+           if r.get("ours_8", {}).get("decode_tok_s") and r.get("ours_1", {}).get("decode_tok_s")]
+    s["decode_8_vs_1_per_round"] = per
+    s["decode_8_vs_1_paired_median"] = sorted(per)[len(per) // 2] if per else None
     return s
 
 
