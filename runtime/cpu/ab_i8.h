@@ -23,6 +23,11 @@ typedef struct {
     const ab_kq *kq;       /* two-level parameters and split codes (ab_internal.h), or NULL */
 } i8_ctx;
 
+/* Row m's 4-byte groups in xi: group k4 (lanes 4*k4 ..) at + 64 * k4, high bytes there, low bytes 32 on. */
+AB_INLINE int8_t *ab_xi_row(const i8_ctx *c, int m) {
+    return c->xi + (size_t)(m / 8) * c->Kp * 16 + (m % 8) * 4;
+}
+
 /* Shared float epilogue of one block for 64 rows (the portable form; SIMD paths do the same per lane). */
 AB_INLINE void i8_finish(const i8_ctx *c, int m, int b, const float *ws, const float *wo, const int32_t *D,
                          float *yacc) {

@@ -22,9 +22,7 @@
 #define ATT_CHUNK 128       /* most keys per task (the score buffer's size) */
 #define ATT_HB 4            /* query heads per value pass (its register budget) */
 #define ATT_HS 16           /* query heads per task pass over a chunk (the score buffer's size) */
-#ifndef ATT_PF
 #define ATT_PF 16           /* keys prefetched ahead in the score pass */
-#endif
 
 typedef struct {
     const float *q, *k, *v;
@@ -318,22 +316,21 @@ static void attn_task(void *ctx, int task) {
         if (isa == AB_ISA_AVX512) scores_avx512(c, m, hg, hb, j0, j1, s);
         for (int h = hg; h < hg + hb;) {        /* the pass's heads, a kv head's run at a time */
             int hk = h / c->g, hz = (hk + 1) * c->g < hg + hb ? (hk + 1) * c->g : hg + hb;
-            float *sh = s + (size_t)(h - hg) * ATT_CHUNK;
-            if (isa == AB_ISA_AVX2) scores_avx2(c, m, hk, h, hz - h, j0, j1, sh);
-            else if (isa == AB_ISA_PORTABLE) scores_portable(c, m, hk, h, hz - h, j0, j1, sh);
-            h = hz;
-        }
-        if (isa == AB_ISA_AVX512) softmax_avx512(hb, n, s, pp);
-        else if (isa == AB_ISA_AVX2) softmax_avx2(hb, n, s, pp);
-        else softmax_portable(hb, n, s, pp);
-        for (int h = hg; h < hg + hb;) {
-            int hk = h / c->g, hz = (hk + 1) * c->g < hg + hb ? (hk + 1) * c->g : hg + hb;
+            float *sh = s + (size_t)(h - hg) * ATT_CHUNK, **ph = pp + (h - hg);
+            if (isa == AB_ISA_AVX512) softmax_avx512(hz - h, n, sh, ph);
+            else if (isa == AB_ISA_AVX2) {
+                scores_avx2(c, m, hk, h, hz - h, j0, j1, sh);
+                softmax_avx2(hz - h, n, sh, ph);
+            } else {
+                scores_portable(c, m, hk, h, hz - h, j0, j1, sh);
+                softmax_portable(hz - h, n, sh, ph);
+            }
             for (int h0 = h; h0 < hz; h0 += ATT_HB) {
                 int hv = hz - h0 < ATT_HB ? hz - h0 : ATT_HB;
-                float *sh = s + (size_t)(h0 - hg) * ATT_CHUNK;
-                if (isa == AB_ISA_AVX512) values_avx512(c, hk, hv, j0, j1, sh, pp + (h0 - hg));
-                else if (isa == AB_ISA_AVX2) values_avx2(c, hk, hv, j0, j1, sh, pp + (h0 - hg));
-                else values_portable(c, hk, hv, j0, j1, sh, pp + (h0 - hg));
+                float *sv = s + (size_t)(h0 - hg) * ATT_CHUNK, **pv = pp + (h0 - hg);
+                if (isa == AB_ISA_AVX512) values_avx512(c, hk, hv, j0, j1, sv, pv);
+                else if (isa == AB_ISA_AVX2) values_avx2(c, hk, hv, j0, j1, sv, pv);
+                else values_portable(c, hk, hv, j0, j1, sv, pv);
             }
             h = hz;
         }

@@ -39,7 +39,7 @@ AB_AVX512 AB_INLINE void i8_tile_rows_avx512(const i8_ctx *c, int t, int m0, con
         float sb[64] __attribute__((aligned(64))), ob[64] __attribute__((aligned(64)));
         const float *wo, *ws = ab_gp_avx512(c->wsc, c->woff, c->f16, ((size_t)t * c->ng + g) * 64, sb, ob, &wo);
         int gend = wo && ((b + 1) * c->L) % c->G == 0;
-        const int8_t *xb = c->xi + (size_t)(m0 / 8) * Kp * 16 + (size_t)b * c->L * 16;
+        const int8_t *xb = ab_xi_row(c, m0) + (size_t)b * c->L * 16;     /* m0: a multiple of 8 */
         for (int i = 0; i < 4; i++) {
             __m512i ah[8], al[8];
             for (int r = 0; r < R; r++) {

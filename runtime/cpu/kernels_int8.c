@@ -69,13 +69,19 @@ AB_INLINE __mmask16 lanes16(int k, int e, int K) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
+/* Group k4 of a row in xi (at ab_xi_row): its 4 high and 4 low bytes. */
+static inline void xi_put(int8_t *row, int k4, const int8_t *h, const int8_t *l) {
+    memcpy(row + (size_t)k4 * 64, h, 4);
+    memcpy(row + (size_t)k4 * 64 + 32, l, 4);
+}
+
 /* Groups g0 .. g1-1 of row m (their blocks: a block never crosses a group). */
 AB_AVX512 static void i8_quantize_part_avx512(const i8_ctx *c, int m, int g0, int g1) {
     const float *x = c->x + (size_t)m * c->K;
     int16_t *q16 = c->x16 + (size_t)m * c->Kp;
     int8_t *qh = c->xh + (size_t)m * c->Kp, *ql = c->xl + (size_t)m * c->Kp;
     uint32_t P1 = (1u << c->p) - 1;
-    int8_t *xi = c->xi ? c->xi + (size_t)(m / 8) * c->Kp * 16 + (m % 8) * 4 : NULL;
+    int8_t *xi = c->xi ? ab_xi_row(c, m) : NULL;
     const __m512 hi = _mm512_set1_ps(XQ), lo = _mm512_set1_ps(-XQ);
     for (int b = g0 * c->G / c->L; b < g1 * c->G / c->L; b++) {
         int k0 = b * c->L;
@@ -100,14 +106,11 @@ AB_AVX512 static void i8_quantize_part_avx512(const i8_ctx *c, int m, int g0, in
                 _mm512_mask_cvtepi32_storeu_epi8(qh + k, st, h);
                 _mm512_mask_cvtepi32_storeu_epi8(ql + k, st, l);
             } else {        /* only the batched tile's interleaved bytes (the one reader of this row) */
-                __m128i h4 = _mm512_cvtepi32_epi8(h), l4 = _mm512_cvtepi32_epi8(l);
-                int8_t *o = xi + (size_t)(k / 4) * 64;
-                int n4 = (k0 + c->L - k) / 4;
-                _mm_storeu_si32(o, h4);
-                _mm_storeu_si32(o + 32, l4);
-                if (n4 > 1) { _mm_storeu_si32(o + 64, _mm_srli_si128(h4, 4)); _mm_storeu_si32(o + 96, _mm_srli_si128(l4, 4)); }
-                if (n4 > 2) { _mm_storeu_si32(o + 128, _mm_srli_si128(h4, 8)); _mm_storeu_si32(o + 160, _mm_srli_si128(l4, 8)); }
-                if (n4 > 3) { _mm_storeu_si32(o + 192, _mm_srli_si128(h4, 12)); _mm_storeu_si32(o + 224, _mm_srli_si128(l4, 12)); }
+                int8_t hb[16], lb[16];
+                _mm_storeu_si128((__m128i *)hb, _mm512_cvtepi32_epi8(h));
+                _mm_storeu_si128((__m128i *)lb, _mm512_cvtepi32_epi8(l));
+                for (int e = 0; e < 4 && k + 4 * e < k0 + c->L; e++)       /* the block's groups only */
+                    xi_put(xi, k / 4 + e, hb + 4 * e, lb + 4 * e);
             }
             vsum = _mm512_add_epi32(vsum, q);
         }
@@ -254,11 +257,7 @@ static void i8_quant_row(const i8_ctx *c, int m) {
     i8_quantize_row(c, m);
     if (c->xi && c->ar) {
         const int8_t *qh = c->xh + (size_t)m * c->Kp, *ql = c->xl + (size_t)m * c->Kp;
-        int8_t *o = c->xi + (size_t)(m / 8) * c->Kp * 16 + (m % 8) * 4;
-        for (int k = 0; k < c->Kp / 4; k++) {
-            memcpy(o + (size_t)k * 64, qh + 4 * k, 4);
-            memcpy(o + (size_t)k * 64 + 32, ql + 4 * k, 4);
-        }
+        for (int k4 = 0; k4 < c->Kp / 4; k4++) xi_put(ab_xi_row(c, m), k4, qh + 4 * k4, ql + 4 * k4);
     }
 }
 
