@@ -10,6 +10,7 @@ costs less than three in decode; and it owns the KV cache.
 from __future__ import annotations
 
 import mmap
+from collections import OrderedDict
 
 import numpy as np
 
@@ -56,17 +57,36 @@ class Linear:
 
 class Embedding:
     """Token rows (M, d) of a float table or of a packed one (then dequantized one row per token, never
-    as a whole)."""
+    as a whole). A packed table's recent rows are kept (least recently used dropped, CACHE_BYTES in all):
+    a decode step's few rows took ~0.5 ms of reads and unpacking in Python, and text repeats its tokens."""
+    CACHE_BYTES = 8 << 20
 
     def __init__(self, table, mapping=None):
         self.table = table
         # rows of a mapped table are read with pread (loader.packed.FileMap.take), not through the map
         self.take = mapping.take if mapping is not None else (lambda a, ids: a[..., ids, :])
+        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._keep = self.CACHE_BYTES // (4 * table.K) if isinstance(table, PackedLinear) else 0
 
     def rows(self, ids, pos=None) -> np.ndarray:
         e = self.table
         if not isinstance(e, PackedLinear):
             return np.asarray(self.take(e, ids), np.float32)
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        kept = self._kept
+        miss = sorted({i for i in ids if i not in kept})
+        if miss:
+            for i, row in zip(miss, self._dequantize(miss)):
+                kept[i] = row
+        out = np.stack([kept[i] for i in ids]) if ids else np.empty((0, e.K), np.float32)
+        for i in ids:
+            kept.move_to_end(i)
+        while len(kept) > max(self._keep, len(set(ids))):
+            kept.popitem(last=False)
+        return out
+
+    def _dequantize(self, ids: list[int]) -> np.ndarray:
+        e = self.table
         codes = unpack_planes(np.ascontiguousarray(self.take(e.planes, ids)))     # (M, Kp)
         v = values_of(codes, e.bits).astype(np.float32)
         sr, orow = e.row_params(ids, self.take)   # two-level: only these rows' parameters are computed

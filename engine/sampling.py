@@ -86,12 +86,16 @@ class Sampler:
         self.p = params
         self.rng = np.random.default_rng(params.seed)
 
+    def penalizes(self, history: list[int]) -> bool:
+        p = self.p
+        on = p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        return on and bool(history) and p.repeat_window > 0
+
     def penalized(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """float64 logits after the penalties (a copy when any applies)."""
         p = self.p
         logits = np.asarray(logits, np.float64)
-        on = p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        if not on or not history or p.repeat_window == 0:
+        if not self.penalizes(history):
             return logits
         recent, counts = np.unique(np.asarray(history[-p.repeat_window:], np.int64), return_counts=True)
         logits = logits.copy()
@@ -125,6 +129,10 @@ class Sampler:
         return probs
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        if self.p.temperature == 0 and not self.penalizes(history):
+            # float32 -> float64 is exact, so the argmax (first of ties) is the same without the copy,
+            # which cost a server's decode step ~0.1 ms per sequence at a 49k vocabulary
+            return int(np.argmax(logits))
         z = self.penalized(logits, history)
         if self.p.temperature == 0:
             return int(np.argmax(z))

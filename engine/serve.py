@@ -58,7 +58,6 @@ def main(argv=None) -> int:
         return 2
     try:
         import uvicorn
-        import sse_starlette  # noqa: F401
         import starlette  # noqa: F401
     except ImportError as e:
         print(f"error: the server needs the serve extra (pip install 'anybit[serve]'): {e}", file=sys.stderr)

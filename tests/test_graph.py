@@ -221,3 +221,18 @@ def test_every_backend_meets_the_contract_and_declares_known_capabilities(be):
     with pytest.raises(ValueError, match="unknown capability"):
         has(be, "teleport")
     gb.close()
+
+
+def test_packed_embedding_rows_with_kept_rows_equal_the_dequantized_table(monkeypatch):
+    # the kept (recently used) rows must give what the table holds, also after evictions and repeats
+    from loader.bipolar import PackedLinear, quantize_weights
+    rng = np.random.default_rng(5)
+    lin = PackedLinear.from_quant(quantize_weights(rng.standard_normal((40, 64)), 4, 32, asymmetric=True))
+    ref = lin.dequantize()                                    # float64 (N, K)
+    monkeypatch.setattr(Embedding, "CACHE_BYTES", 3 * 4 * 64)   # keep 3 rows
+    emb = Embedding(lin)
+    for ids in ([5], [5, 6, 7, 5], [9, 1], [5], [39, 0, 39], list(range(40)), [2]):
+        got = emb.rows(ids)
+        assert got.dtype == np.float32 and got.shape == (len(ids), 64)
+        np.testing.assert_allclose(got, ref[ids], rtol=1e-6, atol=1e-6)
+        assert len(emb._kept) <= max(3, len(set(ids)))

@@ -37,6 +37,17 @@ def test_penalties_off_leave_logits_alone():
     assert np.array_equal(s.penalized(logits, [9, 9, 9]), logits)
 
 
+def test_greedy_is_the_first_largest_logit():
+    # the greedy path without penalties skips the float64 copy: its choice must not change, ties included
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        logits = rng.integers(-4, 5, 300).astype(np.float32) * np.float32(0.25)
+        best = max(range(len(logits)), key=lambda i: (float(logits[i]), -i))   # first of the largest
+        for given in (logits, logits.astype(np.float64), [float(x) for x in logits]):
+            assert Sampler(SamplingParams())(given, [1, 2]) == best
+            assert Sampler(SamplingParams(repeat_window=0, repeat_penalty=1.5))(given, [1, 2]) == best
+
+
 def test_frequency_penalty_changes_greedy_choice():
     logits = np.array([5.0, 4.9, 0.0])
     s = Sampler(SamplingParams(frequency_penalty=0.2))

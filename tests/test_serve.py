@@ -5,13 +5,14 @@ sampler) and logprobs against a float64 log-softmax of a fresh prefill.
 """
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
-pytest.importorskip("sse_starlette")
+pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from engine.server.host import ServerThread, make_state  # noqa: E402
@@ -32,6 +33,24 @@ def server(tiny_model, tiny_embedder):
 @pytest.fixture()
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@contextmanager
+def slowed_forward(model, seconds, when=lambda ids: True):
+    """model's decoder.forward sleeps `seconds` before the calls `when(ids)` picks; yields the calls' sizes."""
+    dec = model.decoder
+    real, calls = dec.forward, []
+
+    def forward(ids, cache, **kw):
+        calls.append(len(ids))
+        if when(ids):
+            time.sleep(seconds)
+        return real(ids, cache, **kw)
+    dec.forward = forward
+    try:
+        yield calls
+    finally:
+        dec.forward = real
 
 
 def chat_prompt_ids(m, messages):
@@ -194,16 +213,7 @@ def test_queue_full_is_503_with_retry_after(tiny_model):
 def test_client_that_disconnects_frees_its_slot(tiny_model):
     assert tiny_model.generate("hello", max_tokens=240).generated_tokens == 240     # no early end
     state = make_state(tiny_model, model_id="tiny", parallel=1)
-    dec = tiny_model.decoder
-    steps = []
-    slow = dec.forward
-
-    def forward(ids, cache, **kw):          # 50 ms a token: a 240-token answer would take 12 s
-        steps.append(len(ids))
-        time.sleep(0.05)
-        return slow(ids, cache, **kw)
-    dec.forward = forward
-    try:
+    with slowed_forward(tiny_model, 0.05) as steps:     # a 240-token answer would take 12 s
         with ServerThread(state) as srv:
             with httpx.stream("POST", srv.url + "/v1/completions", timeout=20,
                               json={"prompt": "hello", "max_tokens": 240, "stream": True, "temperature": 0}) as r:
@@ -217,8 +227,6 @@ def test_client_that_disconnects_frees_its_slot(tiny_model):
             assert len(steps) < 150
             c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
             assert c.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens == 3
-    finally:
-        dec.forward = slow
 
 
 def test_concurrent_requests_do_not_mix(server, tiny_model):
@@ -248,16 +256,7 @@ def test_worker_event_shapes():
 def test_non_stream_client_that_goes_away_frees_its_slot(tiny_model):
     assert tiny_model.generate("hello", max_tokens=240).generated_tokens == 240     # no early end
     state = make_state(tiny_model, model_id="tiny", parallel=1)
-    dec = tiny_model.decoder
-    slow = dec.forward
-
-    def forward(ids, cache, **kw):          # 50 ms a token: a 240-token answer would take 12 s
-        steps.append(len(ids))
-        time.sleep(0.05)
-        return slow(ids, cache, **kw)
-    steps = []
-    dec.forward = forward
-    try:
+    with slowed_forward(tiny_model, 0.05) as steps:     # a 240-token answer would take 12 s
         with ServerThread(state) as srv:
             with pytest.raises(httpx.TimeoutException):
                 httpx.post(srv.url + "/v1/completions", timeout=0.3,
@@ -266,8 +265,23 @@ def test_non_stream_client_that_goes_away_frees_its_slot(tiny_model):
             while state.scheduler.load()["active"] and time.monotonic() - t0 < 6:
                 time.sleep(0.02)
             assert state.scheduler.load()["active"] == 0 and len(steps) < 150
-    finally:
-        dec.forward = slow
+
+
+def test_a_quiet_stream_sends_keep_alive_comments(tiny_model, monkeypatch):
+    # nothing to send for PING_S (here a slow prefill): SSE comments, then the answer as usual
+    from engine.server import app as app_mod
+    monkeypatch.setattr(app_mod, "PING_S", 0.1)
+    state = make_state(tiny_model, model_id="tiny", parallel=1)
+    with slowed_forward(tiny_model, 0.5, when=lambda ids: len(ids) > 1):     # a slow prefill
+        with ServerThread(state) as srv:
+            with httpx.stream("POST", srv.url + "/v1/completions", timeout=20,
+                              json={"prompt": "hello", "max_tokens": 3, "stream": True, "temperature": 0}) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                lines = [ln for ln in r.iter_lines() if ln]
+        pings = [i for i, ln in enumerate(lines) if ln == ": ping"]
+        data = [i for i, ln in enumerate(lines) if ln.startswith("data: ")]
+        assert len(pings) >= 2 and max(pings) < min(data)
+        assert lines[-1] == "data: [DONE]" and len(lines) == len(pings) + len(data)
 
 
 def test_the_command(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
-pytest.importorskip("sse_starlette")
+pytest.importorskip("starlette")
 
 from engine.server.host import ServerThread, make_state, model_name  # noqa: E402
 
