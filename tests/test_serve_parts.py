@@ -139,6 +139,10 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path):
     s = r["summary"]
     assert r["rounds"][0]["ours_8"]["completion_tokens"] > 0 and s["llama_8_agg_tok_s"] is None
     assert s["prefix_tokens"] >= 100 and s["prefix_ttft_speedup"] > 0
+    e = r["rounds"][0]["engine"]
+    assert e["step_1_ms"] > 0 and e["step_8_ms"] > 0
+    assert abs(e["decode_8_vs_1"] - 8 * e["step_1_ms"] / e["step_8_ms"]) < 1e-9
+    assert s["engine_decode_8_vs_1"] == e["decode_8_vs_1"]
 
 
 def test_bench_serve_summary_pairs_each_rounds_sides():

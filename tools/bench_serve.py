@@ -12,7 +12,9 @@ In one run, alternating rounds so that a shared machine's noise falls on every s
   interpreter; its server runs one request at a time, so the 8 run back to back, greedy, each for as
   many tokens as ours produced for it; decode: its tokens after the first over its decode time;
 - the prefix cache: a completion whose prompt is a 400-token prefix plus a question, then another
-  with the same prefix and another question: time to the first streamed token of each.
+  with the same prefix and another question: time to the first streamed token of each;
+- the engine alone, in this process while the server idles: the decode step of one sequence and the
+  batched step of 8 (contexts 40-81), alternating, so that the HTTP side's share of the ratio shows.
 
 A streamed piece is one token's text unless a token ends inside a UTF-8 character or a held-back stop
 string (neither happens in these greedy English stories with no stop strings).
@@ -134,6 +136,33 @@ def run_ours_concurrent(url: str, reqs: list[dict]) -> dict:
             "per_request_tokens": [r["completion_tokens"] for r in res]}
 
 
+def engine_steps(model, reps: int = 40) -> dict:
+    """Median times of model's decode step for one sequence and for 8 at once, in this process."""
+    d = model.decoder
+    caches = [d.new_cache() for _ in range(8)]
+    try:
+        for i, c in enumerate(caches):
+            d.forward(list(range(100 + i, 140 + i)), c)
+        one, eight = [], []
+        for rep in range(reps + 2):
+            for c in caches:
+                c.n = 40 + rep % 64
+            t = time.perf_counter()
+            d.forward([5], caches[0])
+            t1 = time.perf_counter()
+            caches[0].n -= 1
+            d.step_batch([5] * 8, caches)
+            t2 = time.perf_counter()
+            if rep >= 2:
+                one.append(t1 - t)
+                eight.append(t2 - t1)
+    finally:
+        for c in caches:
+            c.close()
+    m1, m8 = sorted(one)[len(one) // 2], sorted(eight)[len(eight) // 2]
+    return {"step_1_ms": m1 * 1e3, "step_8_ms": m8 * 1e3, "decode_8_vs_1": 8 * m1 / m8}
+
+
 def run_llama(worker, model_tok, reqs: list[dict], n_tokens: list[int]) -> dict:
     t0 = time.perf_counter()
     toks, dec_toks, dec_s = 0, 0, 0.0
@@ -172,6 +201,8 @@ def summary(report: dict) -> dict:
            if r.get("ours_8", {}).get("decode_tok_s") and r.get("ours_1", {}).get("decode_tok_s")]
     s["decode_8_vs_1_per_round"] = per
     s["decode_8_vs_1_paired_median"] = sorted(per)[len(per) // 2] if per else None
+    s["engine_step_1_ms"], s["engine_step_8_ms"] = med("engine", "step_1_ms"), med("engine", "step_8_ms")
+    s["engine_decode_8_vs_1"] = med("engine", "decode_8_vs_1")
     return s
 
 
@@ -197,7 +228,7 @@ def main(argv=None) -> int:
     from tools.bench.peers import PeerUnavailable, find_llama, start_llama
     model = args.model or str(default_model_path("decoder"))
     import engine
-    ref = engine.load(model, wbits=4, progress=False, threads=1)       # only its tokenizer and template
+    ref = engine.load(model, wbits=4, progress=False, threads=args.threads)  # tokenizer, template, engine_steps
     if args.prefix_tokens + 64 > ref.decoder.context:
         ap.error(f"--prefix-tokens {args.prefix_tokens} does not fit the context of {ref.decoder.context}")
 
@@ -245,6 +276,9 @@ def main(argv=None) -> int:
             rnd["prefix"] = {"prefix_tokens": len(ref.tokenize(head)), "first_ttft_s": a["ttft_s"],
                              "second_ttft_s": b["ttft_s"], "speedup": a["ttft_s"] / b["ttft_s"]}
             print(f"round {k}: prefix TTFT {a['ttft_s']:.3f} s -> {b['ttft_s']:.3f} s", file=sys.stderr)
+            rnd["engine"] = engine_steps(ref)
+            print(f"round {k}: engine alone 1 row {rnd['engine']['step_1_ms']:.2f} ms, 8 rows "
+                  f"{rnd['engine']['step_8_ms']:.2f} ms", file=sys.stderr)
             report["rounds"].append(rnd)
             write_report(report, out)           # after every round: a run cut short keeps what it measured
     finally:
