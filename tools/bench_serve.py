@@ -14,7 +14,7 @@ In one run, alternating rounds so that a shared machine's noise falls on every s
 - the prefix cache: a completion whose prompt is a 400-token prefix plus a question, then another
   with the same prefix and another question: time to the first streamed token of each;
 - the engine alone, in this process while the server idles: the decode step of one sequence and the
-  batched step of 8 (contexts 40-81), alternating, so that the HTTP side's share of the ratio shows.
+  batched step of 8 (contexts 40-69), in alternating blocks, so that the HTTP side's share of the ratio shows.
 
 A streamed piece is one token's text unless a token ends inside a UTF-8 character or a held-back stop
 string (neither happens in these greedy English stories with no stop strings).
@@ -136,30 +136,32 @@ def run_ours_concurrent(url: str, reqs: list[dict]) -> dict:
             "per_request_tokens": [r["completion_tokens"] for r in res]}
 
 
-def engine_steps(model, reps: int = 40) -> dict:
-    """Median times of model's decode step for one sequence and for 8 at once, in this process."""
+def engine_steps(model, blocks: int = 6, per: int = 8) -> dict:
+    """Median times of model's decode step for one sequence and for 8 at once, in this process: blocks of
+    `per` steps of each kind in turn (a step right after a step of the other kind would find the caches
+    holding that one's data, not its own previous step's, as a steady decode does)."""
     d = model.decoder
     caches = [d.new_cache() for _ in range(8)]
+    times = {1: [], 8: []}
     try:
         for i, c in enumerate(caches):
             d.forward(list(range(100 + i, 140 + i)), c)
-        one, eight = [], []
-        for rep in range(reps + 2):
-            for c in caches:
-                c.n = 40 + rep % 64
-            t = time.perf_counter()
-            d.forward([5], caches[0])
-            t1 = time.perf_counter()
-            caches[0].n -= 1
-            d.step_batch([5] * 8, caches)
-            t2 = time.perf_counter()
-            if rep >= 2:
-                one.append(t1 - t)
-                eight.append(t2 - t1)
+        for blk in range(blocks):
+            for n in (1, 8):
+                for c in caches:
+                    c.n = 40 + 4 * blk
+                for k in range(per + 1):
+                    t = time.perf_counter()
+                    if n == 1:
+                        d.forward([5], caches[0])
+                    else:
+                        d.step_batch([5] * 8, caches)
+                    if k:                       # the first step of a block warms it
+                        times[n].append(time.perf_counter() - t)
     finally:
         for c in caches:
             c.close()
-    m1, m8 = sorted(one)[len(one) // 2], sorted(eight)[len(eight) // 2]
+    m1, m8 = (sorted(v)[len(v) // 2] for v in (times[1], times[8]))
     return {"step_1_ms": m1 * 1e3, "step_8_ms": m8 * 1e3, "decode_8_vs_1": 8 * m1 / m8}
 
 
