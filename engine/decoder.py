@@ -73,15 +73,15 @@ class Embedding:
         if not isinstance(e, PackedLinear):
             return np.asarray(self.take(e, ids), np.float32)
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        kept = self._kept
-        miss = sorted({i for i in ids if i not in kept})
+        kept, distinct = self._kept, set(ids)
+        miss = sorted(distinct.difference(kept))
         if miss:
             for i, row in zip(miss, self._dequantize(miss)):
                 kept[i] = row
         out = np.stack([kept[i] for i in ids]) if ids else np.empty((0, e.K), np.float32)
         for i in ids:
             kept.move_to_end(i)
-        while len(kept) > max(self._keep, len(set(ids))):
+        while len(kept) > max(self._keep, len(distinct)):
             kept.popitem(last=False)
         return out
 

@@ -241,3 +241,18 @@ def test_other_cores_counts_a_busy_neighbour():
     finally:
         child.wait()
     assert v is not None and 0.3 <= v <= (os.cpu_count() or 1) + 0.5, v
+
+
+def test_result_path_never_names_an_existing_record(tmp_path):
+    # a second run in the same minute gets its own file; the first one's record stays as it was
+    from datetime import datetime, timezone
+    from tools.bench.stats import result_path
+    when = datetime(2026, 12, 1, 3, 4, tzinfo=timezone.utc)
+    first = result_path("e2e", {"kind": "m"}, when, tmp_path)
+    assert first.name == "e2e-m-20261201-0304.json"
+    first.write_text("{}")
+    second = result_path("e2e", {"kind": "m"}, when, tmp_path)
+    assert second.name == "e2e-m-20261201-0304-2.json"
+    second.write_text("{}")
+    assert result_path("e2e", {"kind": "m"}, when, tmp_path).name == "e2e-m-20261201-0304-3.json"
+    assert first.read_text() == "{}"

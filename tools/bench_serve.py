@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from loader.fetch import default_model_path
     from tools.bench.peers import PeerUnavailable, find_llama, start_llama
+    from tools.bench.stats import free_path
     model = args.model or str(default_model_path("decoder"))
     import engine
     ref = engine.load(model, wbits=4, progress=False, threads=args.threads)  # tokenizer, template, engine_steps
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
             llama = start_llama(py, model, args.threads, n_ctx=1024)
         except PeerUnavailable as e:
             report["llama_note"] = f"llama.cpp peer failed to start: {e}"
-    out = Path(args.out or f"bench/results/serve-{time.strftime('%Y%m%d-%H%M')}.json")
+    out = Path(args.out) if args.out else free_path(Path(f"bench/results/serve-{time.strftime('%Y%m%d-%H%M')}.json"))
     srv = Server(model, args.threads, parallel=8)
     try:
         for k in range(args.rounds):

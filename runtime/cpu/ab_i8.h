@@ -50,8 +50,8 @@ AB_AVX512 AB_INLINE void i8_kq_d_avx512(const ab_kq *k, ab_kq_ptrs P, __m512 *dv
 }
 
 /* One block's epilogue for token m: the floats of ab_gp_kq_avx512 (s = 0.5 a, o = c0 a - dmin m, a = d sc)
- * and of ab_i8_tile_rows_avx512 (kernels_batch.c) (y += D * (s * sx), then y += o * group sum), the same operations in the same order,
- * so the bits of every other path. */
+ * and of ab_i8_tile_rows_avx512 in kernels_batch.c (y += D * (s * sx), then y += o * group sum), the same
+ * operations in the same order, so the bits of every other path. */
 AB_AVX512 AB_INLINE void i8_kq_epi_avx512(const i8_ctx *c, const ab_kq *k, int m, int b, const __m512 *dv,
                                           const __m512 *dmv, const uint8_t *sbytes, const uint8_t *mbytes,
                                           const __m512i *ah, const __m512i *al, __m512 *ya) {

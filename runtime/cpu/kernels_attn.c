@@ -30,9 +30,9 @@ typedef struct {
     const uint8_t *mask;
     float *out;
     int M, H, Hkv, hd, n_ctx, isa, g, nch, chunk, failed;
-    float *part;
+    float *part;            /* [M][H][nch][2 + hd]: max, sum, unnormalised output */
     float scale, softcap;   /* score scale; > 0: scores soft-capped to (-softcap, softcap) */
-    int window;             /* > 0: query m sees keys qpos[m] - window + 1 .. qpos[m] only */            /* [M][H][nch][2 + hd]: max, sum, unnormalised output */
+    int window;             /* > 0: query m sees keys qpos[m] - window + 1 .. qpos[m] only */
 } attn_ctx;
 
 /* Keys visible to query m: indices 0..last (masked ones excluded later); -1 when none. */

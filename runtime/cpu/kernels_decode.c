@@ -6,7 +6,8 @@
 #include "ab_i8.h"
 
 /* The float epilogue of one block for token m with plain group parameters (float32 s, o, or float16 a = 2s
- * and z): the floats of ab_gp_avx512 and ab_i8_tile_rows_avx512 (kernels_batch.c), the same operations in the same order. */
+ * and z): the floats of ab_gp_avx512 and ab_i8_tile_rows_avx512 (kernels_batch.c), the same operations in
+ * the same order. */
 AB_AVX512 AB_INLINE void i8_plain_epi_avx512(const i8_ctx *c, int t, int m, int b, const __m512i *ah,
                                              const __m512i *al, __m512 *ya) {
     int g = b * c->L / c->G, f16 = c->f16;
@@ -37,9 +38,10 @@ AB_AVX512 AB_INLINE void i8_plain_epi_avx512(const i8_ctx *c, int t, int m, int 
     }
 }
 
-/* Decode (one token) of one-part codes: the floats of ab_gp_avx512 / ab_gp_kq_avx512 and ab_i8_tile_rows_avx512 (kernels_batch.c)
- * with the same operations in the same order (so the bits of every other path), but kept in registers: no
- * parameter arrays stored and read back per block, the output accumulated in registers over the whole row,
+/* Decode (one token) of one-part codes: the floats of ab_gp_avx512 / ab_gp_kq_avx512 and
+ * ab_i8_tile_rows_avx512 (kernels_batch.c) with the same operations in the same order (so the bits of
+ * every other path), but kept in registers: no parameter arrays stored and read back per block, the
+ * output accumulated in registers over the whole row,
  * two-level d and dmin converted once per super-block. For Q4_K the parameter work had been ~40% of the
  * instructions, so decode was bound by it rather than by memory. */
 AB_AVX512 AB_INLINE void i8_tile_m1_avx512(const i8_ctx *c, int t, int m, const int PER) {

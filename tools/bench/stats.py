@@ -61,9 +61,19 @@ def alternate(cands: dict[str, Callable[[], object]], *, reps: int, min_time: fl
 
 
 def result_path(kind: str, machine: dict, when: datetime | None = None, directory: Path | None = None) -> Path:
-    """bench/results/<kind>-<machine kind>-<YYYYmmdd-HHMM>.json (UTC)."""
+    """bench/results/<kind>-<machine kind>-<YYYYmmdd-HHMM>.json (UTC), a free name (free_path)."""
     when = when or datetime.now(timezone.utc)
-    return (directory or RESULTS_DIR) / f"{kind}-{machine['kind']}-{when.strftime('%Y%m%d-%H%M')}.json"
+    return free_path((directory or RESULTS_DIR) / f"{kind}-{machine['kind']}-{when.strftime('%Y%m%d-%H%M')}.json")
+
+
+def free_path(path: Path) -> Path:
+    """path, or path with -2, -3, ... before its suffix when it exists: a second run in the same minute
+    must not overwrite the first one's record."""
+    path, n = Path(path), 2
+    free = path
+    while free.exists():
+        free, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return free
 
 
 def write_result(doc: dict, path: Path) -> Path:
